@@ -1,0 +1,153 @@
+//! `vault-bootstrap boot`: the boot path, top to bottom, in the product's order.
+//!
+//! 1. config (loaded by the caller)  2. IMDS facts, warm-pool wait  3. peers
+//! 4. TLS from S3, checked, written  5. vault.hcl rendered and written on change
+//! 6. server started; wait until `sys/health` answers.
+//! With the exec launcher the agent then stays with the server and exits with it.
+
+use crate::aws::s3::SdkS3;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fsutil::{self, FileSpec, Outcome, Owner};
+use crate::launcher::{self, Running};
+use crate::vault_api::{self, Liveness, VaultClient};
+use crate::{node, render, tls};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The uid/gid of `vault.user`, which owns what the server reads.
+pub fn vault_owner(cfg: &Config) -> Result<Owner> {
+    let (uid, gid) = fsutil::lookup_user(&cfg.vault.user).ok_or_else(|| Error::ConfigInvalid {
+        path: "config".into(),
+        key: "vault.user".into(),
+        message: format!(
+            "no system user {:?} exists; create it (vault-bootstrap install does) or name another",
+            cfg.vault.user
+        ),
+    })?;
+    Ok(Owner::new(uid, gid))
+}
+
+pub async fn run(cfg: &Config) -> Result<i32> {
+    let started = Instant::now();
+    let owner = vault_owner(cfg)?;
+
+    let node = node::identify(cfg).await?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "phase done: imds+discovery"
+    );
+
+    let material = {
+        let _span = tracing::info_span!("tls").entered();
+        let s3 = SdkS3::new(&node.sdk);
+        let m = tls::fetch(
+            &s3,
+            &cfg.tls,
+            Duration::from_secs(cfg.agent.aws_timeout_secs),
+        )
+        .await?;
+        let checked = tls::check(
+            &m,
+            &tls::Sources::from_config(&cfg.tls),
+            &tls::Expect {
+                ip: node.facts.local_ipv4,
+                server_name: cfg.tls.server_name.as_deref(),
+            },
+            SystemTime::now(),
+        )?;
+        let days_left = (checked.not_after_unix - unix_now()) / 86_400;
+        tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
+        m
+    };
+    let tls_changed = tls::write(&material, &cfg.vault.tls_dir, owner)?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        tls_changed,
+        "phase done: tls"
+    );
+
+    let hcl = render::render(&render::Input {
+        config: cfg,
+        facts: &node.facts,
+        peers: &node.peers,
+    });
+    // The server must be able to create its raft directory's contents, and nobody else
+    // may read them.
+    fsutil::ensure_dir(&cfg.vault.data_dir, 0o700, owner)?;
+    let config_changed = fsutil::write_atomic(&FileSpec {
+        path: &cfg.vault.config_file,
+        contents: hcl.as_bytes(),
+        // root:vault 0640: the server reads it, only root changes it.
+        mode: 0o640,
+        owner: Owner {
+            uid: None,
+            gid: owner.gid,
+        },
+    })? == Outcome::Written;
+    tracing::info!(
+        path = %cfg.vault.config_file.display(),
+        changed = config_changed,
+        peer_count = node.peers.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "phase done: render"
+    );
+
+    let bind = render::bind_ip(cfg, &node.facts);
+    let running = launcher::start(&cfg.vault, bind, config_changed || tls_changed).await?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "phase done: server started"
+    );
+
+    let connect_ip: IpAddr = if bind.is_unspecified() {
+        node.facts.local_ipv4
+    } else {
+        bind
+    };
+    let client = VaultClient::new(
+        &material.ca_pem,
+        connect_ip,
+        cfg.vault.api_port,
+        cfg.tls.server_name.as_deref(),
+    )?;
+    let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
+    match running {
+        Running::Unit(_) => {
+            let health = vault_api::wait_answering(&client, deadline, None).await?;
+            report(&health, started);
+            Ok(crate::error::exit::OK)
+        }
+        Running::Child(mut child) => {
+            let waited =
+                vault_api::wait_answering(&client, deadline, Some(&mut child as &mut dyn Liveness))
+                    .await;
+            match waited {
+                Ok(health) => {
+                    report(&health, started);
+                    launcher::supervise(child).await
+                }
+                Err(e) => {
+                    // Never leave an orphaned server behind a failed boot.
+                    launcher::stop_child(&mut child, Duration::from_secs(5)).await;
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+fn report(health: &vault_api::Health, started: Instant) {
+    tracing::info!(
+        state = %health,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "boot complete: the server answers sys/health"
+    );
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,48 @@
+//! The command line: one file per subcommand.
+
+pub mod boot;
+pub mod render;
+
+use crate::config::{self, Config};
+use crate::error::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vault-bootstrap",
+    version,
+    about = "Turns a booted EC2 instance into a healthy member of a Vault/OpenBao Raft cluster",
+    after_help = "Exit codes: see README \"Exit codes\" (78 config, 75 retriable, 65 TLS refused, ...)."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "VAULT_BOOTSTRAP_CONFIG",
+        default_value = config::DEFAULT_PATH,
+        value_name = "PATH"
+    )]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot path: IMDS, peers, TLS, vault.hcl, start the server, wait until it answers.
+    Boot,
+    /// Print the vault.hcl that `boot` would write; touches nothing.
+    Render,
+}
+
+/// Runs the command; returns the process exit code on success.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let cfg = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Boot => boot::run(&cfg).await,
+        Command::Render => render::run(&cfg).await,
+    }
+}

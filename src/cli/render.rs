@@ -1,0 +1,20 @@
+//! `vault-bootstrap render`: what `boot` would write to `vault.config_file`, on stdout.
+//! Reads IMDS and EC2 like `boot`; writes nothing.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::{node, render};
+use std::io::Write;
+
+pub async fn run(cfg: &Config) -> Result<i32> {
+    let node = node::identify(cfg).await?;
+    let text = render::render(&render::Input {
+        config: cfg,
+        facts: &node.facts,
+        peers: &node.peers,
+    });
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::Internal(format!("stdout: {e}")))?;
+    Ok(crate::error::exit::OK)
+}

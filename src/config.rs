@@ -1,0 +1,434 @@
+//! The agent's configuration: a TOML file (`/etc/vault-bootstrap/config.toml` by default).
+//!
+//! The key names are a public contract: add keys, rename none. Unknown keys are an error that
+//! names the key and the file, because a misspelled key silently falling back to a default is
+//! how production clusters end up with the wrong seal or bucket. AWS endpoints, region and
+//! credentials are deliberately absent: they come from the SDK's standard chain.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/vault-bootstrap/config.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    pub tls: TlsConfig,
+    pub seal: SealConfig,
+    #[serde(default)]
+    pub vault: VaultConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Peers are the pending/running instances sharing this tag's value.
+    pub tag_key: String,
+    /// Default: this instance's own value of `tag_key`.
+    pub tag_value: Option<String>,
+    /// Discovery retries until at least this many instances (self included) are visible.
+    pub min_peers: usize,
+    /// Bound on that retry loop.
+    pub discovery_timeout_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            tag_key: "aws:autoscaling:groupName".into(),
+            tag_value: None,
+            min_peers: 1,
+            // Bottlerocket's boot agents use a 300 s outer deadline for the same reason: an ASG
+            // launches its instances within a minute or two of each other.
+            discovery_timeout_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub bucket: String,
+    #[serde(default = "default_cert_key")]
+    pub cert_key: String,
+    #[serde(default = "default_key_key")]
+    pub key_key: String,
+    #[serde(default = "default_ca_key")]
+    pub ca_key: String,
+    /// Expected SAN of the server certificate, and `leader_tls_servername` for retry_join.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_cert_key() -> String {
+    "tls/server.pem".into()
+}
+fn default_key_key() -> String {
+    "tls/server.key".into()
+}
+fn default_ca_key() -> String {
+    "tls/ca.pem".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SealConfig {
+    pub kms_key_id: String,
+    /// KMS endpoint for the seal (VPC endpoint; tests point it at moto).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region of the KMS key; default: this instance's region.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    /// `systemctl start` the unit (production).
+    Systemd,
+    /// Spawn the server as the agent's child (tests, containers).
+    Exec,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    pub binary: PathBuf,
+    pub config_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    /// `0.0.0.0`, any IP, or `private-ip` (this instance's local-ipv4).
+    pub bind_address: String,
+    pub api_port: u16,
+    pub cluster_port: u16,
+    pub performance_multiplier: u8,
+    pub launcher: LauncherKind,
+    pub unit: String,
+    pub user: String,
+    /// Bound on waiting for the API to answer `sys/health` after start.
+    pub health_timeout_secs: u64,
+    /// `telemetry.prometheus_retention_time`.
+    pub prometheus_retention: String,
+    pub ui: bool,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            binary: "/usr/local/bin/vault".into(),
+            config_file: "/etc/vault.d/vault.hcl".into(),
+            data_dir: "/opt/vault/data".into(),
+            tls_dir: "/opt/vault/tls".into(),
+            bind_address: "0.0.0.0".into(),
+            api_port: 8200,
+            cluster_port: 8201,
+            performance_multiplier: 1,
+            launcher: LauncherKind::Systemd,
+            unit: "vault.service".into(),
+            user: "vault".into(),
+            // A server that cannot reach KMS exits and is restarted by systemd; two minutes
+            // covers several such restarts before the agent gives up.
+            health_timeout_secs: 120,
+            prometheus_retention: "24h".into(),
+            ui: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    /// Bound on the retry loop around IMDS (it can be briefly down early in boot).
+    pub imds_timeout_secs: u64,
+    /// Bound on waiting for `InService` while the instance sits in a warm pool; 0 = no bound
+    /// (a warm-pool instance is stopped by the ASG while it waits, and boots again later).
+    pub warm_pool_timeout_secs: u64,
+    /// Bound on retrying transient S3/EC2 failures of one step (throttling, 5xx, timeouts).
+    pub aws_timeout_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            state_dir: "/var/lib/vault-bootstrap".into(),
+            imds_timeout_secs: 120,
+            warm_pool_timeout_secs: 0,
+            aws_timeout_secs: 120,
+        }
+    }
+}
+
+/// Where the address the server binds to comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindAddress {
+    Ip(IpAddr),
+    PrivateIp,
+}
+
+impl VaultConfig {
+    pub fn bind(&self) -> BindAddress {
+        match self.bind_address.parse::<IpAddr>() {
+            Ok(ip) => BindAddress::Ip(ip),
+            // validate() guarantees the only other value is "private-ip".
+            Err(_) => BindAddress::PrivateIp,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ConfigMissing { path: path.into() })
+            }
+            Err(source) => {
+                return Err(Error::ConfigRead {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let message = match line {
+                Some(l) => format!("{} (line {l})", e.message().trim()),
+                None => e.message().trim().to_string(),
+            };
+            Error::ConfigParse {
+                path: path.into(),
+                message,
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, message: String| {
+            Err(Error::ConfigInvalid {
+                path: path.into(),
+                key: key.into(),
+                message,
+            })
+        };
+        let nonempty = [
+            ("cluster.tag_key", &self.cluster.tag_key),
+            ("tls.bucket", &self.tls.bucket),
+            ("tls.cert_key", &self.tls.cert_key),
+            ("tls.key_key", &self.tls.key_key),
+            ("tls.ca_key", &self.tls.ca_key),
+            ("seal.kms_key_id", &self.seal.kms_key_id),
+            ("vault.unit", &self.vault.unit),
+            ("vault.user", &self.vault.user),
+            (
+                "vault.prometheus_retention",
+                &self.vault.prometheus_retention,
+            ),
+        ];
+        for (key, value) in nonempty {
+            if value.trim().is_empty() {
+                return bad(key, "must not be empty".into());
+            }
+        }
+        if matches!(&self.cluster.tag_value, Some(v) if v.trim().is_empty()) {
+            return bad(
+                "cluster.tag_value",
+                "must not be empty; remove it to use this instance's own tag value".into(),
+            );
+        }
+        if self.cluster.min_peers == 0 {
+            return bad("cluster.min_peers", "must be at least 1".into());
+        }
+        for (key, secs) in [
+            (
+                "cluster.discovery_timeout_secs",
+                self.cluster.discovery_timeout_secs,
+            ),
+            ("vault.health_timeout_secs", self.vault.health_timeout_secs),
+            ("agent.imds_timeout_secs", self.agent.imds_timeout_secs),
+            ("agent.aws_timeout_secs", self.agent.aws_timeout_secs),
+        ] {
+            if secs == 0 {
+                return bad(key, "must be at least 1 (seconds)".into());
+            }
+        }
+        if !(1..=10).contains(&self.vault.performance_multiplier) {
+            return bad(
+                "vault.performance_multiplier",
+                format!(
+                    "{} is out of range: use 1 (fastest elections, production) to 10",
+                    self.vault.performance_multiplier
+                ),
+            );
+        }
+        if self.vault.api_port == 0 {
+            return bad("vault.api_port", "must be a port number 1..=65535".into());
+        }
+        if self.vault.cluster_port == 0 {
+            return bad(
+                "vault.cluster_port",
+                "must be a port number 1..=65535".into(),
+            );
+        }
+        if self.vault.api_port == self.vault.cluster_port {
+            return bad(
+                "vault.cluster_port",
+                "must differ from vault.api_port".into(),
+            );
+        }
+        if self.vault.bind_address != "private-ip"
+            && self.vault.bind_address.parse::<IpAddr>().is_err()
+        {
+            return bad(
+                "vault.bind_address",
+                format!(
+                    "{:?} is neither an IP address nor \"private-ip\"",
+                    self.vault.bind_address
+                ),
+            );
+        }
+        let paths = [
+            ("vault.binary", &self.vault.binary),
+            ("vault.config_file", &self.vault.config_file),
+            ("vault.data_dir", &self.vault.data_dir),
+            ("vault.tls_dir", &self.vault.tls_dir),
+            ("agent.state_dir", &self.agent.state_dir),
+        ];
+        for (key, p) in paths {
+            if !p.is_absolute() {
+                return bad(key, format!("{} must be an absolute path", p.display()));
+            }
+        }
+        if let Some(ep) = &self.seal.endpoint {
+            if !(ep.starts_with("https://") || ep.starts_with("http://")) {
+                return bad("seal.endpoint", format!("{ep:?} must be an http(s):// URL"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tls]
+bucket = "vault-resources"
+[seal]
+kms_key_id = "alias/vault-unseal"
+"#;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/vault-bootstrap/config.toml"))
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.cluster.tag_key, "aws:autoscaling:groupName");
+        assert_eq!(c.tls.cert_key, "tls/server.pem");
+        assert_eq!(c.vault.binary, PathBuf::from("/usr/local/bin/vault"));
+        assert_eq!(c.vault.api_port, 8200);
+        assert_eq!(c.vault.launcher, LauncherKind::Systemd);
+        assert_eq!(c.vault.bind(), BindAddress::Ip("0.0.0.0".parse().unwrap()));
+        assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/vault-bootstrap"));
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../tests/fixtures/config/example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.vault.bind(), BindAddress::Ip("0.0.0.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let e = parse(&format!("{MINIMAL}\n[vault]\napi_prot = 8200\n")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("api_prot"), "{msg}");
+        assert!(msg.contains("/etc/vault-bootstrap/config.toml"), "{msg}");
+        assert_eq!(e.exit_code(), 78);
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let e = parse("[tls]\nbucket = \"b\"\n").unwrap_err();
+        assert!(e.to_string().contains("seal"), "{e}");
+        let e = parse("[tls]\n[seal]\nkms_key_id = \"k\"\n").unwrap_err();
+        assert!(e.to_string().contains("bucket"), "{e}");
+        assert_eq!(e.exit_code(), 78);
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse(&format!("{MINIMAL}\n[vault]\napi_port = \"8200\"\n")).unwrap_err();
+        assert!(e.to_string().contains("line"), "{e}");
+        assert_eq!(e.exit_code(), 78);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases = [
+            (
+                "[vault]\nperformance_multiplier = 11\n",
+                "vault.performance_multiplier",
+            ),
+            (
+                "[vault]\nperformance_multiplier = 0\n",
+                "vault.performance_multiplier",
+            ),
+            ("[vault]\nbind_address = \"eth0\"\n", "vault.bind_address"),
+            ("[vault]\ncluster_port = 8200\n", "vault.cluster_port"),
+            ("[vault]\ndata_dir = \"relative\"\n", "vault.data_dir"),
+            ("[cluster]\nmin_peers = 0\n", "cluster.min_peers"),
+            ("[cluster]\ntag_value = \"\"\n", "cluster.tag_value"),
+            (
+                "[agent]\nimds_timeout_secs = 0\n",
+                "agent.imds_timeout_secs",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+            assert_eq!(e.exit_code(), 78);
+        }
+        let e =
+            parse("[tls]\nbucket = \"b\"\n[seal]\nkms_key_id = \"k\"\nendpoint = \"kms.local\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("seal.endpoint"), "{e}");
+    }
+
+    #[test]
+    fn private_ip_bind_is_accepted() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[vault]\nbind_address = \"private-ip\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.vault.bind(), BindAddress::PrivateIp);
+    }
+
+    #[test]
+    fn missing_file_is_noinput() {
+        let e = Config::load(Path::new("/nonexistent/vb.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 66);
+        assert!(e.to_string().contains("/nonexistent/vb.toml"));
+    }
+}

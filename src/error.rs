@@ -1,0 +1,164 @@
+//! The agent's one error type and the exit code each cause maps to.
+//!
+//! Every variant names the thing that is wrong (config key, S3 object, address, path) and
+//! carries enough context for the operator to act. Exit codes follow sysexits(3) so that
+//! `RestartPreventExitStatus=` in the unit and scripts can tell causes apart; the table is
+//! documented in the README ("Exit codes") and must stay in sync with [`Error::exit_code`].
+
+use std::path::PathBuf;
+
+/// Documented exit codes (sysexits style).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// TLS material (or other fetched data) is present but unusable.
+    pub const DATAERR: i32 = 65;
+    /// A required input does not exist: config file, S3 bucket or object.
+    pub const NOINPUT: i32 = 66;
+    /// The Vault server could not run: its port is taken or it exited.
+    pub const UNAVAILABLE: i32 = 69;
+    /// An internal error: a bug in the agent.
+    pub const SOFTWARE: i32 = 70;
+    /// The operating system refused something: spawn, signal, systemctl.
+    pub const OSERR: i32 = 71;
+    /// A required program is missing: the Vault binary.
+    pub const OSFILE: i32 = 72;
+    /// A file could not be written.
+    pub const CANTCREAT: i32 = 73;
+    /// A retriable environment failure: IMDS, AWS or Vault not answering (yet).
+    pub const TEMPFAIL: i32 = 75;
+    /// A remote spoke a protocol the agent refuses: e.g. IMDS without IMDSv2.
+    pub const PROTOCOL: i32 = 76;
+    /// AWS denied access (IAM policy, bucket policy, KMS key policy).
+    pub const NOPERM: i32 = 77;
+    /// The configuration is invalid.
+    pub const CONFIG: i32 = 78;
+}
+
+/// How an AWS call failed, as far as the operator's next step is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsFailure {
+    /// IAM or a resource policy said no.
+    Denied,
+    /// The bucket, object, key or alias does not exist.
+    NotFound,
+    /// Throttling, 5xx, timeouts, connection failures: worth retrying.
+    Transient,
+    /// Anything else (validation errors, unexpected answers).
+    Other,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config file {path} not found: create it (see README \"Configuration\") or point --config / VAULT_BOOTSTRAP_CONFIG at it")]
+    ConfigMissing { path: PathBuf },
+
+    #[error("cannot read config file {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("invalid config file {path}: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    ConfigInvalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+
+    #[error("IMDS {what}: {message}")]
+    Imds {
+        what: String,
+        message: String,
+        /// false when retrying cannot help (IMDSv2 refused, v1-only endpoint).
+        retriable: bool,
+        protocol: bool,
+    },
+
+    #[error("AWS {operation} on {resource} failed: {message}")]
+    Aws {
+        operation: &'static str,
+        resource: String,
+        failure: AwsFailure,
+        message: String,
+    },
+
+    #[error("peer discovery: {message}")]
+    Discovery { message: String },
+
+    #[error("TLS material refused ({object}): {problem}; upload a valid set to the resources bucket and run boot again (nothing was written)")]
+    Tls { object: String, problem: String },
+
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+
+    #[error("Vault binary {path} {problem}: install it (see README \"Building the AMI\") or fix `vault.binary`")]
+    BinaryMissing { path: PathBuf, problem: String },
+
+    #[error("address {addr} is already in use: another process listens on the Vault {what} port; stop it or change `vault.{what}_port`")]
+    PortInUse { addr: String, what: &'static str },
+
+    #[error("the Vault server exited before it answered: {status}; see its log lines above")]
+    ServerExited { status: String },
+
+    #[error("the Vault server at {url} did not answer sys/health within {waited_secs} s (last: {last}); check `journalctl -u vault` and the listener/TLS settings")]
+    HealthTimeout {
+        url: String,
+        waited_secs: u64,
+        last: String,
+    },
+
+    #[error("{command} failed: {message}")]
+    Command { command: String, message: String },
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The documented exit code for this cause.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::ConfigMissing { .. } => exit::NOINPUT,
+            Error::ConfigRead { .. } => exit::NOINPUT,
+            Error::ConfigParse { .. } | Error::ConfigInvalid { .. } => exit::CONFIG,
+            Error::Imds { protocol: true, .. } => exit::PROTOCOL,
+            Error::Imds { .. } => exit::TEMPFAIL,
+            Error::Aws { failure, .. } => match failure {
+                AwsFailure::Denied => exit::NOPERM,
+                AwsFailure::NotFound => exit::NOINPUT,
+                AwsFailure::Transient => exit::TEMPFAIL,
+                AwsFailure::Other => exit::UNAVAILABLE,
+            },
+            Error::Discovery { .. } => exit::TEMPFAIL,
+            Error::Tls { .. } => exit::DATAERR,
+            Error::Write { .. } => exit::CANTCREAT,
+            Error::BinaryMissing { .. } => exit::OSFILE,
+            Error::PortInUse { .. } | Error::ServerExited { .. } => exit::UNAVAILABLE,
+            Error::HealthTimeout { .. } => exit::TEMPFAIL,
+            Error::Command { .. } => exit::OSERR,
+            Error::Internal(_) => exit::SOFTWARE,
+        }
+    }
+
+    /// Whether a retry of the same step may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Imds { retriable, .. } => *retriable,
+            Error::Aws { failure, .. } => *failure == AwsFailure::Transient,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn write(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Write {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}

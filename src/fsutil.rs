@@ -1,0 +1,239 @@
+//! Atomic, owned, moded file writes.
+//!
+//! A file is written to a temp file in the same directory (created with its final mode, so a
+//! secret is never readable by others even for a moment), chowned, fsynced, renamed over the
+//! target, and the directory fsynced: a crash leaves the old file or the new one, never half
+//! of either. Unchanged content is not rewritten (only owner and mode are corrected), so a
+//! reboot does not touch what Vault already reads.
+
+use crate::error::{Error, Result};
+use nix::unistd::{Gid, Uid};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Owner and group to give a file; `None` keeps the writer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Owner {
+    pub fn new(uid: u32, gid: u32) -> Self {
+        Owner {
+            uid: Some(uid),
+            gid: Some(gid),
+        }
+    }
+}
+
+/// Looks up a system user: (uid, primary gid).
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// One file to write.
+#[derive(Debug)]
+pub struct FileSpec<'a> {
+    pub path: &'a Path,
+    pub contents: &'a [u8],
+    pub mode: u32,
+    pub owner: Owner,
+}
+
+/// What [`write_files`] did to each file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    Unchanged,
+}
+
+/// Writes one file atomically; see the module docs.
+pub fn write_atomic(spec: &FileSpec<'_>) -> Result<Outcome> {
+    Ok(write_files(std::slice::from_ref(spec))?[0])
+}
+
+/// Writes a set of files: all temp files are written and synced first, then renamed in
+/// order, so a failure while writing leaves every target as it was.
+pub fn write_files(specs: &[FileSpec<'_>]) -> Result<Vec<Outcome>> {
+    let mut staged: Vec<(Option<tempfile::TempPath>, &FileSpec<'_>)> = Vec::new();
+    for spec in specs {
+        if fs::read(spec.path).ok().as_deref() == Some(spec.contents) {
+            fix_owner_mode(spec)?;
+            staged.push((None, spec));
+            continue;
+        }
+        staged.push((Some(stage(spec)?), spec));
+    }
+    let mut outcomes = Vec::with_capacity(specs.len());
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (tmp, spec) in staged {
+        match tmp {
+            None => outcomes.push(Outcome::Unchanged),
+            Some(tmp) => {
+                tmp.persist(spec.path)
+                    .map_err(|e| Error::write(spec.path, format!("rename: {}", e.error)))?;
+                let dir = parent(spec.path);
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+                outcomes.push(Outcome::Written);
+            }
+        }
+    }
+    for dir in dirs {
+        // The rename is durable only once the directory entry is.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::write(&dir, format!("fsync of directory: {e}")))?;
+    }
+    Ok(outcomes)
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn stage(spec: &FileSpec<'_>) -> Result<tempfile::TempPath> {
+    let dir = parent(spec.path);
+    let name = spec
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(spec.mode));
+    let mut tmp = builder
+        .tempfile_in(&dir)
+        .map_err(|e| Error::write(spec.path, format!("temp file in {}: {e}", dir.display())))?;
+    let file = tmp.as_file_mut();
+    // The umask may have narrowed the mode given at creation; set it exactly.
+    file.set_permissions(fs::Permissions::from_mode(spec.mode))
+        .map_err(|e| Error::write(spec.path, format!("chmod: {e}")))?;
+    chown_fd(file, spec.owner).map_err(|e| Error::write(spec.path, format!("chown: {e}")))?;
+    file.write_all(spec.contents)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::write(spec.path, e))?;
+    Ok(tmp.into_temp_path())
+}
+
+fn chown_fd(file: &File, owner: Owner) -> nix::Result<()> {
+    if owner.uid.is_none() && owner.gid.is_none() {
+        return Ok(());
+    }
+    nix::unistd::fchown(
+        file,
+        owner.uid.map(Uid::from_raw),
+        owner.gid.map(Gid::from_raw),
+    )
+}
+
+fn fix_owner_mode(spec: &FileSpec<'_>) -> Result<()> {
+    let meta = fs::metadata(spec.path).map_err(|e| Error::write(spec.path, e))?;
+    let want_uid = spec.owner.uid.unwrap_or(meta.uid());
+    let want_gid = spec.owner.gid.unwrap_or(meta.gid());
+    if meta.uid() != want_uid || meta.gid() != want_gid {
+        std::os::unix::fs::chown(spec.path, Some(want_uid), Some(want_gid))
+            .map_err(|e| Error::write(spec.path, format!("chown: {e}")))?;
+    }
+    if meta.mode() & 0o7777 != spec.mode {
+        fs::set_permissions(spec.path, fs::Permissions::from_mode(spec.mode))
+            .map_err(|e| Error::write(spec.path, format!("chmod: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and parents) if missing, then sets its mode and owner.
+pub fn ensure_dir(dir: &Path, mode: u32, owner: Owner) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::write(dir, format!("mkdir: {e}")))?;
+    let meta = fs::metadata(dir).map_err(|e| Error::write(dir, e))?;
+    if meta.mode() & 0o7777 != mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::write(dir, format!("chmod: {e}")))?;
+    }
+    let want_uid = owner.uid.unwrap_or(meta.uid());
+    let want_gid = owner.gid.unwrap_or(meta.gid());
+    if meta.uid() != want_uid || meta.gid() != want_gid {
+        std::os::unix::fs::chown(dir, Some(want_uid), Some(want_gid))
+            .map_err(|e| Error::write(dir, format!("chown: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Opens a file for exclusive creation with `mode` (for small state files).
+pub fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn writes_with_mode_and_reports_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("server.key");
+        let spec = FileSpec {
+            path: &p,
+            contents: b"secret",
+            mode: 0o600,
+            owner: Owner::default(),
+        };
+        assert_eq!(write_atomic(&spec).unwrap(), Outcome::Written);
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+        assert_eq!(mode_of(&p), 0o600);
+        assert_eq!(write_atomic(&spec).unwrap(), Outcome::Unchanged);
+        // A loosened mode is corrected even when the content is the same.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(write_atomic(&spec).unwrap(), Outcome::Unchanged);
+        assert_eq!(mode_of(&p), 0o600);
+        // No temp files are left behind.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn failure_leaves_every_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        fs::write(&a, b"old").unwrap();
+        let missing_dir = d.path().join("nope").join("b");
+        let specs = [
+            FileSpec {
+                path: &a,
+                contents: b"new",
+                mode: 0o644,
+                owner: Owner::default(),
+            },
+            FileSpec {
+                path: &missing_dir,
+                contents: b"x",
+                mode: 0o644,
+                owner: Owner::default(),
+            },
+        ];
+        let e = write_files(&specs).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert_eq!(fs::read(&a).unwrap(), b"old");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

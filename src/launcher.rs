@@ -1,0 +1,202 @@
+//! Starting the Vault server: through systemd (production) or as the agent's own child
+//! (`launcher = "exec"`: tests and containers).
+
+use crate::config::{LauncherKind, VaultConfig};
+use crate::error::{Error, Result};
+use crate::vault_api::Liveness;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// A started server.
+pub enum Running {
+    /// systemd owns the process.
+    Unit(String),
+    /// The agent owns the process.
+    Child(Child),
+}
+
+impl Liveness for Child {
+    fn exited(&mut self) -> Option<String> {
+        match self.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("unknown ({e})")),
+        }
+    }
+}
+
+/// The binary must exist and be executable before anything is started.
+pub fn check_binary(path: &Path) -> Result<()> {
+    let missing = |problem: &str| Error::BinaryMissing {
+        path: path.into(),
+        problem: problem.into(),
+    };
+    let meta = std::fs::metadata(path).map_err(|_| missing("does not exist"))?;
+    if !meta.is_file() {
+        return Err(missing("is not a file"));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(missing("is not executable"));
+    }
+    Ok(())
+}
+
+/// Fails with the address named when another process listens on a port the server needs.
+pub fn check_ports_free(ip: IpAddr, api_port: u16, cluster_port: u16) -> Result<()> {
+    for (port, what) in [(api_port, "api"), (cluster_port, "cluster")] {
+        let addr = SocketAddr::new(ip, port);
+        if let Err(e) = TcpListener::bind(addr) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                return Err(Error::PortInUse {
+                    addr: addr.to_string(),
+                    what,
+                });
+            }
+            return Err(Error::Command {
+                command: format!("bind {addr}"),
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `systemctl ARGS`, returning its stdout; failures carry its stderr.
+pub async fn systemctl(args: &[&str]) -> Result<std::process::Output> {
+    let command = format!("systemctl {}", args.join(" "));
+    let out = Command::new("systemctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Command {
+            command: command.clone(),
+            message: e.to_string(),
+        })?;
+    Ok(out)
+}
+
+/// Starts (or, when its configuration changed, restarts) the server.
+///
+/// The systemd launcher never blocks on the start job (`--no-block`): `vault-bootstrap.service`
+/// may be ordered before `vault.service`, and waiting there would deadlock. The caller polls
+/// `sys/health` instead.
+pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Result<Running> {
+    check_binary(&v.binary)?;
+    match v.launcher {
+        LauncherKind::Systemd => {
+            let active = systemctl(&["is-active", "--quiet", &v.unit])
+                .await?
+                .status
+                .success();
+            let verb = match (active, config_changed) {
+                (true, true) => "restart",
+                (true, false) => {
+                    tracing::info!(unit = %v.unit, "unit already active, configuration unchanged");
+                    return Ok(Running::Unit(v.unit.clone()));
+                }
+                (false, _) => "start",
+            };
+            let out = systemctl(&[verb, "--no-block", &v.unit]).await?;
+            if !out.status.success() {
+                return Err(Error::Command {
+                    command: format!("systemctl {verb} --no-block {}", v.unit),
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            tracing::info!(unit = %v.unit, verb, "asked systemd to start the server");
+            Ok(Running::Unit(v.unit.clone()))
+        }
+        LauncherKind::Exec => {
+            check_ports_free(bind, v.api_port, v.cluster_port)?;
+            let child = Command::new(&v.binary)
+                .arg("server")
+                .arg(format!("-config={}", v.config_file.display()))
+                .stdin(Stdio::null())
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(|e| Error::Command {
+                    command: format!("{} server", v.binary.display()),
+                    message: e.to_string(),
+                })?;
+            tracing::info!(pid = child.id().unwrap_or(0), binary = %v.binary.display(), "spawned the server");
+            Ok(Running::Child(child))
+        }
+    }
+}
+
+fn signal_child(child: &Child, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
+/// Stops a child started by [`start`] (SIGTERM, then waits up to `grace`, then SIGKILL).
+pub async fn stop_child(child: &mut Child, grace: std::time::Duration) {
+    signal_child(child, nix::sys::signal::Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+/// Stays with the child until it exits, forwarding SIGTERM/SIGINT (stop) and SIGHUP
+/// (reload) to it; returns the exit code to leave with (128 + signal when it was killed).
+pub async fn supervise(mut child: Child) -> Result<i32> {
+    use nix::sys::signal::Signal;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mk = |k| {
+        signal(k).map_err(|e| Error::Command {
+            command: "install signal handler".into(),
+            message: e.to_string(),
+        })
+    };
+    let mut term = mk(SignalKind::terminate())?;
+    let mut int = mk(SignalKind::interrupt())?;
+    let mut hup = mk(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| Error::Command { command: "wait for the server".into(), message: e.to_string() })?;
+                use std::os::unix::process::ExitStatusExt;
+                let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                tracing::info!(%status, "the server exited");
+                return Ok(code);
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping the server"); signal_child(&child, Signal::SIGTERM); }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping the server"); signal_child(&child, Signal::SIGINT); }
+            _ = hup.recv() => { tracing::info!("SIGHUP: asking the server to reload"); signal_child(&child, Signal::SIGHUP); }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_is_named() {
+        let e = check_binary(Path::new("/nonexistent/vault")).unwrap_err();
+        assert_eq!(e.exit_code(), 72);
+        assert!(e.to_string().contains("/nonexistent/vault"));
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vault");
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_binary(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("not executable"));
+    }
+
+    #[test]
+    fn taken_port_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let e = check_ports_free("127.0.0.1".parse().unwrap(), port, 1).unwrap_err();
+        assert_eq!(e.exit_code(), 69);
+        assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+}

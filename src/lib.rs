@@ -1,0 +1,19 @@
+//! vault-bootstrap: turns a freshly booted EC2 instance into a healthy member of a Vault
+//! (or OpenBao) Raft cluster. `main.rs` is thin; the boot path lives here, one module per
+//! concern, in the order the product runs them:
+//! config -> imds -> discovery -> tls -> render -> launcher -> vault_api.
+
+pub mod aws;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod fsutil;
+pub mod imds;
+pub mod launcher;
+pub mod logging;
+pub mod node;
+pub mod render;
+pub mod retry;
+pub mod tls;
+pub mod vault_api;

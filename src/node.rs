@@ -1,0 +1,140 @@
+//! Who this node is and who its peers are: IMDS facts, the cluster tag value, discovery.
+//! Shared by `boot` and `render` (and the day-2 commands), which all start here.
+
+use crate::aws::ec2::{Ec2Api, SdkEc2};
+use crate::config::Config;
+use crate::discovery::{self, Peer};
+use crate::error::{Error, Result};
+use crate::imds::{self, InstanceFacts, Metadata, SdkImds, TagLookup};
+use std::time::Duration;
+
+/// The node as the boot path sees it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub facts: InstanceFacts,
+    pub tag_value: String,
+    pub peers: Vec<Peer>,
+    pub sdk: aws_config::SdkConfig,
+}
+
+/// The cluster tag value: config, else IMDS instance tags, else `ec2:DescribeTags`.
+pub async fn tag_value<M: Metadata, E: Ec2Api>(
+    cfg: &Config,
+    md: &M,
+    ec2: &E,
+    facts: &InstanceFacts,
+) -> Result<String> {
+    let key = &cfg.cluster.tag_key;
+    if let Some(v) = &cfg.cluster.tag_value {
+        return Ok(v.clone());
+    }
+    let deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
+    let found = match imds::tag_value(md, key, deadline).await? {
+        Some(TagLookup::Value(v)) => Some(v),
+        Some(TagLookup::Absent) => None,
+        None => {
+            tracing::info!("instance metadata tags are off; asking EC2 (DescribeTags)");
+            crate::retry::retry("DescribeTags", deadline, || {
+                ec2.tag_of(&facts.instance_id, key)
+            })
+            .await?
+        }
+    };
+    found.ok_or_else(|| Error::Discovery {
+        message: format!(
+            "this instance ({}) has no tag {key:?}: launch it from the cluster's Auto Scaling group, tag it, or set cluster.tag_value",
+            facts.instance_id
+        ),
+    })
+}
+
+/// Reads IMDS (waiting out a warm pool), resolves the tag value, discovers peers.
+pub async fn identify(cfg: &Config) -> Result<Node> {
+    let md = SdkImds::new();
+    let imds_deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
+    let facts = {
+        let _span = tracing::info_span!("imds").entered();
+        imds::instance_facts(&md, imds_deadline).await?
+    };
+    tracing::info!(instance_id = %facts.instance_id, region = %facts.region, az = %facts.availability_zone, local_ipv4 = %facts.local_ipv4, "instance facts");
+    imds::wait_in_service(
+        &md,
+        imds_deadline,
+        Duration::from_secs(cfg.agent.warm_pool_timeout_secs),
+    )
+    .await?;
+
+    let sdk = crate::aws::sdk_config(&facts.region).await;
+    let ec2 = SdkEc2::new(&sdk);
+    let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
+    let peers = discovery::discover(
+        &ec2,
+        &discovery::Query {
+            tag_key: &cfg.cluster.tag_key,
+            tag_value: &tag_value,
+            self_id: &facts.instance_id,
+            min_peers: cfg.cluster.min_peers,
+            deadline: Duration::from_secs(cfg.cluster.discovery_timeout_secs),
+        },
+    )
+    .await?;
+    Ok(Node {
+        facts,
+        tag_value,
+        peers,
+        sdk,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::fake::FakeEc2;
+    use crate::imds::fake::FakeImds;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> Config {
+        Config::parse(
+            &format!("[tls]\nbucket = \"b\"\n[seal]\nkms_key_id = \"k\"\n{extra}"),
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    fn facts() -> InstanceFacts {
+        InstanceFacts {
+            instance_id: "i-0abc".into(),
+            region: "us-east-1".into(),
+            availability_zone: "us-east-1a".into(),
+            local_ipv4: "10.0.1.5".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn tag_from_config_then_imds_then_ec2() {
+        let md = FakeImds::standard();
+        let ec2 = FakeEc2::default();
+        let c = cfg("[cluster]\ntag_value = \"explicit\"\n");
+        assert_eq!(
+            tag_value(&c, &md, &ec2, &facts()).await.unwrap(),
+            "explicit"
+        );
+        let c = cfg("");
+        assert_eq!(
+            tag_value(&c, &md, &ec2, &facts()).await.unwrap(),
+            "prod-vault"
+        );
+        md.values.lock().unwrap().remove("meta-data/tags/instance");
+        ec2.tags.lock().unwrap().insert(
+            ("i-0abc".into(), "aws:autoscaling:groupName".into()),
+            "from-ec2".into(),
+        );
+        assert_eq!(
+            tag_value(&c, &md, &ec2, &facts()).await.unwrap(),
+            "from-ec2"
+        );
+        ec2.tags.lock().unwrap().clear();
+        let e = tag_value(&c, &md, &ec2, &facts()).await.unwrap_err();
+        assert!(e.to_string().contains("has no tag"), "{e}");
+    }
+}

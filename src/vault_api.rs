@@ -1,0 +1,184 @@
+//! The Vault HTTP API, as far as the agent uses it, over TLS verified against the cluster CA
+//! only (never the system roots: the server's certificate is ours, from the resources bucket).
+
+use crate::error::{Error, Result};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// What `GET /v1/sys/health` says, by status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Active,
+    Standby,
+    PerfStandby,
+    DrSecondary,
+    Uninitialized,
+    Sealed,
+    Other(u16),
+}
+
+impl Health {
+    pub fn from_status(s: u16) -> Health {
+        match s {
+            200 => Health::Active,
+            429 => Health::Standby,
+            472 => Health::DrSecondary,
+            473 => Health::PerfStandby,
+            501 => Health::Uninitialized,
+            503 => Health::Sealed,
+            s => Health::Other(s),
+        }
+    }
+
+    /// Whether the code is one `sys/health` documents (the server is up and answering).
+    pub fn is_known(self) -> bool {
+        !matches!(self, Health::Other(_))
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Health::Active => write!(f, "200 initialized, unsealed, active"),
+            Health::Standby => write!(f, "429 unsealed standby"),
+            Health::PerfStandby => write!(f, "473 performance standby"),
+            Health::DrSecondary => write!(f, "472 DR secondary"),
+            Health::Uninitialized => write!(f, "501 not initialized"),
+            Health::Sealed => write!(f, "503 sealed"),
+            Health::Other(s) => write!(f, "{s} (unexpected)"),
+        }
+    }
+}
+
+/// A client for one node's API.
+#[derive(Clone)]
+pub struct VaultClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// Per-request bound for quick calls; health answers in milliseconds when the server is up.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting to a listener on the same host or VPC takes milliseconds; longer means it is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl VaultClient {
+    /// `ca_pem` is the only trust anchor. With `server_name` the URL uses that name (resolved
+    /// to `ip`), so the certificate is checked against it, as peers do with
+    /// `leader_tls_servername`.
+    pub fn new(ca_pem: &[u8], ip: IpAddr, port: u16, server_name: Option<&str>) -> Result<Self> {
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
+            .map_err(|e| Error::Internal(format!("CA bundle for the Vault API: {e}")))?;
+        let mut b = reqwest::Client::builder()
+            .tls_certs_only(certs)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(QUICK_TIMEOUT)
+            .no_proxy();
+        let base = match server_name {
+            Some(name) => {
+                b = b.resolve(name, SocketAddr::new(ip, port));
+                format!("https://{name}:{port}")
+            }
+            None => crate::render::api_url(ip, port),
+        };
+        let http = b
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client for the Vault API: {e}")))?;
+        Ok(VaultClient { http, base })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// One `GET /v1/sys/health`. Transport errors are returned as text (the caller decides
+    /// whether to wait longer).
+    pub async fn health(&self) -> std::result::Result<Health, String> {
+        let url = format!("{}/v1/sys/health", self.base);
+        match self.http.get(&url).send().await {
+            Ok(r) => Ok(Health::from_status(r.status().as_u16())),
+            Err(e) => Err(error_chain(&e)),
+        }
+    }
+}
+
+/// A reqwest error with its causes ("connection refused", "certificate expired", ...).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Something that may die while we wait for it to answer (the exec launcher's child).
+pub trait Liveness {
+    /// `Some(description)` once the process has exited.
+    fn exited(&mut self) -> Option<String>;
+}
+
+/// Waits, bounded, until `sys/health` answers with a documented code.
+pub async fn wait_answering(
+    client: &VaultClient,
+    deadline: Duration,
+    mut alive: Option<&mut dyn Liveness>,
+) -> Result<Health> {
+    let start = Instant::now();
+    // The server needs ~0.6 s to open its listener; poll fast at first, then back off.
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        let last = match client.health().await {
+            Ok(h) if h.is_known() => return Ok(h),
+            Ok(h) => format!("HTTP {h}"),
+            Err(e) => e,
+        };
+        if let Some(a) = alive.as_deref_mut() {
+            if let Some(status) = a.exited() {
+                return Err(Error::ServerExited { status });
+            }
+        }
+        let delay = backoff.next_delay();
+        if start.elapsed() + delay > deadline {
+            return Err(Error::HealthTimeout {
+                url: format!("{}/v1/sys/health", client.base()),
+                waited_secs: start.elapsed().as_secs(),
+                last,
+            });
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_codes_are_named() {
+        assert_eq!(Health::from_status(200), Health::Active);
+        assert_eq!(Health::from_status(429), Health::Standby);
+        assert_eq!(Health::from_status(501), Health::Uninitialized);
+        assert_eq!(Health::from_status(503), Health::Sealed);
+        assert!(!Health::from_status(404).is_known());
+        assert!(Health::Sealed.to_string().contains("sealed"));
+    }
+
+    #[tokio::test]
+    async fn waiting_on_a_closed_port_times_out_naming_the_url() {
+        let ca = crate::tls::testcerts::ca();
+        // Port 9 (discard) on loopback: nothing listens there in the test environment.
+        let c = VaultClient::new(ca.pem.as_bytes(), "127.0.0.1".parse().unwrap(), 9, None).unwrap();
+        let e = wait_answering(&c, Duration::from_millis(700), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 75);
+        assert!(
+            e.to_string().contains("https://127.0.0.1:9/v1/sys/health"),
+            "{e}"
+        );
+    }
+}
