@@ -204,11 +204,14 @@ impl Config {
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            let message = match line {
-                Some(l) => format!("{} (line {l})", e.message().trim()),
+            // toml's message says what is wrong but not always which key: quote the line.
+            let message = match e.span() {
+                Some(span) => {
+                    let start = span.start.min(text.len());
+                    let line_no = text[..start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    format!("{} (line {line_no}: `{line}`)", e.message().trim())
+                }
                 None => e.message().trim().to_string(),
             };
             Error::ConfigParse {
@@ -380,7 +383,7 @@ kms_key_id = "alias/vault-unseal"
     #[test]
     fn wrong_type_is_named() {
         let e = parse(&format!("{MINIMAL}\n[vault]\napi_port = \"8200\"\n")).unwrap_err();
-        assert!(e.to_string().contains("line"), "{e}");
+        assert!(e.to_string().contains("api_port"), "{e}");
         assert_eq!(e.exit_code(), 78);
     }
 

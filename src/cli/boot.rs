@@ -30,6 +30,8 @@ pub fn vault_owner(cfg: &Config) -> Result<Owner> {
 
 pub async fn run(cfg: &Config) -> Result<i32> {
     let started = Instant::now();
+    // Preflight: what the operator can fix locally fails before any network call or write.
+    launcher::check_binary(&cfg.vault.binary)?;
     let owner = vault_owner(cfg)?;
 
     let node = node::identify(cfg).await?;
