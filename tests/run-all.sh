@@ -4,7 +4,7 @@
 # against a local moto (see README "Test-bed").
 #
 #   bash tests/run-all.sh                 everything
-#   bash tests/run-all.sh boot_cluster    extra arguments go to the test binaries (a filter)
+#   bash tests/run-all.sh three_agents    extra arguments go to the test binaries (a name filter)
 #
 #   VB_TESTBED_VENV   the test-bed venv (default: $HOME/.cache/vault-bootstrap-testbed/venv);
 #                     created or checked first by tests/testbed/install.sh (~2 s when present)

