@@ -23,6 +23,8 @@ pub struct Config {
     pub vault: VaultConfig,
     #[serde(default)]
     pub agent: AgentConfig,
+    #[serde(default)]
+    pub init: InitConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -97,10 +99,24 @@ pub enum LauncherKind {
     Exec,
 }
 
+/// Which server the binary is: they differ in a few settings (audit devices).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// Ask the binary (`<binary> version`).
+    Auto,
+    /// HashiCorp Vault.
+    Vault,
+    /// OpenBao.
+    Openbao,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VaultConfig {
     pub binary: PathBuf,
+    /// `auto`, `vault` or `openbao`.
+    pub flavor: Flavor,
     pub config_file: PathBuf,
     pub data_dir: PathBuf,
     pub tls_dir: PathBuf,
@@ -123,6 +139,7 @@ impl Default for VaultConfig {
     fn default() -> Self {
         VaultConfig {
             binary: "/usr/local/bin/vault".into(),
+            flavor: Flavor::Auto,
             config_file: "/etc/vault.d/vault.hcl".into(),
             data_dir: "/opt/vault/data".into(),
             tls_dir: "/opt/vault/tls".into(),
@@ -164,6 +181,96 @@ impl Default for AgentConfig {
             aws_timeout_secs: 120,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitConfig {
+    /// Whether `boot` may initialize a new cluster at all.
+    pub enabled: bool,
+    pub recovery_shares: u8,
+    pub recovery_threshold: u8,
+    /// Default: `tls.bucket`.
+    pub escrow_bucket: Option<String>,
+    /// Objects go under `<escrow_prefix>/<cluster tag value>/`.
+    pub escrow_prefix: String,
+    /// KMS key for the escrow; default: `seal.kms_key_id`. A separate key whose Decrypt is
+    /// granted only to key holders is better.
+    pub escrow_kms_key_id: Option<String>,
+    /// One public key per key holder (`s3://bucket/key` or a file path); Vault then
+    /// PGP-encrypts each share itself.
+    pub recovery_pgp_keys: Vec<String>,
+    pub revoke_root_token: bool,
+    pub audit_file_path: PathBuf,
+    /// Voters the cluster should have; autopilot's `min_quorum`.
+    pub expected_size: u8,
+    /// Autopilot removes a server silent this long (`1m` or more).
+    pub dead_server_last_contact_threshold: String,
+    /// HTTP timeout of `sys/init`: a short one loses the only copy of the keys.
+    pub init_timeout_secs: u64,
+    /// Bound on waiting for this node to be unsealed and a raft member.
+    pub join_timeout_secs: u64,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        InitConfig {
+            enabled: true,
+            recovery_shares: 5,
+            recovery_threshold: 3,
+            escrow_bucket: None,
+            escrow_prefix: "vault-bootstrap".into(),
+            escrow_kms_key_id: None,
+            recovery_pgp_keys: Vec::new(),
+            revoke_root_token: true,
+            audit_file_path: "/var/log/vault/audit.log".into(),
+            expected_size: 3,
+            dead_server_last_contact_threshold: "10m".into(),
+            // Measured: init takes 7-10 s with default raft timing on a small machine;
+            // a 5 s timeout lost the keys. Two minutes leaves a wide margin.
+            init_timeout_secs: 120,
+            join_timeout_secs: 300,
+        }
+    }
+}
+
+impl Config {
+    pub fn escrow_bucket(&self) -> &str {
+        self.init
+            .escrow_bucket
+            .as_deref()
+            .unwrap_or(&self.tls.bucket)
+    }
+    pub fn escrow_kms_key_id(&self) -> &str {
+        self.init
+            .escrow_kms_key_id
+            .as_deref()
+            .unwrap_or(&self.seal.kms_key_id)
+    }
+}
+
+/// Parses `90s`, `10m`, `1h`, `2h30m` into seconds.
+pub fn parse_duration_secs(s: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    (total > 0 || s.trim() == "0s").then_some(total)
 }
 
 /// Where the address the server binds to comes from.
@@ -324,6 +431,90 @@ impl Config {
                 return bad("seal.endpoint", format!("{ep:?} must be an http(s):// URL"));
             }
         }
+        self.validate_init(path)
+    }
+
+    fn validate_init(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, message: String| {
+            Err(Error::ConfigInvalid {
+                path: path.into(),
+                key: key.into(),
+                message,
+            })
+        };
+        let i = &self.init;
+        if !(1..=10).contains(&i.recovery_shares) {
+            return bad(
+                "init.recovery_shares",
+                format!("{} is out of range 1..=10", i.recovery_shares),
+            );
+        }
+        if i.recovery_threshold == 0 || i.recovery_threshold > i.recovery_shares {
+            return bad(
+                "init.recovery_threshold",
+                format!(
+                    "{} must be between 1 and init.recovery_shares ({})",
+                    i.recovery_threshold, i.recovery_shares
+                ),
+            );
+        }
+        if !i.recovery_pgp_keys.is_empty()
+            && i.recovery_pgp_keys.len() != i.recovery_shares as usize
+        {
+            return bad(
+                "init.recovery_pgp_keys",
+                format!(
+                    "has {} keys but init.recovery_shares is {}: give one public key per share",
+                    i.recovery_pgp_keys.len(),
+                    i.recovery_shares
+                ),
+            );
+        }
+        if i.expected_size < 3 {
+            return bad(
+                "init.expected_size",
+                format!(
+                    "{} is below 3: a raft cluster needs 3 voters to survive one failure",
+                    i.expected_size
+                ),
+            );
+        }
+        match parse_duration_secs(&i.dead_server_last_contact_threshold) {
+            Some(s) if s >= 60 => {}
+            _ => {
+                return bad(
+                    "init.dead_server_last_contact_threshold",
+                    format!(
+                        "{:?} must be a duration of at least 1m (e.g. \"10m\"): shorter removes servers that are only restarting",
+                        i.dead_server_last_contact_threshold
+                    ),
+                )
+            }
+        }
+        if i.init_timeout_secs < 60 {
+            return bad(
+                "init.init_timeout_secs",
+                format!(
+                    "{} is below 60: a timed-out sys/init loses the only copy of the recovery keys",
+                    i.init_timeout_secs
+                ),
+            );
+        }
+        if i.join_timeout_secs == 0 {
+            return bad(
+                "init.join_timeout_secs",
+                "must be at least 1 (seconds)".into(),
+            );
+        }
+        if i.escrow_prefix.trim_matches('/').is_empty() {
+            return bad("init.escrow_prefix", "must not be empty".into());
+        }
+        if !i.audit_file_path.is_absolute() {
+            return bad(
+                "init.audit_file_path",
+                format!("{} must be an absolute path", i.audit_file_path.display()),
+            );
+        }
         Ok(())
     }
 }
@@ -417,6 +608,24 @@ kms_key_id = "alias/vault-unseal"
             parse("[tls]\nbucket = \"b\"\n[seal]\nkms_key_id = \"k\"\nendpoint = \"kms.local\"\n")
                 .unwrap_err();
         assert!(e.to_string().contains("seal.endpoint"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_secs("10m"), Some(600));
+        assert_eq!(parse_duration_secs("1h30m"), Some(5400));
+        assert_eq!(parse_duration_secs("90s"), Some(90));
+        assert_eq!(parse_duration_secs("10"), None);
+        assert_eq!(parse_duration_secs("x"), None);
+    }
+
+    #[test]
+    fn escrow_defaults_follow_tls_and_seal() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.escrow_bucket(), "vault-resources");
+        assert_eq!(c.escrow_kms_key_id(), "alias/vault-unseal");
+        assert_eq!(c.init.recovery_shares, 5);
+        assert!(c.init.revoke_root_token);
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub(crate) mod fake {
         pub answers: Mutex<Vec<Result<Vec<Instance>>>>,
         pub tags: Mutex<std::collections::HashMap<(String, String), String>>,
         pub calls: std::sync::atomic::AtomicU32,
+        pub states: Mutex<std::collections::HashMap<String, String>>,
     }
 
     pub fn inst(id: &str, ip: &str) -> Instance {
@@ -146,6 +147,9 @@ pub(crate) mod fake {
                     None => Ok(vec![]),
                 }
             }
+        }
+        async fn instance_state(&self, id: &str) -> Result<Option<String>> {
+            Ok(self.states.lock().unwrap().get(id).cloned())
         }
         async fn tag_of(&self, id: &str, key: &str) -> Result<Option<String>> {
             Ok(self

@@ -33,6 +33,9 @@ pub mod exit {
     pub const NOPERM: i32 = 77;
     /// The configuration is invalid.
     pub const CONFIG: i32 = 78;
+    /// Recovery keys could not be escrowed and verified. The KMS-encrypted copy stays in
+    /// `agent.state_dir`; the next `boot` resumes. Never ignore this one.
+    pub const ESCROW: i32 = 80;
 }
 
 /// How an AWS call failed, as far as the operator's next step is concerned.
@@ -116,6 +119,19 @@ pub enum Error {
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
 
+    #[error("escrow: {message}")]
+    Escrow { message: String },
+
+    #[error("init: {message}")]
+    Init { message: String, retriable: bool },
+
+    #[error("Vault API {call} at {url}: {message}")]
+    VaultApi {
+        call: String,
+        url: String,
+        message: String,
+    },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -142,6 +158,12 @@ impl Error {
             Error::PortInUse { .. } | Error::ServerExited { .. } => exit::UNAVAILABLE,
             Error::HealthTimeout { .. } => exit::TEMPFAIL,
             Error::Command { .. } => exit::OSERR,
+            Error::Escrow { .. } => exit::ESCROW,
+            Error::Init {
+                retriable: true, ..
+            } => exit::TEMPFAIL,
+            Error::Init { .. } => exit::ESCROW,
+            Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Internal(_) => exit::SOFTWARE,
         }
     }
@@ -151,6 +173,7 @@ impl Error {
         match self {
             Error::Imds { retriable, .. } => *retriable,
             Error::Aws { failure, .. } => *failure == AwsFailure::Transient,
+            Error::Init { retriable, .. } => *retriable,
             _ => false,
         }
     }

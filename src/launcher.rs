@@ -1,7 +1,7 @@
 //! Starting the Vault server: through systemd (production) or as the agent's own child
 //! (`launcher = "exec"`: tests and containers).
 
-use crate::config::{LauncherKind, VaultConfig};
+use crate::config::{Flavor, LauncherKind, VaultConfig};
 use crate::error::{Error, Result};
 use crate::vault_api::Liveness;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -42,6 +42,32 @@ pub fn check_binary(path: &Path) -> Result<()> {
         return Err(missing("is not executable"));
     }
     Ok(())
+}
+
+/// Resolves `vault.flavor = "auto"` by asking the binary for its version.
+pub async fn resolve_flavor(v: &VaultConfig) -> Flavor {
+    match v.flavor {
+        Flavor::Auto => {}
+        f => return f,
+    }
+    let out = Command::new(&v.binary)
+        .arg("version")
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let name = v
+        .binary
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if text.contains("OpenBao") || (text.is_empty() && name.contains("bao")) {
+        Flavor::Openbao
+    } else {
+        Flavor::Vault
+    }
 }
 
 /// Fails with the address named when another process listens on a port the server needs.
@@ -124,6 +150,47 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
                 })?;
             tracing::info!(pid = child.id().unwrap_or(0), binary = %v.binary.display(), "spawned the server");
             Ok(Running::Child(child))
+        }
+    }
+}
+
+/// How to ask a running server to reload its configuration (SIGHUP): re-reads TLS files
+/// and, on OpenBao, creates the audit devices declared in vault.hcl.
+#[derive(Debug, Clone)]
+pub enum Reloader {
+    Pid(u32),
+    Unit(String),
+}
+
+impl Reloader {
+    pub fn of(running: &Running) -> Reloader {
+        match running {
+            Running::Unit(u) => Reloader::Unit(u.clone()),
+            Running::Child(c) => Reloader::Pid(c.id().unwrap_or(0)),
+        }
+    }
+
+    pub async fn reload(&self) -> Result<()> {
+        match self {
+            Reloader::Pid(pid) => nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .map_err(|e| Error::Command {
+                command: format!("kill -HUP {pid}"),
+                message: e.to_string(),
+            }),
+            Reloader::Unit(unit) => {
+                let out = systemctl(&["reload", unit]).await?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(Error::Command {
+                        command: format!("systemctl reload {unit}"),
+                        message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    })
+                }
+            }
         }
     }
 }

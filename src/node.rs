@@ -7,6 +7,7 @@ use crate::discovery::{self, Peer};
 use crate::error::{Error, Result};
 use crate::imds::{self, InstanceFacts, Metadata, SdkImds, TagLookup};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The node as the boot path sees it.
 #[derive(Debug, Clone)]
@@ -48,14 +49,35 @@ pub async fn tag_value<M: Metadata, E: Ec2Api>(
     })
 }
 
+/// Who this instance is, without peers: what the escrow commands need.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub facts: InstanceFacts,
+    pub tag_value: String,
+    pub sdk: aws_config::SdkConfig,
+}
+
+/// IMDS facts and the cluster tag value (no warm-pool wait, no discovery).
+pub async fn identity(cfg: &Config) -> Result<Identity> {
+    let md = SdkImds::new();
+    let facts = imds::instance_facts(&md, Duration::from_secs(cfg.agent.imds_timeout_secs)).await?;
+    let sdk = crate::aws::sdk_config(&facts.region).await;
+    let ec2 = SdkEc2::new(&sdk);
+    let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
+    Ok(Identity {
+        facts,
+        tag_value,
+        sdk,
+    })
+}
+
 /// Reads IMDS (waiting out a warm pool), resolves the tag value, discovers peers.
 pub async fn identify(cfg: &Config) -> Result<Node> {
     let md = SdkImds::new();
     let imds_deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
-    let facts = {
-        let _span = tracing::info_span!("imds").entered();
-        imds::instance_facts(&md, imds_deadline).await?
-    };
+    let facts = imds::instance_facts(&md, imds_deadline)
+        .instrument(tracing::info_span!("imds"))
+        .await?;
     tracing::info!(instance_id = %facts.instance_id, region = %facts.region, az = %facts.availability_zone, local_ipv4 = %facts.local_ipv4, "instance facts");
     imds::wait_in_service(
         &md,

@@ -3,7 +3,7 @@
 //! No I/O here: `boot` writes the result (atomically, only on change) and `render` prints it.
 //! Golden files in `tests/fixtures/render/` pin the exact output.
 
-use crate::config::{BindAddress, Config};
+use crate::config::{BindAddress, Config, Flavor};
 use crate::discovery::Peer;
 use crate::imds::InstanceFacts;
 use crate::tls;
@@ -14,6 +14,8 @@ use std::net::IpAddr;
 #[derive(Debug, Clone)]
 pub struct Input<'a> {
     pub config: &'a Config,
+    /// Resolved: `Vault` or `Openbao` (never `Auto`).
+    pub flavor: Flavor,
     pub facts: &'a InstanceFacts,
     pub peers: &'a [Peer],
 }
@@ -150,6 +152,16 @@ pub fn render(input: &Input<'_>) -> String {
     }
     let _ = writeln!(o, "}}");
     let _ = writeln!(o);
+    if input.flavor == Flavor::Openbao {
+        // OpenBao refuses to enable audit devices through the API; it takes them from the
+        // configuration (created on the active node). Vault gets its device by API after init.
+        let _ = writeln!(o, "audit \"file\" \"file\" {{");
+        let _ = writeln!(o, "  options {{");
+        let _ = writeln!(o, "    file_path = {}", path(&c.init.audit_file_path));
+        let _ = writeln!(o, "  }}");
+        let _ = writeln!(o, "}}");
+        let _ = writeln!(o);
+    }
     let _ = writeln!(o, "telemetry {{");
     let _ = writeln!(
         o,
@@ -221,6 +233,7 @@ mod tests {
             "defaults-3-nodes.hcl",
             &render(&Input {
                 config: &c,
+                flavor: Flavor::Vault,
                 facts: &facts(),
                 peers: &peers(),
             }),
@@ -241,6 +254,7 @@ mod tests {
             "private-ip-server-name.hcl",
             &render(&Input {
                 config: &c,
+                flavor: Flavor::Vault,
                 facts: &facts(),
                 peers: &peers(),
             }),
@@ -253,6 +267,7 @@ mod tests {
         let me: Vec<Peer> = peers().into_iter().filter(|p| p.is_self).collect();
         let out = render(&Input {
             config: &c,
+            flavor: Flavor::Vault,
             facts: &facts(),
             peers: &me,
         });
@@ -261,15 +276,31 @@ mod tests {
     }
 
     #[test]
+    fn golden_openbao_declares_its_audit_device() {
+        let c = config("");
+        golden(
+            "openbao-3-nodes.hcl",
+            &render(&Input {
+                config: &c,
+                flavor: Flavor::Openbao,
+                facts: &facts(),
+                peers: &peers(),
+            }),
+        );
+    }
+
+    #[test]
     fn rendering_is_deterministic() {
         let c = config("");
         let a = render(&Input {
             config: &c,
+            flavor: Flavor::Vault,
             facts: &facts(),
             peers: &peers(),
         });
         let b = render(&Input {
             config: &c,
+            flavor: Flavor::Vault,
             facts: &facts(),
             peers: &peers(),
         });

@@ -2,6 +2,8 @@
 //! only (never the system roots: the server's certificate is ours, from the resources bucket).
 
 use crate::error::{Error, Result};
+use crate::escrow::InitSecrets;
+use crate::secret::Secret;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -99,6 +101,130 @@ impl VaultClient {
             Ok(r) => Ok(Health::from_status(r.status().as_u16())),
             Err(e) => Err(error_chain(&e)),
         }
+    }
+}
+
+impl VaultClient {
+    /// One API call with an optional token; returns (status, JSON body or Null).
+    /// Never use for `sys/init`: its body is secret (see [`VaultClient::init`]).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&Secret>,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let url = format!("{}/v1/{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t.expose());
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| Error::VaultApi {
+            call: format!("{method} {path}"),
+            url: self.base.clone(),
+            message: error_chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+        Ok((status, json))
+    }
+
+    /// `GET sys/init`: whether the node's cluster is initialized (`None` if it did not answer).
+    pub async fn initialized(&self) -> Option<bool> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, "sys/init", None, None)
+            .await
+            .ok()?;
+        (status == 200)
+            .then(|| body["initialized"].as_bool())
+            .flatten()
+    }
+
+    /// `PUT sys/init` with recovery shares (auto-unseal). The response holds the only copy
+    /// of the keys: the timeout is long, the call is never retried, and neither the body
+    /// nor any part of it reaches an error message.
+    pub async fn init(
+        &self,
+        shares: u8,
+        threshold: u8,
+        pgp_keys: &[String],
+        timeout: Duration,
+    ) -> Result<InitSecrets> {
+        let url = format!("{}/v1/sys/init", self.base);
+        let mut body = serde_json::json!({
+            "recovery_shares": shares,
+            "recovery_threshold": threshold,
+        });
+        if !pgp_keys.is_empty() {
+            body["recovery_pgp_keys"] = serde_json::json!(pgp_keys);
+        }
+        let fail = |message: String| Error::VaultApi {
+            call: "PUT sys/init".into(),
+            url: self.base.clone(),
+            message,
+        };
+        let resp = self
+            .http
+            .put(&url)
+            .json(&body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        let bytes = zeroize::Zeroizing::new(
+            resp.bytes()
+                .await
+                .map_err(|e| fail(error_chain(&e)))?
+                .to_vec(),
+        );
+        if status != 200 {
+            // Error bodies carry no keys: {"errors": [...]}.
+            let errors = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .map(|v| v["errors"].to_string())
+                .unwrap_or_default();
+            return Err(fail(format!("HTTP {status} {errors}")));
+        }
+        #[derive(serde::Deserialize)]
+        struct Resp {
+            #[serde(default)]
+            recovery_keys: Vec<String>,
+            #[serde(default)]
+            recovery_keys_base64: Vec<String>,
+            root_token: String,
+        }
+        let mut r: Resp = serde_json::from_slice(&bytes)
+            .map_err(|_| fail("the response is not the documented init response".into()))?;
+        let pgp = !pgp_keys.is_empty();
+        // PGP-encrypted shares are binary messages: keep the base64 form `gpg` reads.
+        let chosen = if pgp {
+            &r.recovery_keys_base64
+        } else {
+            &r.recovery_keys
+        };
+        let secrets = InitSecrets {
+            shares: chosen.iter().map(|s| Secret::new(s.as_str())).collect(),
+            root_token: Secret::new(r.root_token.as_str()),
+            pgp,
+            threshold,
+        };
+        {
+            use zeroize::Zeroize;
+            r.recovery_keys.iter_mut().for_each(|s| s.zeroize());
+            r.recovery_keys_base64.iter_mut().for_each(|s| s.zeroize());
+            r.root_token.zeroize();
+        }
+        if secrets.shares.len() != shares as usize {
+            return Err(fail(format!(
+                "returned {} recovery shares, asked for {shares}",
+                secrets.shares.len()
+            )));
+        }
+        Ok(secrets)
     }
 }
 

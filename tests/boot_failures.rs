@@ -106,8 +106,8 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
     let config_cases: [(&str, String, &[&str]); 3] = [
         (
             "unknown key",
-            format!("{good}\n[init]\nrecovery_shares = 5\n"),
-            &["unknown field `init`"],
+            format!("{good}\n[escrow]\nbucket = \"x\"\n"),
+            &["unknown field `escrow`"],
         ),
         (
             "wrong type",
@@ -134,7 +134,7 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
         }
         assert_nothing_written(&tb, 0, name);
     }
-    let nested_unknown = format!("{good}").replace("[agent]\n", "[agent]\nstate_dri = \"/x\"\n");
+    let nested_unknown = good.replace("[agent]\n", "[agent]\nstate_dri = \"/x\"\n");
     std::fs::write(&cfg, nested_unknown).unwrap();
     let (code, _, log) = tb.run_agent(0, &["boot"], Duration::from_secs(20));
     assert_eq!(code, 78, "{log}");

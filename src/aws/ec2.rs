@@ -23,6 +23,13 @@ pub trait Ec2Api: Send + Sync {
         value: &str,
     ) -> impl Future<Output = Result<Vec<Instance>>> + Send;
 
+    /// The state name of one instance (`pending`, `running`, `terminated`, ...), `None` when
+    /// EC2 no longer knows it.
+    fn instance_state(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+
     /// The value of tag `key` on `instance_id` (`DescribeTags`), when IMDS tags are off.
     fn tag_of(
         &self,
@@ -82,6 +89,37 @@ impl Ec2Api for SdkEc2 {
             }
         }
         Ok(out)
+    }
+
+    async fn instance_state(&self, instance_id: &str) -> Result<Option<String>> {
+        match self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(instance_id))
+                .and_then(|i| {
+                    i.state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_owned())
+                })),
+            Err(e) => {
+                let err = sdk_error("DescribeInstances", instance_id.to_owned(), e);
+                match &err {
+                    crate::error::Error::Aws {
+                        failure: crate::error::AwsFailure::NotFound,
+                        ..
+                    } => Ok(None),
+                    _ => Err(err),
+                }
+            }
+        }
     }
 
     async fn tag_of(&self, instance_id: &str, key: &str) -> Result<Option<String>> {

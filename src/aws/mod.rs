@@ -6,6 +6,7 @@
 //! from IMDS as the last fallback.
 
 pub mod ec2;
+pub mod kms;
 pub mod s3;
 
 use crate::error::{AwsFailure, Error};

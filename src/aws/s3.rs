@@ -1,12 +1,52 @@
-//! S3: object reads for the TLS material, behind a trait.
+//! S3: object reads and write-once puts, behind a trait.
 
 use crate::aws::sdk_error;
-use crate::error::Result;
+use crate::error::{AwsFailure, Error, Result};
 use std::future::Future;
+
+/// What a write-once put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// The key existed (`412 Precondition Failed` on `If-None-Match: *`); nothing written.
+    Exists,
+}
 
 pub trait ObjectStore: Send + Sync {
     /// The whole object `s3://bucket/key`.
     fn get(&self, bucket: &str, key: &str) -> impl Future<Output = Result<Vec<u8>>> + Send;
+
+    /// Like [`ObjectStore::get`], `Ok(None)` when the object does not exist.
+    fn get_opt(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send {
+        async move {
+            match self.get(bucket, key).await {
+                Ok(b) => Ok(Some(b)),
+                Err(Error::Aws {
+                    failure: AwsFailure::NotFound,
+                    message,
+                    ..
+                }) if !message.contains("NoSuchBucket") => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Writes only if the key does not exist (`If-None-Match: *`), encrypted with SSE-KMS
+    /// under `sse_kms_key` when given.
+    fn put_if_absent(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        sse_kms_key: Option<&str>,
+    ) -> impl Future<Output = Result<PutOutcome>> + Send;
+
+    /// Keys under `prefix`.
+    fn list(&self, bucket: &str, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
 pub struct SdkS3 {
@@ -32,16 +72,68 @@ impl ObjectStore for SdkS3 {
             .send()
             .await
             .map_err(|e| sdk_error("GetObject", url.clone(), e))?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| crate::error::Error::Aws {
-                operation: "GetObject",
-                resource: url,
-                failure: crate::error::AwsFailure::Transient,
-                message: format!("reading the body failed: {e}"),
-            })?;
+        let body = out.body.collect().await.map_err(|e| Error::Aws {
+            operation: "GetObject",
+            resource: url,
+            failure: AwsFailure::Transient,
+            message: format!("reading the body failed: {e}"),
+        })?;
         Ok(body.into_bytes().to_vec())
+    }
+
+    async fn put_if_absent(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        sse_kms_key: Option<&str>,
+    ) -> Result<PutOutcome> {
+        let url = format!("s3://{bucket}/{key}");
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .if_none_match("*")
+            .body(body.into());
+        if let Some(k) = sse_kms_key {
+            req = req
+                .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+                .ssekms_key_id(k);
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let code = aws_smithy_types::error::metadata::ProvideErrorMetadata::code(&e)
+                    .map(str::to_owned);
+                if status == Some(412) || code.as_deref() == Some("PreconditionFailed") {
+                    Ok(PutOutcome::Exists)
+                } else {
+                    Err(sdk_error("PutObject", url, e))
+                }
+            }
+        }
+    }
+
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| sdk_error("ListObjectsV2", format!("s3://{bucket}/{prefix}"), e))?;
+            out.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        Ok(out)
     }
 }

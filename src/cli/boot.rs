@@ -2,18 +2,22 @@
 //!
 //! 1. config (loaded by the caller)  2. IMDS facts, warm-pool wait  3. peers
 //! 4. TLS from S3, checked, written  5. vault.hcl rendered and written on change
-//! 6. server started; wait until `sys/health` answers.
+//! 6. server started; wait until `sys/health` answers; init or join.
+//!
 //! With the exec launcher the agent then stays with the server and exits with it.
 
+use crate::aws::ec2::SdkEc2;
+use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, FileSpec, Outcome, Owner};
 use crate::launcher::{self, Running};
 use crate::vault_api::{self, Liveness, VaultClient};
-use crate::{node, render, tls};
+use crate::{init, node, render, tls};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
+use tracing::Instrument;
 
 /// The uid/gid of `vault.user`, which owns what the server reads.
 pub fn vault_owner(cfg: &Config) -> Result<Owner> {
@@ -69,14 +73,21 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         "phase done: tls"
     );
 
+    let flavor = launcher::resolve_flavor(&cfg.vault).await;
     let hcl = render::render(&render::Input {
         config: cfg,
+        flavor,
         facts: &node.facts,
         peers: &node.peers,
     });
     // The server must be able to create its raft directory's contents, and nobody else
     // may read them.
     fsutil::ensure_dir(&cfg.vault.data_dir, 0o700, owner)?;
+    // The server writes its audit log as the Vault user; the directory must exist first
+    // (OpenBao creates its declared device at activation and fails without it).
+    if let Some(dir) = cfg.init.audit_file_path.parent() {
+        fsutil::ensure_dir(dir, 0o750, owner)?;
+    }
     let config_changed = fsutil::write_atomic(&FileSpec {
         path: &cfg.vault.config_file,
         contents: hcl.as_bytes(),
@@ -114,29 +125,108 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         cfg.tls.server_name.as_deref(),
     )?;
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
+    let reloader = launcher::Reloader::of(&running);
     match running {
         Running::Unit(_) => {
             let health = vault_api::wait_answering(&client, deadline, None).await?;
             report(&health, started);
+            initialize_or_join(
+                cfg,
+                &node,
+                &client,
+                &material.ca_pem,
+                owner,
+                &reloader,
+                started,
+            )
+            .await?;
             Ok(crate::error::exit::OK)
         }
         Running::Child(mut child) => {
-            let waited =
-                vault_api::wait_answering(&client, deadline, Some(&mut child as &mut dyn Liveness))
-                    .await;
+            let waited = async {
+                let health = vault_api::wait_answering(
+                    &client,
+                    deadline,
+                    Some(&mut child as &mut dyn Liveness),
+                )
+                .await?;
+                report(&health, started);
+                initialize_or_join(
+                    cfg,
+                    &node,
+                    &client,
+                    &material.ca_pem,
+                    owner,
+                    &reloader,
+                    started,
+                )
+                .await
+            }
+            .await;
             match waited {
-                Ok(health) => {
-                    report(&health, started);
-                    launcher::supervise(child).await
-                }
+                Ok(()) => launcher::supervise(child).await,
                 Err(e) => {
-                    // Never leave an orphaned server behind a failed boot.
+                    // Never leave an orphaned server behind a failed boot. Keys are not at
+                    // risk here: they are escrowed or sealed in the pending file by now.
                     launcher::stop_child(&mut child, Duration::from_secs(5)).await;
                     Err(e)
                 }
             }
         }
     }
+}
+
+/// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else.
+async fn initialize_or_join(
+    cfg: &Config,
+    node: &node::Node,
+    local: &VaultClient,
+    ca_pem: &[u8],
+    owner: Owner,
+    reloader: &launcher::Reloader,
+    started: Instant,
+) -> Result<()> {
+    let peers = node
+        .peers
+        .iter()
+        .filter(|p| !p.is_self)
+        .map(|p| {
+            VaultClient::new(
+                ca_pem,
+                p.ip,
+                cfg.vault.api_port,
+                cfg.tls.server_name.as_deref(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let s3 = SdkS3::new(&node.sdk);
+    let kms = SdkKms::new(&node.sdk);
+    let ec2 = SdkEc2::new(&node.sdk);
+    let outcome = init::run(
+        cfg,
+        &init::Me {
+            instance_id: &node.facts.instance_id,
+            cluster: &node.tag_value,
+            vault_owner: owner,
+            flavor: launcher::resolve_flavor(&cfg.vault).await,
+        },
+        &init::Deps {
+            s3: &s3,
+            kms: &kms,
+            ec2: &ec2,
+            local,
+            peers: &peers,
+            reloader,
+        },
+    )
+    .instrument(tracing::info_span!("init"))
+    .await?;
+    tracing::info!(
+        outcome = ?outcome,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "node ready: unsealed cluster member"
+    );
+    Ok(())
 }
 
 fn report(health: &vault_api::Health, started: Instant) {

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand.
 
 pub mod boot;
+pub mod escrow;
 pub mod render;
 
 use crate::config::{self, Config};
@@ -36,6 +37,23 @@ pub enum Command {
     Boot,
     /// Print the vault.hcl that `boot` would write; touches nothing.
     Render,
+    /// The recovery-key escrow in S3.
+    #[command(subcommand)]
+    Escrow(EscrowCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EscrowCommand {
+    /// Check that every share and the marker are present and decrypt (prints counts only).
+    Verify,
+    /// Print one recovery share (counting from 1) for its key holder.
+    Reveal {
+        #[arg(long, value_name = "N")]
+        share: usize,
+        /// Print even when stdout is not a terminal.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Runs the command; returns the process exit code on success.
@@ -44,5 +62,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
+        Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
+        Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
+            escrow::reveal(&cfg, share, yes).await
+        }
     }
 }

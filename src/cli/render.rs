@@ -8,8 +8,10 @@ use std::io::Write;
 
 pub async fn run(cfg: &Config) -> Result<i32> {
     let node = node::identify(cfg).await?;
+    let flavor = crate::launcher::resolve_flavor(&cfg.vault).await;
     let text = render::render(&render::Input {
         config: cfg,
+        flavor,
         facts: &node.facts,
         peers: &node.peers,
     });

@@ -149,6 +149,44 @@ impl Agent {
         self.child.id()
     }
 
+    /// Kills (SIGKILL) the server processes this agent started, e.g. after the agent
+    /// itself was killed and left its child running.
+    pub fn kill_servers(&mut self) {
+        self.track_children();
+        for p in self.server_pids.drain(..) {
+            if pid_alive(p) {
+                signal(p, 9);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Waits (bounded) until the agent's log contains `needle`; panics with the log if it
+    /// exits or the bound passes first.
+    pub fn wait_log(&mut self, needle: &str, bound: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            self.track_children();
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "agent {} exited ({s}) before logging {needle:?}:\n{log}",
+                    self.index
+                );
+            }
+            if start.elapsed() > bound {
+                panic!(
+                    "agent {}: no {needle:?} within {bound:?}:\n{log}",
+                    self.index
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Remembers the server child's PID so it can be killed even if the agent is gone.
     pub fn track_children(&mut self) {
         for p in children_of(self.pid()) {
@@ -212,19 +250,10 @@ impl Drop for Agent {
 }
 
 /// Options for one node's config file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeOpts {
     pub extra_toml: String,
     pub binary: Option<PathBuf>,
-}
-
-impl Default for NodeOpts {
-    fn default() -> Self {
-        NodeOpts {
-            extra_toml: String::new(),
-            binary: None,
-        }
-    }
 }
 
 pub struct Testbed {
@@ -503,6 +532,12 @@ health_timeout_secs = 30
 state_dir = "{d}/state"
 imds_timeout_secs = 10
 aws_timeout_secs = 10
+
+[init]
+escrow_kms_key_id = "alias/vault-escrow"
+audit_file_path = "{d}/audit/audit.log"
+expected_size = 3
+join_timeout_secs = 120
 "#,
             moto = self.moto_url,
             binary = binary.display(),
@@ -590,6 +625,67 @@ aws_timeout_secs = 10
     /// A Vault API client for instance `i` (the seeded CA is the only root).
     pub fn api(&self, i: usize) -> Api {
         Api::new(&self.seed_dir().join("ca.pem"), &self.instances[i].ip)
+    }
+}
+
+impl Testbed {
+    /// SDK configuration pointed at moto (for assertions and setup).
+    pub async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.moto_url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "testbed",
+            ))
+            .load()
+            .await
+    }
+
+    /// Adds tag `key=value` to instance `i` (e.g. to put it in a cluster of its own).
+    pub async fn tag(&self, i: usize, key: &str, value: &str) {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk().await);
+        ec2.create_tags()
+            .resources(&self.instances[i].id)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(key)
+                    .value(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("CreateTags");
+    }
+
+    /// The escrow layout of cluster `tag` as the default config names it.
+    pub fn layout(&self, tag: &str) -> vault_bootstrap::escrow::Layout {
+        vault_bootstrap::escrow::Layout {
+            bucket: "vault-resources".into(),
+            prefix: format!("vault-bootstrap/{tag}/"),
+            kms_key_id: "alias/vault-escrow".into(),
+            cluster: tag.into(),
+        }
+    }
+
+    /// Decrypts one escrow item through the library (as an operator with KMS access would).
+    pub async fn escrowed(&self, tag: &str, item: &str) -> String {
+        let sdk = self.sdk().await;
+        let s = vault_bootstrap::escrow::decrypt_item(
+            &vault_bootstrap::aws::s3::SdkS3::new(&sdk),
+            &vault_bootstrap::aws::kms::SdkKms::new(&sdk),
+            &self.layout(tag),
+            item,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("decrypt escrow item");
+        s.expose().to_string()
+    }
+
+    /// Runs `escrow verify` as node `i`; returns (code, stdout).
+    pub fn escrow_verify(&self, i: usize) -> (i32, String) {
+        let (code, out, err) = self.run_agent(i, &["escrow", "verify"], Duration::from_secs(60));
+        (code, format!("{out}\n{err}"))
     }
 }
 

@@ -1,0 +1,559 @@
+//! Recovery-key escrow: every recovery share and the root token, each KMS-encrypted under
+//! the escrow key with an encryption context naming the cluster and the item, written to
+//! S3 write-once (`If-None-Match: *`, SSE-KMS), read back and decrypted to verify, then a
+//! final "cluster initialized" marker.
+//!
+//! Layout under `s3://<escrow_bucket>/<escrow_prefix>/<cluster>/`:
+//! `recovery-key-<n>.enc` (n from 1), `root-token.enc`, `cluster-initialized.json`,
+//! `init-lock/<generation>.json` (see `init::lock`).
+//! An operator can decrypt an item with plain `aws kms decrypt` and the context below.
+
+pub mod pending;
+
+use crate::aws::kms::{Context, Kms};
+use crate::aws::s3::{ObjectStore, PutOutcome};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::retry;
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Encryption-context keys (stable: operators use them to decrypt by hand).
+pub const CTX_CLUSTER: &str = "vault-bootstrap:cluster";
+pub const CTX_ITEM: &str = "vault-bootstrap:item";
+
+/// Where one cluster's escrow lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub bucket: String,
+    /// `<escrow_prefix>/<cluster>/`
+    pub prefix: String,
+    pub kms_key_id: String,
+    pub cluster: String,
+}
+
+impl Layout {
+    pub fn new(cfg: &Config, cluster: &str) -> Layout {
+        Layout {
+            bucket: cfg.escrow_bucket().to_owned(),
+            prefix: format!("{}/{}/", cfg.init.escrow_prefix.trim_matches('/'), cluster),
+            kms_key_id: cfg.escrow_kms_key_id().to_owned(),
+            cluster: cluster.to_owned(),
+        }
+    }
+
+    pub fn share_item(n: usize) -> String {
+        format!("recovery-key-{n}")
+    }
+    pub const ROOT_ITEM: &'static str = "root-token";
+
+    pub fn object(&self, item: &str) -> String {
+        format!("{}{item}.enc", self.prefix)
+    }
+    pub fn marker(&self) -> String {
+        format!("{}cluster-initialized.json", self.prefix)
+    }
+    pub fn lock_dir(&self) -> String {
+        format!("{}init-lock/", self.prefix)
+    }
+    pub fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+    pub fn context(&self, item: &str) -> Context {
+        vec![
+            (CTX_CLUSTER.to_owned(), self.cluster.clone()),
+            (CTX_ITEM.to_owned(), item.to_owned()),
+        ]
+    }
+}
+
+/// What `sys/init` returned that must never be lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitSecrets {
+    /// Hex shares, or base64 PGP messages when `pgp`.
+    pub shares: Vec<Secret>,
+    pub root_token: Secret,
+    pub pgp: bool,
+    pub threshold: u8,
+}
+
+impl InitSecrets {
+    /// (item name, secret) in escrow order.
+    pub fn items(&self) -> Vec<(String, &Secret)> {
+        let mut v: Vec<(String, &Secret)> = self
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Layout::share_item(i + 1), s))
+            .collect();
+        v.push((Layout::ROOT_ITEM.to_owned(), &self.root_token));
+        v
+    }
+}
+
+/// The "cluster initialized" marker: public facts only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Marker {
+    pub cluster: String,
+    pub instance_id: String,
+    pub initialized_unix: u64,
+    pub recovery_shares: usize,
+    pub recovery_threshold: u8,
+    pub pgp: bool,
+    pub kms_key_id: String,
+}
+
+/// Test-only crash injection: `VAULT_BOOTSTRAP_CRASH_AT=<point>` kills the agent with
+/// SIGKILL at that point, so the tests can prove every step between `sys/init` and the
+/// marker is crash-safe. Harmless in production: it can only stop the agent itself.
+pub fn crash_point(point: &str) {
+    if std::env::var("VAULT_BOOTSTRAP_CRASH_AT").ok().as_deref() == Some(point) {
+        tracing::warn!(point, "test hook: killing the agent with SIGKILL");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Uploads every item write-once, verifies each by reading it back and decrypting it, then
+/// writes the marker. Safe to run again after a crash at any point: an item already
+/// present is accepted only if it decrypts to the same secret.
+pub async fn escrow<S: ObjectStore, K: Kms>(
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    secrets: &InitSecrets,
+    instance_id: &str,
+    deadline: Duration,
+) -> Result<Marker> {
+    let items = secrets.items();
+    for (name, secret) in &items {
+        let key = layout.object(name);
+        let ctx = layout.context(name);
+        let ct = retry::retry("encrypt escrow item", deadline, || {
+            kms.encrypt(&layout.kms_key_id, secret.expose().as_bytes(), &ctx)
+        })
+        .await?;
+        let put = retry::retry("upload escrow item", deadline, || {
+            s3.put_if_absent(&layout.bucket, &key, ct.clone(), Some(&layout.kms_key_id))
+        })
+        .await?;
+        if put == PutOutcome::Exists {
+            // A previous run (crashed) wrote it; accept it only if it is the same secret.
+            check_item(s3, kms, layout, name, secret, deadline).await?;
+            tracing::info!(item = %name, "escrow item already present and verified (resumed)");
+        }
+        crash_point(&format!("uploaded-{name}"));
+    }
+    for (name, secret) in &items {
+        check_item(s3, kms, layout, name, secret, deadline).await?;
+    }
+    tracing::info!(
+        items = items.len(),
+        "every escrow item read back and decrypted"
+    );
+    crash_point("verified");
+
+    let marker = Marker {
+        cluster: layout.cluster.clone(),
+        instance_id: instance_id.to_owned(),
+        initialized_unix: now_unix(),
+        recovery_shares: secrets.shares.len(),
+        recovery_threshold: secrets.threshold,
+        pgp: secrets.pgp,
+        kms_key_id: layout.kms_key_id.clone(),
+    };
+    let body = serde_json::to_vec_pretty(&marker).map_err(|e| Error::Internal(e.to_string()))?;
+    let key = layout.marker();
+    let put = retry::retry("write the cluster-initialized marker", deadline, || {
+        s3.put_if_absent(&layout.bucket, &key, body.clone(), Some(&layout.kms_key_id))
+    })
+    .await?;
+    if put == PutOutcome::Exists {
+        let existing = read_marker(s3, layout, deadline).await?;
+        match existing {
+            Some(m) if m.instance_id == instance_id => {}
+            Some(m) => {
+                return Err(Error::Escrow {
+                    message: format!(
+                        "{} already names instance {} as the one that initialized cluster {}: two initializations? Keep this node's escrow and investigate before anything else",
+                        layout.url(&key),
+                        m.instance_id,
+                        layout.cluster
+                    ),
+                })
+            }
+            None => {}
+        }
+    }
+    crash_point("marker-written");
+    tracing::info!(marker = %layout.url(&key), "cluster-initialized marker written");
+    Ok(marker)
+}
+
+async fn check_item<S: ObjectStore, K: Kms>(
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    name: &str,
+    secret: &Secret,
+    deadline: Duration,
+) -> Result<()> {
+    let plain = decrypt_item(s3, kms, layout, name, deadline).await?;
+    if plain.expose() != secret.expose() {
+        return Err(Error::Escrow {
+            message: format!(
+                "{} holds a different secret than this node's init produced; not overwriting it",
+                layout.url(&layout.object(name))
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Reads and decrypts one item.
+pub async fn decrypt_item<S: ObjectStore, K: Kms>(
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    name: &str,
+    deadline: Duration,
+) -> Result<Secret> {
+    let key = layout.object(name);
+    let ct = retry::retry("read escrow item", deadline, || {
+        s3.get(&layout.bucket, &key)
+    })
+    .await?;
+    let ctx = layout.context(name);
+    let plain = retry::retry("decrypt escrow item", deadline, || kms.decrypt(&ct, &ctx)).await?;
+    let s = std::str::from_utf8(&plain).map_err(|_| Error::Escrow {
+        message: format!(
+            "{} decrypts to something that is not text",
+            layout.url(&key)
+        ),
+    })?;
+    Ok(Secret::new(s))
+}
+
+pub async fn read_marker<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    deadline: Duration,
+) -> Result<Option<Marker>> {
+    let key = layout.marker();
+    let body = retry::retry("read the cluster-initialized marker", deadline, || {
+        s3.get_opt(&layout.bucket, &key)
+    })
+    .await?;
+    match body {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Escrow {
+                message: format!("{} is not a marker this agent wrote: {e}", layout.url(&key)),
+            }),
+    }
+}
+
+/// What `escrow verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub marker: bool,
+    pub shares_expected: usize,
+    pub shares_ok: usize,
+    pub root_token_ok: bool,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.marker
+            && self.shares_expected > 0
+            && self.shares_ok == self.shares_expected
+            && self.problems.is_empty()
+    }
+}
+
+/// Checks that the marker and every share are present and decrypt; never returns secrets.
+pub async fn verify<S: ObjectStore, K: Kms>(
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    deadline: Duration,
+) -> Result<Report> {
+    let marker = read_marker(s3, layout, deadline).await?;
+    let mut r = Report {
+        marker: marker.is_some(),
+        shares_expected: marker.as_ref().map(|m| m.recovery_shares).unwrap_or(0),
+        shares_ok: 0,
+        root_token_ok: false,
+        problems: Vec::new(),
+    };
+    if marker.is_none() {
+        r.problems.push(format!(
+            "marker {} is missing",
+            layout.url(&layout.marker())
+        ));
+    }
+    for n in 1..=r.shares_expected {
+        let name = Layout::share_item(n);
+        match decrypt_item(s3, kms, layout, &name, deadline).await {
+            Ok(_) => r.shares_ok += 1,
+            Err(e) => r.problems.push(format!("{name}: {e}")),
+        }
+    }
+    r.root_token_ok = decrypt_item(s3, kms, layout, Layout::ROOT_ITEM, deadline)
+        .await
+        .is_ok();
+    Ok(r)
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! In-memory S3 and KMS for the escrow and lock logic's tests.
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use zeroize::Zeroizing;
+
+    #[derive(Default)]
+    pub struct FakeS3 {
+        pub objects: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+        /// When set, every call fails with this (transient) failure message.
+        pub down: Mutex<bool>,
+    }
+
+    fn down_err() -> Error {
+        Error::Aws {
+            operation: "S3",
+            resource: "fake".into(),
+            failure: crate::error::AwsFailure::Transient,
+            message: "connection refused".into(),
+        }
+    }
+
+    impl ObjectStore for FakeS3 {
+        async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
+            if *self.down.lock().unwrap() {
+                return Err(down_err());
+            }
+            self.objects
+                .lock()
+                .unwrap()
+                .get(&(bucket.into(), key.into()))
+                .cloned()
+                .ok_or(Error::Aws {
+                    operation: "GetObject",
+                    resource: key.into(),
+                    failure: crate::error::AwsFailure::NotFound,
+                    message: "NoSuchKey".into(),
+                })
+        }
+        async fn put_if_absent(
+            &self,
+            bucket: &str,
+            key: &str,
+            body: Vec<u8>,
+            _k: Option<&str>,
+        ) -> Result<PutOutcome> {
+            if *self.down.lock().unwrap() {
+                return Err(down_err());
+            }
+            let mut o = self.objects.lock().unwrap();
+            let k = (bucket.to_string(), key.to_string());
+            if o.contains_key(&k) {
+                return Ok(PutOutcome::Exists);
+            }
+            o.insert(k, body);
+            Ok(PutOutcome::Created)
+        }
+        async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+            Ok(self
+                .objects
+                .lock()
+                .unwrap()
+                .keys()
+                .filter(|(b, k)| b == bucket && k.starts_with(prefix))
+                .map(|(_, k)| k.clone())
+                .collect())
+        }
+    }
+
+    /// "Encrypts" by framing the plaintext with its context; decrypt checks the context.
+    #[derive(Default)]
+    pub struct FakeKms {
+        pub down: Mutex<bool>,
+    }
+
+    fn frame(ctx: &Context) -> String {
+        ctx.iter().map(|(k, v)| format!("{k}={v};")).collect()
+    }
+
+    impl Kms for FakeKms {
+        async fn encrypt(&self, key_id: &str, plaintext: &[u8], ctx: &Context) -> Result<Vec<u8>> {
+            if *self.down.lock().unwrap() {
+                return Err(down_err());
+            }
+            let mut v = format!("{key_id}|{}|", frame(ctx)).into_bytes();
+            v.extend(plaintext.iter().map(|b| b ^ 0x5a));
+            Ok(v)
+        }
+        async fn decrypt(&self, ct: &[u8], ctx: &Context) -> Result<Zeroizing<Vec<u8>>> {
+            if *self.down.lock().unwrap() {
+                return Err(down_err());
+            }
+            let s = ct.to_vec();
+            let mut parts = s.splitn(3, |b| *b == b'|');
+            let _key = parts.next();
+            let c = parts.next().unwrap_or_default();
+            if c != frame(ctx).as_bytes() {
+                return Err(Error::Aws {
+                    operation: "kms:Decrypt",
+                    resource: "fake".into(),
+                    failure: crate::error::AwsFailure::Other,
+                    message: "InvalidCiphertextException".into(),
+                });
+            }
+            Ok(Zeroizing::new(
+                parts
+                    .next()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|b| b ^ 0x5a)
+                    .collect(),
+            ))
+        }
+        async fn data_key(
+            &self,
+            key_id: &str,
+            ctx: &Context,
+        ) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+            let key = vec![7u8; 32];
+            let ct = self.encrypt(key_id, &key, ctx).await?;
+            Ok((Zeroizing::new(key), ct))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            bucket: "esc".into(),
+            prefix: "vault-bootstrap/prod/".into(),
+            kms_key_id: "alias/escrow".into(),
+            cluster: "prod".into(),
+        }
+    }
+
+    fn secrets() -> InitSecrets {
+        InitSecrets {
+            shares: (1..=5).map(|i| Secret::new(format!("share-{i}"))).collect(),
+            root_token: Secret::new("s.root"),
+            pgp: false,
+            threshold: 3,
+        }
+    }
+
+    const D: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn escrow_then_verify() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let m = escrow(&s3, &kms, &layout(), &secrets(), "i-1", D)
+            .await
+            .unwrap();
+        assert_eq!(m.recovery_shares, 5);
+        let keys = s3.list("esc", "vault-bootstrap/prod/").await.unwrap();
+        assert_eq!(keys.len(), 7, "{keys:?}");
+        // Nothing in S3 is plain text.
+        for v in s3.objects.lock().unwrap().values() {
+            assert!(!String::from_utf8_lossy(v).contains("share-1"));
+        }
+        let r = verify(&s3, &kms, &layout(), D).await.unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.shares_ok, 5);
+        assert!(r.root_token_ok);
+        let s = decrypt_item(&s3, &kms, &layout(), "recovery-key-2", D)
+            .await
+            .unwrap();
+        assert_eq!(s.expose(), "share-2");
+    }
+
+    #[tokio::test]
+    async fn rerun_after_partial_upload_resumes() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        let ct = kms
+            .encrypt(&l.kms_key_id, b"share-1", &l.context("recovery-key-1"))
+            .await
+            .unwrap();
+        s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
+            .await
+            .unwrap();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        assert!(verify(&s3, &kms, &l, D).await.unwrap().ok());
+        // And running it all again is harmless.
+        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_different_secret_is_never_overwritten() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        let ct = kms
+            .encrypt(&l.kms_key_id, b"someone-else", &l.context("recovery-key-1"))
+            .await
+            .unwrap();
+        s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
+            .await
+            .unwrap();
+        let e = escrow(&s3, &kms, &l, &secrets(), "i-1", D)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("different secret"), "{e}");
+        assert!(!e.to_string().contains("share-1"));
+    }
+
+    #[tokio::test]
+    async fn verify_reports_missing_pieces() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        s3.objects
+            .lock()
+            .unwrap()
+            .remove(&("esc".into(), l.object("recovery-key-3")));
+        let r = verify(&s3, &kms, &l, D).await.unwrap();
+        assert!(!r.ok());
+        assert_eq!(r.shares_ok, 4);
+        assert!(r.problems[0].contains("recovery-key-3"), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn wrong_context_does_not_decrypt() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        // Swap two objects: each decrypts only under its own item name.
+        {
+            let mut o = s3.objects.lock().unwrap();
+            let a = o
+                .get(&("esc".into(), l.object("recovery-key-1")))
+                .cloned()
+                .unwrap();
+            o.insert(("esc".into(), l.object("recovery-key-2")), a);
+        }
+        let r = verify(&s3, &kms, &l, D).await.unwrap();
+        assert_eq!(r.shares_ok, 4);
+    }
+}

@@ -1,0 +1,302 @@
+//! The crash-safe bridge between `sys/init` and a verified escrow.
+//!
+//! Before `sys/init` is called, the agent asks KMS for a data key (bound by encryption
+//! context to this cluster). The moment the init response arrives, it is sealed locally
+//! with AES-256-GCM under that key (no network in between) and written to
+//! `<state_dir>/pending-init.json` (0600, fsync, rename, dir fsync). The file holds only
+//! ciphertext and the KMS-encrypted data key. A `boot` that finds the file decrypts it
+//! through KMS and resumes the upload; the file is removed only after the escrow verified.
+
+use super::{InitSecrets, Layout};
+use crate::aws::kms::{Context, Kms};
+use crate::error::{Error, Result};
+use crate::fsutil::{self, FileSpec, Owner};
+use crate::secret::Secret;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+pub const FILE: &str = "pending-init.json";
+const ITEM: &str = "pending-init-response";
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE)
+}
+
+/// The file's format (everything secret is ciphertext).
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingFile {
+    version: u32,
+    cluster: String,
+    instance_id: String,
+    kms_key_id: String,
+    encrypted_data_key: String,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// The sealed plaintext (only ever in memory, zeroized).
+#[derive(Serialize, Deserialize)]
+struct Plain {
+    shares: Vec<String>,
+    root_token: String,
+    pgp: bool,
+    threshold: u8,
+}
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.shares.iter_mut().for_each(|s| s.zeroize());
+        self.root_token.zeroize();
+    }
+}
+
+/// A data key obtained before `sys/init`, ready to seal its response without the network.
+pub struct Sealer {
+    key: Zeroizing<Vec<u8>>,
+    encrypted_key: Vec<u8>,
+    layout: Layout,
+    instance_id: String,
+}
+
+fn context(layout: &Layout) -> Context {
+    layout.context(ITEM)
+}
+
+impl Sealer {
+    /// Gets the data key; failing here (KMS down or denied) stops the init before it starts.
+    pub async fn prepare<K: Kms>(kms: &K, layout: &Layout, instance_id: &str) -> Result<Sealer> {
+        let (key, encrypted_key) = kms.data_key(&layout.kms_key_id, &context(layout)).await?;
+        if key.len() != 32 {
+            return Err(Error::Escrow {
+                message: format!("KMS returned a {}-byte data key; expected 32", key.len()),
+            });
+        }
+        Ok(Sealer {
+            key,
+            encrypted_key,
+            layout: layout.clone(),
+            instance_id: instance_id.to_owned(),
+        })
+    }
+
+    /// Seals `secrets` and writes the pending file atomically (0600, owned by the agent).
+    pub fn write(&self, secrets: &InitSecrets, state_dir: &Path) -> Result<PathBuf> {
+        let plain = Plain {
+            shares: secrets
+                .shares
+                .iter()
+                .map(|s| s.expose().to_owned())
+                .collect(),
+            root_token: secrets.root_token.expose().to_owned(),
+            pgp: secrets.pgp,
+            threshold: secrets.threshold,
+        };
+        let mut buf =
+            Zeroizing::new(serde_json::to_vec(&plain).map_err(|e| Error::Internal(e.to_string()))?);
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| Error::Internal("no randomness for the nonce".into()))?;
+        let key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &self.key)
+                .map_err(|_| Error::Internal("AES key".into()))?,
+        );
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(self.layout.cluster.as_bytes()),
+            &mut *buf,
+        )
+        .map_err(|_| Error::Internal("AES-GCM seal failed".into()))?;
+        let file = PendingFile {
+            version: 1,
+            cluster: self.layout.cluster.clone(),
+            instance_id: self.instance_id.clone(),
+            kms_key_id: self.layout.kms_key_id.clone(),
+            encrypted_data_key: B64.encode(&self.encrypted_key),
+            nonce: B64.encode(nonce),
+            ciphertext: B64.encode(&*buf),
+        };
+        let text = serde_json::to_vec_pretty(&file).map_err(|e| Error::Internal(e.to_string()))?;
+        fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
+        let p = path(state_dir);
+        fsutil::write_atomic(&FileSpec {
+            path: &p,
+            contents: &text,
+            mode: 0o600,
+            owner: Owner::default(),
+        })?;
+        Ok(p)
+    }
+}
+
+/// What a pending file says about itself without decrypting anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInfo {
+    pub cluster: String,
+    pub instance_id: String,
+}
+
+/// Reads and decrypts a pending file, if there is one.
+pub async fn read<K: Kms>(
+    kms: &K,
+    layout: &Layout,
+    state_dir: &Path,
+) -> Result<Option<(PendingInfo, InitSecrets)>> {
+    let p = path(state_dir);
+    let text = match std::fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Escrow {
+                message: format!("cannot read {}: {e}", p.display()),
+            })
+        }
+    };
+    let bad = |what: &str| Error::Escrow {
+        message: format!(
+            "{} is damaged ({what}); keep it and decrypt it by hand (README \"Escrow\")",
+            p.display()
+        ),
+    };
+    let f: PendingFile = serde_json::from_slice(&text).map_err(|_| bad("not JSON"))?;
+    if f.cluster != layout.cluster {
+        return Err(Error::Escrow {
+            message: format!(
+                "{} belongs to cluster {:?}, this node is in {:?}; move it aside after escrowing it by hand",
+                p.display(),
+                f.cluster,
+                layout.cluster
+            ),
+        });
+    }
+    let ek = B64
+        .decode(&f.encrypted_data_key)
+        .map_err(|_| bad("data key"))?;
+    let nonce: [u8; NONCE_LEN] = B64
+        .decode(&f.nonce)
+        .ok()
+        .and_then(|n| n.try_into().ok())
+        .ok_or_else(|| bad("nonce"))?;
+    let mut buf = Zeroizing::new(B64.decode(&f.ciphertext).map_err(|_| bad("ciphertext"))?);
+    let key_bytes = kms.decrypt(&ek, &context(layout)).await?;
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &key_bytes).map_err(|_| bad("data key length"))?,
+    );
+    let plain_len = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(f.cluster.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| bad("authentication failed"))?
+        .len();
+    let plain: Plain = serde_json::from_slice(&buf[..plain_len]).map_err(|_| bad("content"))?;
+    let secrets = InitSecrets {
+        shares: plain
+            .shares
+            .iter()
+            .map(|s| Secret::new(s.as_str()))
+            .collect(),
+        root_token: Secret::new(plain.root_token.as_str()),
+        pgp: plain.pgp,
+        threshold: plain.threshold,
+    };
+    Ok(Some((
+        PendingInfo {
+            cluster: f.cluster.clone(),
+            instance_id: f.instance_id.clone(),
+        },
+        secrets,
+    )))
+}
+
+/// Removes the pending file (only after a verified escrow) and makes the removal durable.
+pub fn remove(state_dir: &Path) -> Result<()> {
+    let p = path(state_dir);
+    match std::fs::remove_file(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::write(&p, format!("remove: {e}"))),
+    }
+    std::fs::File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::write(state_dir, format!("fsync: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake::FakeKms;
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn layout() -> Layout {
+        Layout {
+            bucket: "esc".into(),
+            prefix: "p/prod/".into(),
+            kms_key_id: "alias/escrow".into(),
+            cluster: "prod".into(),
+        }
+    }
+
+    fn secrets() -> InitSecrets {
+        InitSecrets {
+            shares: vec![Secret::new("aa11"), Secret::new("bb22")],
+            root_token: Secret::new("s.rootroot"),
+            pgp: false,
+            threshold: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_without_plain_text_on_disk() {
+        let kms = FakeKms::default();
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let sealer = Sealer::prepare(&kms, &layout(), "i-1").await.unwrap();
+        let p = sealer.write(&secrets(), &state).unwrap();
+        let raw = std::fs::read_to_string(&p).unwrap();
+        for needle in ["aa11", "bb22", "s.rootroot"] {
+            assert!(!raw.contains(needle), "plain secret on disk");
+        }
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&state).unwrap().mode() & 0o777, 0o700);
+        let (info, back) = read(&kms, &layout(), &state).await.unwrap().unwrap();
+        assert_eq!(info.instance_id, "i-1");
+        assert_eq!(back, secrets());
+        remove(&state).unwrap();
+        assert!(read(&kms, &layout(), &state).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tampering_is_detected() {
+        let kms = FakeKms::default();
+        let d = tempfile::tempdir().unwrap();
+        let sealer = Sealer::prepare(&kms, &layout(), "i-1").await.unwrap();
+        let p = sealer.write(&secrets(), d.path()).unwrap();
+        let mut f: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let mut ct = B64.decode(f["ciphertext"].as_str().unwrap()).unwrap();
+        ct[0] ^= 1;
+        f["ciphertext"] = B64.encode(ct).into();
+        std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
+        let e = read(&kms, &layout(), d.path()).await.err().unwrap();
+        assert!(e.to_string().contains("authentication failed"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn another_clusters_file_is_refused() {
+        let kms = FakeKms::default();
+        let d = tempfile::tempdir().unwrap();
+        Sealer::prepare(&kms, &layout(), "i-1")
+            .await
+            .unwrap()
+            .write(&secrets(), d.path())
+            .unwrap();
+        let mut other = layout();
+        other.cluster = "staging".into();
+        assert!(read(&kms, &other, d.path()).await.is_err());
+    }
+}
