@@ -15,7 +15,10 @@ may send for S3 PutObject) are de-chunked and forwarded with a Content-Length;
 The rules file is read at every request (absent = forward everything); the first
 matching rule wins; blank lines and lines starting with ``#`` are ignored:
 
-    <METHOD|*> <python-regex searched in path+query> <action>
+    <METHOD|*> <python-regex searched in path+query[#X-Amz-Target]> <action>
+
+    (requests with an X-Amz-Target header, as KMS's are, are matched against
+    ``/path?query#TrentService.Encrypt``, so one KMS operation can be failed alone)
 
     status <code> [<ErrorCode>]   answer <code> with an AWS-style error body
                                   (S3/XML by default; JSON if the request carries
@@ -301,7 +304,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
 
-        rule = match_rule(load_rules(self.server.rules_path), self.command, target)
+        amz_target = self.headers.get("X-Amz-Target")
+        match_on = f"{target}#{amz_target}" if amz_target else target
+        rule = match_rule(load_rules(self.server.rules_path), self.command, match_on)
         if rule is None:
             status = self._forward(target, body)
             log(f"{self.command} {target} -> {status}")
