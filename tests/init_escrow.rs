@@ -239,3 +239,76 @@ async fn escrow_faults_keep_the_local_copy_and_resume() {
         assert_no_plain_secrets(&tb, i, cluster).await;
     }
 }
+
+fn gpg(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("gpg")
+        .arg("--homedir")
+        .arg(home)
+        .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("gpg (apt-get install gnupg)");
+    assert!(
+        out.status.success(),
+        "gpg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgp_recovery_keys_are_encrypted_by_the_server_and_escrowed() {
+    use base64::Engine;
+    let tb = Testbed::start(34, 1);
+    let home = tb.path().join("gnupg");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut files = Vec::new();
+    for k in 1..=2 {
+        let uid = format!("holder{k} <holder{k}@example.com>");
+        gpg(
+            &home,
+            &[
+                "--quick-gen-key",
+                &uid,
+                "future-default",
+                "default",
+                "never",
+            ],
+        );
+        let export = gpg(&home, &["--export", &format!("holder{k}@example.com")]);
+        let f = tb.path().join(format!("holder{k}.gpg"));
+        std::fs::write(&f, &export.stdout).unwrap();
+        files.push(format!("\"{}\"", f.display()));
+    }
+    tb.write_config(
+        0,
+        &NodeOpts {
+            extra_toml: format!(
+                "[init]\nrecovery_shares = 2\nrecovery_threshold = 2\nrecovery_pgp_keys = [{}]\n",
+                files.join(", ")
+            ),
+            ..Default::default()
+        },
+    );
+    let (mut a, log) = restart(&tb, 0);
+    assert!(log.contains("pgp=true"), "{log}");
+    a.stop();
+    for n in 1..=2 {
+        let escrowed = tb
+            .escrowed("test-vault", &format!("recovery-key-{n}"))
+            .await;
+        let message = base64::engine::general_purpose::STANDARD
+            .decode(escrowed.trim())
+            .expect("base64 PGP message");
+        let f = tb.path().join(format!("share{n}.pgp"));
+        std::fs::write(&f, message).unwrap();
+        let out = gpg(&home, &["-dq", f.to_str().unwrap()]);
+        let share = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            share.len() >= 32 && share.chars().all(|c| c.is_ascii_hexdigit()),
+            "share {n} decrypts to a hex key"
+        );
+    }
+}
