@@ -125,21 +125,19 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         cfg.tls.server_name.as_deref(),
     )?;
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
-    let reloader = launcher::Reloader::of(&running);
+    let ready = Ready {
+        node: &node,
+        local: &client,
+        ca_pem: &material.ca_pem,
+        owner,
+        reloader: launcher::Reloader::of(&running),
+        flavor,
+    };
     match running {
         Running::Unit(_) => {
             let health = vault_api::wait_answering(&client, deadline, None).await?;
             report(&health, started);
-            initialize_or_join(
-                cfg,
-                &node,
-                &client,
-                &material.ca_pem,
-                owner,
-                &reloader,
-                started,
-            )
-            .await?;
+            initialize_or_join(cfg, &ready, started).await?;
             Ok(crate::error::exit::OK)
         }
         Running::Child(mut child) => {
@@ -151,16 +149,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                 )
                 .await?;
                 report(&health, started);
-                initialize_or_join(
-                    cfg,
-                    &node,
-                    &client,
-                    &material.ca_pem,
-                    owner,
-                    &reloader,
-                    started,
-                )
-                .await
+                initialize_or_join(cfg, &ready, started).await
             }
             .await;
             match waited {
@@ -176,16 +165,19 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     }
 }
 
-/// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else.
-async fn initialize_or_join(
-    cfg: &Config,
-    node: &node::Node,
-    local: &VaultClient,
-    ca_pem: &[u8],
+/// What step 6 needs from steps 1-5.
+struct Ready<'a> {
+    node: &'a node::Node,
+    local: &'a VaultClient,
+    ca_pem: &'a [u8],
     owner: Owner,
-    reloader: &launcher::Reloader,
-    started: Instant,
-) -> Result<()> {
+    reloader: launcher::Reloader,
+    flavor: crate::config::Flavor,
+}
+
+/// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else.
+async fn initialize_or_join(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<()> {
+    let (node, ca_pem) = (r.node, r.ca_pem);
     let peers = node
         .peers
         .iter()
@@ -207,16 +199,16 @@ async fn initialize_or_join(
         &init::Me {
             instance_id: &node.facts.instance_id,
             cluster: &node.tag_value,
-            vault_owner: owner,
-            flavor: launcher::resolve_flavor(&cfg.vault).await,
+            vault_owner: r.owner,
+            flavor: r.flavor,
         },
         &init::Deps {
             s3: &s3,
             kms: &kms,
             ec2: &ec2,
-            local,
+            local: r.local,
             peers: &peers,
-            reloader,
+            reloader: &r.reloader,
         },
     )
     .instrument(tracing::info_span!("init"))
