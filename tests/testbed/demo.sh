@@ -8,11 +8,12 @@
 # Steps: tests/testbed/install.sh (venv with OpenBao 2.6.2 + moto), `cargo build` (debug),
 # moto on 127.0.9.1:5000, seed.py (VPC, 3 tagged instances 127.0.9.11-13, KMS key, S3 bucket
 # with TLS material), one IMDS per instance, three agents started at the same moment with
-# `boot`, then the cluster is initialised by API and must reach 3 raft voters.
+# `boot`. Exactly one agent initialises the cluster and escrows its recovery keys (KMS-encrypted,
+# in S3); every node must end up an unsealed member and `escrow verify` must pass.
 #
 # Everything binds to 127.0.9.0/24 (the integration tests use other blocks). Every wait is
 # bounded. Only the processes started here are stopped, by PID. Logs stay in the work dir
-# (printed at the end); the root token and recovery key are never printed.
+# (printed at the end); no recovery key or token is ever printed or written in plain text.
 #
 #   VB_TESTBED_VENV   the test-bed venv (default: $HOME/.cache/vault-bootstrap-testbed/venv)
 
@@ -161,8 +162,7 @@ cleanup() {
     [[ -n $IMDS_PID ]] && stop_pid "$IMDS_PID" "imds.py" 5
     [[ -n $MOTO_PID ]] && stop_pid "$MOTO_PID" "moto_server" 5
     if [[ -n $WORK && -d $WORK ]]; then
-        # The cluster is gone: its raft data and the init secrets go with it. Logs stay.
-        rm -f "$WORK/init.json" "$WORK/token.header"
+        # The cluster is gone: its raft data goes with it. Logs stay.
         rm -rf "$WORK"/node-*/data
         say "logs kept in $WORK (rm -rf $WORK to remove)"
     fi
@@ -314,6 +314,12 @@ health_timeout_secs = 30
 state_dir = "$d/state"
 imds_timeout_secs = 10
 aws_timeout_secs = 10
+
+[init]
+escrow_kms_key_id = "alias/vault-escrow"
+audit_file_path = "$d/audit/audit.log"
+expected_size = $NODES
+join_timeout_secs = 120
 EOF
 done
 
@@ -357,55 +363,34 @@ done
 track_servers
 phase_done "$NODES servers answer"
 
-# ---------------------------------------------------------------- init
-# For now the cluster is initialised here, by API, on node 0. The agent's own init (one node
-# of a new cluster, recovery keys escrowed KMS-encrypted in S3) lands with issue 3; this step
-# then goes away.
-phase "PUT /v1/sys/init on node 0 (recovery_shares 1, threshold 1)"
-SECRETS=$WORK/init.json
-(
-    umask 077
-    : >"$SECRETS"
-)
-code=$(curl -s -o "$SECRETS" -w '%{http_code}' --max-time 90 --cacert "$CA" -X PUT \
-    -H 'Content-Type: application/json' -d '{"recovery_shares":1,"recovery_threshold":1}' \
-    "https://${IPS[0]}:8200/v1/sys/init") || true
-if [[ $code != 200 ]]; then
-    # A failed init answer holds no secret; the file is kept for the log only.
-    fail "sys/init on node 0 answered HTTP ${code:-none}: $(head -c 300 "$SECRETS" 2>/dev/null)" "$WORK/node-0/agent.log"
-fi
-# The token goes into a 0600 header file for curl: never onto a command line (ps shows it).
-(
-    umask 077
-    "$PY" -c '
-import json, sys
-print("X-Vault-Token: " + json.load(open(sys.argv[1]))["root_token"])' "$SECRETS" >"$WORK/token.header"
-) || fail "sys/init answered 200 but no root_token could be read from it"
-phase_done "secrets (root token, recovery key) in $SECRETS, mode 0600"
-
-# ---------------------------------------------------------------- raft voters
-phase "waiting for $NODES raft voters (joiners arrive as non-voters; autopilot promotes them)"
-RAFT=$WORK/raft-configuration.json
-deadline=$((SECONDS + 120))
-voters=0
-while :; do
-    code=$(curl -s -o "$RAFT" -w '%{http_code}' --max-time 5 --cacert "$CA" \
-        -H @"$WORK/token.header" "https://${IPS[0]}:8200/v1/sys/storage/raft/configuration" 2>/dev/null) || true
-    if [[ $code == 200 ]]; then
-        voters=$("$PY" -c '
-import json, sys
-servers = json.load(open(sys.argv[1]))["data"]["config"]["servers"]
-print(sum(1 for s in servers if s.get("voter")))' "$RAFT" 2>/dev/null || echo 0)
-        ((voters == NODES)) && break
-    fi
-    for ((n = 0; n < NODES; n++)); do
-        alive "${AGENT_PIDS[n]}" || fail "agent $n (${IDS[n]}) exited while the cluster formed" "$WORK/node-$n/agent.log"
+# ---------------------------------------------------------------- init + escrow (by the agents)
+phase "waiting for every agent to report its node ready (one of them initialises and escrows)"
+for ((n = 0; n < NODES; n++)); do
+    deadline=$((SECONDS + 180))
+    until grep -q "node ready" "$WORK/node-$n/agent.log" 2>/dev/null; do
+        if ! alive "${AGENT_PIDS[n]}"; then
+            wait "${AGENT_PIDS[n]}" && arc=0 || arc=$?
+            fail "agent $n (${IDS[n]}) exited with code $arc before its node was ready (see README \"Exit codes\")" "$WORK/node-$n/agent.log"
+        fi
+        ((SECONDS < deadline)) || fail "node $n was not ready within 180 s" "$WORK/node-$n/agent.log"
+        sleep 0.5
     done
-    ((SECONDS < deadline)) || fail "no $NODES voters within 120 s (last: HTTP ${code:-none}, $voters voters)" \
-        "$WORK/node-0/agent.log" "$WORK/node-1/agent.log" "$WORK/node-2/agent.log"
-    sleep 1
 done
-phase_done "$voters voters"
+track_servers
+inits=$(cat "$WORK"/node-*/agent.log | grep -c "sys/init succeeded" || true)
+((inits == 1)) || fail "expected exactly one sys/init, saw $inits" "$WORK/node-0/agent.log"
+WINNER=$(grep -l "sys/init succeeded" "$WORK"/node-*/agent.log | head -1)
+phase_done "one init (${WINNER%/agent.log}), $NODES nodes ready"
+
+phase "vault-bootstrap escrow verify (as node 1)"
+VERIFY=$WORK/escrow-verify.txt
+env -i PATH="$PATH" HOME="$WORK/node-1" \
+    AWS_ENDPOINT_URL="$MOTO_URL" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
+    AWS_EC2_METADATA_SERVICE_ENDPOINT="http://${IPS[1]}:$IMDS_PORT" AWS_REGION="$REGION" \
+    "$AGENT_BIN" --config "$WORK/node-1/config.toml" escrow verify >"$VERIFY" 2>"$WORK/escrow-verify.log" ||
+    fail "escrow verify failed: $(cat "$VERIFY")" "$WORK/escrow-verify.log"
+sed 's/^/    /' "$VERIFY"
+phase_done "escrow verified"
 
 # ---------------------------------------------------------------- summary
 state_of() {
@@ -414,13 +399,7 @@ state_of() {
     esac
 }
 echo
-echo "Cluster of $NODES OpenBao nodes, booted by vault-bootstrap ($((SECONDS - T0)) s in all):"
-"$PY" -c '
-import json, sys
-servers = json.load(open(sys.argv[1]))["data"]["config"]["servers"]
-for s in sorted(servers, key=lambda s: s["node_id"]):
-    role = "leader" if s.get("leader") else ("voter" if s.get("voter") else "non-voter")
-    print("  raft: %s  %-20s %s" % (s["node_id"], s["address"], role))' "$RAFT"
+echo "Cluster of $NODES OpenBao nodes, booted, initialised and escrowed by vault-bootstrap ($((SECONDS - T0)) s in all):"
 for ((n = 0; n < NODES; n++)); do
     echo "  node $n: ${IDS[n]} https://${IPS[n]}:8200 sys/health: $(state_of "$(health_code "${IPS[n]}")")"
 done
@@ -430,7 +409,7 @@ if [[ -S /run/systemd/journal/socket ]]; then
     echo "          journalctl -t vault-bootstrap (agent.log then holds the servers' output)"
 fi
 echo "Config:   $WORK/node-N/config.toml -> $WORK/node-N/etc/vault.hcl"
-echo "Secrets:  $SECRETS (root token, recovery key; mode 0600, deleted at teardown)"
+echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see README \"Escrow\")"
 echo
 
 SUCCESS=1
