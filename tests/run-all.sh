@@ -17,6 +17,7 @@ cd "$ROOT"
 export VB_TESTBED_VENV="${VB_TESTBED_VENV:-${HOME:-/root}/.cache/vault-bootstrap-testbed/venv}"
 bash tests/testbed/install.sh >/dev/null
 
+# --no-fail-fast: one run reports every failing test target, not just the first.
 # Two test threads: each cluster test runs 3+ servers, moto and an IMDS; more threads than
 # the 2 cores of the CI machine make their bounded waits flaky, not the run faster.
-exec cargo test --all-targets -- --test-threads=2 "$@"
+exec cargo test --all-targets --no-fail-fast -- --test-threads=2 "$@"
