@@ -25,6 +25,35 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(default)]
     pub init: InitConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
+}
+
+/// How operators log in once the root token is gone, configured right after init.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// S3 key (in `tls.bucket`) of the operator CA: client certificates it signed log in
+    /// through `cert` auth with the admin policy.
+    pub operator_ca_key: Option<String>,
+    /// Name of the admin policy (what operators need: sys, raft, policies, auth, mounts).
+    pub admin_policy: Option<String>,
+    /// IAM role ARNs whose sessions log in through AWS IAM auth (when the server has it).
+    pub aws_role_arns: Vec<String>,
+    /// STS endpoint for AWS auth (VPC endpoint); without it the server calls the public one.
+    pub aws_sts_endpoint: Option<String>,
+    pub aws_sts_region: Option<String>,
+    pub aws_iam_endpoint: Option<String>,
+    /// Value clients must send in `X-Vault-AWS-IAM-Server-ID`.
+    pub aws_iam_server_id_header_value: Option<String>,
+}
+
+impl AccessConfig {
+    pub fn policy_name(&self) -> &str {
+        self.admin_policy
+            .as_deref()
+            .unwrap_or("vault-bootstrap-admin")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -434,7 +463,40 @@ impl Config {
         self.validate_init(path)
     }
 
+    fn validate_access(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, message: String| {
+            Err(Error::ConfigInvalid {
+                path: path.into(),
+                key: key.into(),
+                message,
+            })
+        };
+        for arn in &self.access.aws_role_arns {
+            // Bind roles, never assumed-role session ARNs: those change with every session.
+            let ok = arn.starts_with("arn:")
+                && arn
+                    .split(':')
+                    .nth(5)
+                    .is_some_and(|r| r.starts_with("role/"));
+            if !ok {
+                return bad(
+                    "access.aws_role_arns",
+                    format!("{arn:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+                );
+            }
+        }
+        if !self.access.aws_role_arns.is_empty() && self.access.aws_sts_endpoint.is_none() {
+            return bad(
+                "access.aws_sts_endpoint",
+                "must be set with aws_role_arns: without it the server calls the public STS host"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_init(&self, path: &Path) -> Result<()> {
+        self.validate_access(path)?;
         let bad = |key: &str, message: String| {
             Err(Error::ConfigInvalid {
                 path: path.into(),

@@ -3,6 +3,7 @@
 //! concern, in the order the product runs them:
 //! config -> imds -> discovery -> tls -> render -> launcher -> vault_api.
 
+pub mod access;
 pub mod aws;
 pub mod cli;
 pub mod config;

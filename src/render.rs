@@ -141,6 +141,11 @@ pub fn render(input: &Input<'_>) -> String {
     let _ = writeln!(o, "  tls_cert_file   = {}", path(&cert));
     let _ = writeln!(o, "  tls_key_file    = {}", path(&key));
     let _ = writeln!(o, "  tls_min_version = \"tls12\"");
+    if input.flavor == Flavor::Openbao {
+        // Break-glass: OpenBao 2.6 closes the recovery-key path to a new root token by
+        // default; with the root token revoked it is the only way back in (Vault keeps it open).
+        let _ = writeln!(o, "  disable_unauthed_generate_root_endpoints = false");
+    }
     let _ = writeln!(o, "}}");
     let _ = writeln!(o);
     let _ = writeln!(o, "seal \"awskms\" {{");

@@ -223,16 +223,21 @@ async fn five_agents_form_one_cluster_with_one_init() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_post_init_revokes_root_and_sets_autopilot() {
+async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
     let (tb, agents) = form(25, 3, "").await;
     assert_eq!(init_count(&agents), 1);
     let root = tb.escrowed("test-vault", "root-token").await;
     let api = tb.api(0);
-    let (code, _) = api
-        .get("sys/storage/raft/configuration", Some(&root))
+    let (code, body) = api
+        .get("sys/storage/raft/autopilot/configuration", Some(&root))
         .await
         .unwrap();
-    assert_eq!(code, 403, "the root token must be revoked");
+    assert_eq!(
+        code, 200,
+        "root must still work: no operator login path exists"
+    );
+    assert_eq!(body["data"]["cleanup_dead_servers"], true, "{body}");
+    assert_eq!(body["data"]["min_quorum"], 3, "{body}");
     let winner = agents
         .iter()
         .find(|a| a.stderr().contains("sys/init succeeded"))
@@ -241,13 +246,20 @@ async fn default_post_init_revokes_root_and_sets_autopilot() {
     for needle in [
         "file audit device ",
         "autopilot configured",
-        "root token revoked",
+        "ROOT TOKEN NOT REVOKED: no operator login path",
         "post-init complete",
     ] {
         assert!(log.contains(needle), "{needle}:\n{log}");
     }
     let audit = tb.node_dir(winner.index).join("audit/audit.log");
     assert!(audit.exists(), "audit log at {}", audit.display());
+    // Every later boot keeps warning: restart a non-winner's agent.
+    let other = (winner.index + 1) % 3;
+    drop(agents);
+    let mut a = tb.spawn_agent(other, &["boot"]);
+    let log = a.wait_log("node ready", Duration::from_secs(120));
+    assert!(log.contains("ROOT TOKEN NOT REVOKED"), "{log}");
+    a.stop();
 }
 
 /// The soak: 20 trials each of 3 and 5 simultaneous agents. `cargo test -- --ignored`.

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand.
 
 pub mod boot;
+pub mod break_glass;
 pub mod escrow;
 pub mod render;
 
@@ -37,6 +38,15 @@ pub enum Command {
     Boot,
     /// Print the vault.hcl that `boot` would write; touches nothing.
     Render,
+    /// A new root token from recovery keys (typed, or --from-escrow), printed once.
+    BreakGlass {
+        /// Take threshold-many keys from the escrow instead of stdin.
+        #[arg(long)]
+        from_escrow: bool,
+        /// Print even when stdout is not a terminal.
+        #[arg(long)]
+        yes: bool,
+    },
     /// The recovery-key escrow in S3.
     #[command(subcommand)]
     Escrow(EscrowCommand),
@@ -62,6 +72,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
+        Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await

@@ -250,6 +250,14 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
     post_init(cfg, me, d, layout, &secrets.root_token).await
 }
 
+fn revoked_earlier() -> PostInit {
+    PostInit {
+        root_revoked: true,
+        login_paths: Vec::new(),
+        reason: Some("found revoked by an earlier run".into()),
+    }
+}
+
 fn post_init_key(layout: &Layout) -> String {
     format!("{}post-init-done.json", layout.prefix)
 }
@@ -266,12 +274,19 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
     let Some(marker) = escrow::read_marker(d.s3, layout, aws).await? else {
         return Ok(());
     };
-    if marker.instance_id != me.instance_id
-        || d.s3
-            .get_opt(&layout.bucket, &post_init_key(layout))
-            .await?
-            .is_some()
-    {
+    if let Some(done) = d.s3.get_opt(&layout.bucket, &post_init_key(layout)).await? {
+        // Keep saying it on every boot while the root token is alive.
+        if let Ok(p) = serde_json::from_slice::<PostInit>(&done) {
+            if !p.root_revoked {
+                tracing::warn!(
+                    "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (README \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
+                    p.reason.unwrap_or_default()
+                );
+            }
+        }
+        return Ok(());
+    }
+    if marker.instance_id != me.instance_id {
         return Ok(());
     }
     tracing::warn!(
@@ -325,7 +340,7 @@ async fn post_init<S: ObjectStore, K, E>(
             403 => {
                 // Only a revoked root token answers 403 here, and revocation is the last step.
                 tracing::info!("root token already revoked: post-init was complete");
-                return mark_post_init_done(d.s3, layout).await;
+                return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
             }
             s => return Err(api("PUT sys/audit/file", s, &body)),
         }
@@ -348,7 +363,7 @@ async fn post_init<S: ObjectStore, K, E>(
         .await?;
     if status == 403 {
         tracing::info!("root token already revoked: post-init was complete");
-        return mark_post_init_done(d.s3, layout).await;
+        return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
     }
     if !(200..300).contains(&status) {
         return Err(api(
@@ -363,31 +378,80 @@ async fn post_init<S: ObjectStore, K, E>(
         "autopilot configured"
     );
 
-    if cfg.init.revoke_root_token {
-        let (status, body) = d
-            .local
-            .call(Method::POST, "auth/token/revoke-self", Some(root), None)
+    // Never locked out: revoke root only once an operator login path reads back as written
+    // and the recovery-key path to a new root token (break-glass) is open.
+    let operator_ca = match &cfg.access.operator_ca_key {
+        Some(key) => {
+            let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+            let pem = retry::retry("fetch the operator CA", aws, || {
+                d.s3.get(&cfg.tls.bucket, key)
+            })
             .await?;
-        if !(200..300).contains(&status) && status != 403 {
-            return Err(api("POST auth/token/revoke-self", status, &body));
+            Some(String::from_utf8(pem).map_err(|_| Error::Init {
+                message: format!(
+                    "s3://{}/{key} (access.operator_ca_key) is not a PEM text file",
+                    cfg.tls.bucket
+                ),
+                retriable: false,
+            })?)
         }
-        tracing::info!(
-            "root token revoked (its escrowed copy is now useless; recovery keys remain)"
-        );
+        None => None,
+    };
+    let paths = crate::access::configure(cfg, d.local, root, operator_ca.as_deref()).await?;
+    let glass = crate::access::break_glass_open(d.local).await;
+    let keep_reason = if !cfg.init.revoke_root_token {
+        Some("init.revoke_root_token = false".to_string())
+    } else if paths.is_empty() {
+        Some("no operator login path is configured (set access.operator_ca_key or access.aws_role_arns)".to_string())
+    } else if !glass {
+        Some("the break-glass path (sys/generate-root) is closed on this server".to_string())
     } else {
-        tracing::warn!(
-            "init.revoke_root_token = false: the root token stays valid, escrowed KMS-encrypted"
-        );
+        None
+    };
+    match &keep_reason {
+        None => {
+            let (status, body) = d
+                .local
+                .call(Method::POST, "auth/token/revoke-self", Some(root), None)
+                .await?;
+            if !(200..300).contains(&status) && status != 403 {
+                return Err(api("POST auth/token/revoke-self", status, &body));
+            }
+            tracing::info!(login_paths = ?paths, "root token revoked (its escrowed copy is now useless; recovery keys remain)");
+        }
+        Some(why) => tracing::warn!(
+            "ROOT TOKEN NOT REVOKED: {why}. It stays valid, escrowed KMS-encrypted in {}",
+            layout.url(&layout.object(Layout::ROOT_ITEM))
+        ),
     }
-    mark_post_init_done(d.s3, layout).await
+    let record = PostInit {
+        root_revoked: keep_reason.is_none(),
+        login_paths: paths,
+        reason: keep_reason,
+    };
+    mark_post_init_done(d.s3, layout, &record).await
 }
 
-async fn mark_post_init_done<S: ObjectStore>(s3: &S, layout: &Layout) -> Result<()> {
+/// What post-init left behind (no secret): read on every boot to keep warning while the
+/// root token is alive.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PostInit {
+    pub root_revoked: bool,
+    pub login_paths: Vec<String>,
+    pub reason: Option<String>,
+}
+
+async fn mark_post_init_done<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    record: &PostInit,
+) -> Result<()> {
+    let body = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
     let put = s3
         .put_if_absent(
             &layout.bucket,
             &post_init_key(layout),
-            b"{\"done\": true}\n".to_vec(),
+            body,
             Some(&layout.kms_key_id),
         )
         .await?;

@@ -622,6 +622,67 @@ join_timeout_secs = 120
         (status.code().unwrap_or(-1), out, a.stderr())
     }
 
+    /// Runs the agent with `input` on its stdin (bounded); returns (exit code, stdout, stderr).
+    pub fn run_agent_input(
+        &self,
+        i: usize,
+        args: &[&str],
+        input: &str,
+        bound: Duration,
+    ) -> (i32, String, String) {
+        let stderr_path = self
+            .node_dir(i)
+            .join(format!("agent-{}.log", args.join("-")));
+        let mut child = Command::new(AGENT)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.node_dir(i))
+            .envs(self.agent_env(i))
+            .arg("--config")
+            .arg(self.config_path(i))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn agent");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let mut a = Agent {
+            index: i,
+            child,
+            stderr_path,
+            server_pids: Vec::new(),
+        };
+        let status = a.wait_exit(bound);
+        (
+            status.code().unwrap_or(-1),
+            reader.join().unwrap_or_default(),
+            a.stderr(),
+        )
+    }
+
+    /// Uploads `body` to `s3://vault-resources/<key>`.
+    pub async fn put_object(&self, key: &str, body: &[u8]) {
+        let s3 = aws_sdk_s3::Client::new(&self.sdk().await);
+        s3.put_object()
+            .bucket("vault-resources")
+            .key(key)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .expect("PutObject");
+    }
+
     /// A Vault API client for instance `i` (the seeded CA is the only root).
     pub fn api(&self, i: usize) -> Api {
         Api::new(&self.seed_dir().join("ca.pem"), &self.instances[i].ip)

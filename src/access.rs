@@ -1,0 +1,429 @@
+//! Never locked out: operator login paths configured right after init, before the root
+//! token may be revoked, and the break-glass path (recovery keys -> new root token).
+//!
+//! The API calls are built by pure functions ([`cert_calls`], [`aws_calls`]) so their
+//! payloads are pinned by tests even where the test-bed's server cannot run them (OpenBao has
+//! no built-in AWS auth).
+
+use crate::config::{AccessConfig, Config};
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+use crate::vault_api::VaultClient;
+use base64::Engine;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// The admin policy: cluster administration without `root`.
+pub const ADMIN_POLICY: &str = r#"# vault-bootstrap: operators' policy. Administration of the cluster without root.
+path "sys/*" {
+  capabilities = ["create", "read", "update", "delete", "list", "sudo"]
+}
+path "auth/*" {
+  capabilities = ["create", "read", "update", "delete", "list", "sudo"]
+}
+path "identity/*" {
+  capabilities = ["create", "read", "update", "delete", "list"]
+}
+"#;
+
+/// Mount path of the operators' cert auth, and its role.
+pub const CERT_MOUNT: &str = "cert";
+pub const CERT_ROLE: &str = "operators";
+pub const AWS_MOUNT: &str = "aws";
+
+/// One API call to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub method: Method,
+    pub path: String,
+    pub body: Value,
+}
+
+fn call(method: Method, path: impl Into<String>, body: Value) -> Call {
+    Call {
+        method,
+        path: path.into(),
+        body,
+    }
+}
+
+/// Policy + cert auth mount + the operators' role bound to the operator CA.
+pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
+    let policy = access.policy_name();
+    vec![
+        call(
+            Method::PUT,
+            format!("sys/policies/acl/{policy}"),
+            json!({"policy": ADMIN_POLICY}),
+        ),
+        call(
+            Method::POST,
+            format!("sys/auth/{CERT_MOUNT}"),
+            json!({"type": "cert", "description": "operators (vault-bootstrap)"}),
+        ),
+        call(
+            Method::POST,
+            format!("auth/{CERT_MOUNT}/certs/{CERT_ROLE}"),
+            json!({
+                "certificate": operator_ca_pem,
+                "display_name": CERT_ROLE,
+                "token_policies": [policy],
+                // Short-lived admin tokens: re-login is cheap, a leaked token expires soon.
+                "token_ttl": "1h",
+                "token_max_ttl": "8h",
+            }),
+        ),
+    ]
+}
+
+/// AWS IAM auth bound to the operators' role ARNs (Vault built in; OpenBao needs the
+/// external plugin). STS/IAM endpoints from config; the server-id header is enforced.
+pub fn aws_calls(access: &AccessConfig) -> Vec<Call> {
+    if access.aws_role_arns.is_empty() {
+        return Vec::new();
+    }
+    let policy = access.policy_name();
+    let mut client = json!({});
+    if let Some(e) = &access.aws_sts_endpoint {
+        client["sts_endpoint"] = json!(e);
+        // use_sts_region_from_client would ignore sts_endpoint: keep it off, name the region.
+        client["use_sts_region_from_client"] = json!(false);
+    }
+    if let Some(r) = &access.aws_sts_region {
+        client["sts_region"] = json!(r);
+    }
+    if let Some(e) = &access.aws_iam_endpoint {
+        client["iam_endpoint"] = json!(e);
+    }
+    if let Some(h) = &access.aws_iam_server_id_header_value {
+        client["iam_server_id_header_value"] = json!(h);
+    }
+    let mut calls = vec![
+        call(
+            Method::PUT,
+            format!("sys/policies/acl/{policy}"),
+            json!({"policy": ADMIN_POLICY}),
+        ),
+        call(
+            Method::POST,
+            format!("sys/auth/{AWS_MOUNT}"),
+            json!({"type": "aws", "description": "operators via IAM (vault-bootstrap)"}),
+        ),
+        call(
+            Method::POST,
+            format!("auth/{AWS_MOUNT}/config/client"),
+            client,
+        ),
+    ];
+    calls.push(call(
+        Method::POST,
+        format!("auth/{AWS_MOUNT}/role/operators"),
+        json!({
+            "auth_type": "iam",
+            // Role ARNs, never assumed-role session ARNs; resolve_aws_unique_ids is left at
+            // its default because it cannot be turned off again once on.
+            "bound_iam_principal_arn": access.aws_role_arns,
+            "token_policies": [policy],
+            "token_ttl": "1h",
+            "token_max_ttl": "8h",
+        }),
+    ));
+    calls
+}
+
+async fn run(local: &VaultClient, root: &Secret, calls: &[Call]) -> Result<()> {
+    for c in calls {
+        let (status, body) = local
+            .call(c.method.clone(), &c.path, Some(root), Some(c.body.clone()))
+            .await?;
+        let already = status == 400
+            && body["errors"]
+                .to_string()
+                .contains("path is already in use");
+        if !(200..300).contains(&status) && !already {
+            return Err(Error::Init {
+                message: format!(
+                    "{} {} answered HTTP {status}: {}",
+                    c.method, c.path, body["errors"]
+                ),
+                retriable: false,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether `auth/cert` is mounted, the operators' role holds `ca_pem` and carries the policy.
+async fn cert_reads_back(
+    local: &VaultClient,
+    root: &Secret,
+    access: &AccessConfig,
+    ca_pem: &str,
+) -> Result<bool> {
+    let (s, auths) = local
+        .call(Method::GET, "sys/auth", Some(root), None)
+        .await?;
+    let mounted = s == 200
+        && (auths.get(format!("{CERT_MOUNT}/")).is_some()
+            || auths["data"].get(format!("{CERT_MOUNT}/")).is_some());
+    let (s, role) = local
+        .call(
+            Method::GET,
+            &format!("auth/{CERT_MOUNT}/certs/{CERT_ROLE}"),
+            Some(root),
+            None,
+        )
+        .await?;
+    let ca_ok =
+        s == 200 && role["data"]["certificate"].as_str().map(str::trim) == Some(ca_pem.trim());
+    let policy_ok = role["data"]["token_policies"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|v| v == access.policy_name()));
+    let (s, _) = local
+        .call(
+            Method::GET,
+            &format!("sys/policies/acl/{}", access.policy_name()),
+            Some(root),
+            None,
+        )
+        .await?;
+    Ok(mounted && ca_ok && policy_ok && s == 200)
+}
+
+/// Configures every operator login path the config asks for; returns the ones that read
+/// back as written. `operator_ca_pem` is the operator CA fetched from S3 (if configured).
+pub async fn configure(
+    cfg: &Config,
+    local: &VaultClient,
+    root: &Secret,
+    operator_ca_pem: Option<&str>,
+) -> Result<Vec<String>> {
+    let access = &cfg.access;
+    let mut ready = Vec::new();
+    if let Some(ca) = operator_ca_pem {
+        run(local, root, &cert_calls(access, ca)).await?;
+        if cert_reads_back(local, root, access, ca).await? {
+            tracing::info!(
+                policy = access.policy_name(),
+                "operator login: cert auth bound to the operator CA"
+            );
+            ready.push("cert".to_string());
+        } else {
+            tracing::error!("operator login: cert auth did not read back as written");
+        }
+    }
+    if !access.aws_role_arns.is_empty() {
+        match run(local, root, &aws_calls(access)).await {
+            Ok(()) => {
+                let (s, role) = local
+                    .call(
+                        Method::GET,
+                        &format!("auth/{AWS_MOUNT}/role/operators"),
+                        Some(root),
+                        None,
+                    )
+                    .await?;
+                if s == 200
+                    && role["data"]["bound_iam_principal_arn"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
+                {
+                    tracing::info!(roles = ?access.aws_role_arns, "operator login: AWS IAM auth");
+                    ready.push("aws".to_string());
+                }
+            }
+            Err(e) if e.to_string().contains("plugin not found") => {
+                tracing::warn!("this server has no AWS auth method (OpenBao needs its external plugin); operators log in with cert auth");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ready)
+}
+
+/// Whether the recovery-key path to a new root token is open on this server.
+pub async fn break_glass_open(local: &VaultClient) -> bool {
+    matches!(
+        local
+            .call(Method::GET, "sys/generate-root/attempt", None, None)
+            .await,
+        Ok((200, _))
+    )
+}
+
+/// Decodes the `encoded_token` of a finished generate-root with its OTP (XOR after base64).
+pub fn decode_root_token(encoded: &str, otp: &str) -> Option<Secret> {
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let bytes = engines.iter().find_map(|e| e.decode(encoded.trim()).ok())?;
+    if bytes.len() != otp.len() {
+        return None;
+    }
+    let token: Vec<u8> = bytes
+        .iter()
+        .zip(otp.as_bytes())
+        .map(|(a, b)| a ^ b)
+        .collect();
+    String::from_utf8(token).ok().map(Secret::new)
+}
+
+/// Runs a whole generate-root with `shares` (unauthenticated endpoints); returns the new root
+/// token. Fails, naming the progress, when the shares do not reach the threshold.
+pub async fn generate_root(local: &VaultClient, shares: &[Secret]) -> Result<Secret> {
+    let fail = |message: String| Error::Init {
+        message,
+        retriable: false,
+    };
+    // A stale attempt (someone else's, or an interrupted one) would swallow our shares.
+    let _ = local
+        .call(Method::DELETE, "sys/generate-root/attempt", None, None)
+        .await;
+    let (s, att) = local
+        .call(
+            Method::PUT,
+            "sys/generate-root/attempt",
+            None,
+            Some(json!({})),
+        )
+        .await?;
+    if s != 200 {
+        return Err(fail(format!(
+            "sys/generate-root/attempt answered HTTP {s}: {} (on OpenBao the listener needs disable_unauthed_generate_root_endpoints = false, which boot renders)",
+            att["errors"]
+        )));
+    }
+    let nonce = att["nonce"].as_str().unwrap_or_default().to_string();
+    let otp = Secret::new(att["otp"].as_str().unwrap_or_default());
+    let required = att["required"].as_u64().unwrap_or(0);
+    let mut last = Value::Null;
+    for share in shares {
+        let (s, body) = local
+            .call(
+                Method::PUT,
+                "sys/generate-root/update",
+                None,
+                Some(json!({"key": share.expose(), "nonce": nonce})),
+            )
+            .await?;
+        if s != 200 {
+            return Err(fail(format!(
+                "sys/generate-root/update answered HTTP {s}: {}",
+                body["errors"]
+            )));
+        }
+        last = body;
+        if last["complete"].as_bool() == Some(true) {
+            break;
+        }
+    }
+    if last["complete"].as_bool() != Some(true) {
+        let progress = last["progress"].as_u64().unwrap_or(0);
+        let _ = local
+            .call(Method::DELETE, "sys/generate-root/attempt", None, None)
+            .await;
+        return Err(fail(format!(
+            "{progress} of the {required} recovery keys needed were accepted; no root token was generated"
+        )));
+    }
+    let encoded = last["encoded_token"]
+        .as_str()
+        .or_else(|| last["encoded_root_token"].as_str())
+        .unwrap_or_default();
+    decode_root_token(encoded, otp.expose())
+        .ok_or_else(|| fail("the encoded root token does not decode with the OTP".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> AccessConfig {
+        AccessConfig {
+            aws_role_arns: vec!["arn:aws:iam::123456789012:role/vault-operators".into()],
+            aws_sts_endpoint: Some("https://sts.us-east-1.amazonaws.com".into()),
+            aws_sts_region: Some("us-east-1".into()),
+            aws_iam_endpoint: Some("https://iam.amazonaws.com".into()),
+            aws_iam_server_id_header_value: Some("vault.internal".into()),
+            ..Default::default()
+        }
+    }
+
+    fn golden(name: &str, actual: &str) {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/access")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(actual, expected, "golden file {name} differs");
+    }
+
+    fn render(calls: &[Call]) -> String {
+        calls
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} /v1/{}\n{}\n",
+                    c.method,
+                    c.path,
+                    serde_json::to_string_pretty(&c.body).unwrap()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn golden_aws_auth_calls_for_vault() {
+        let calls = aws_calls(&access());
+        golden("aws-auth-calls.txt", &render(&calls));
+        let client = &calls[2].body;
+        assert_eq!(
+            client["sts_endpoint"],
+            "https://sts.us-east-1.amazonaws.com"
+        );
+        assert_eq!(client["use_sts_region_from_client"], false);
+        assert_eq!(client["iam_server_id_header_value"], "vault.internal");
+        assert!(aws_calls(&AccessConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn golden_cert_auth_calls() {
+        golden(
+            "cert-auth-calls.txt",
+            &render(&cert_calls(
+                &AccessConfig::default(),
+                "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
+            )),
+        );
+    }
+
+    #[test]
+    fn the_admin_policy_is_not_root() {
+        assert!(!ADMIN_POLICY.contains("\"root\""));
+        assert!(ADMIN_POLICY.contains("path \"sys/*\""));
+    }
+
+    #[test]
+    fn otp_decoding_is_xor_after_base64() {
+        let otp = "abcdefghijklmnopqrstuvwxyz12";
+        let token = "s.0123456789abcdefghijklmnop";
+        let xored: Vec<u8> = token.bytes().zip(otp.bytes()).map(|(a, b)| a ^ b).collect();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(xored);
+        assert_eq!(decode_root_token(&encoded, otp).unwrap().expose(), token);
+        let no_pad = base64::engine::general_purpose::STANDARD_NO_PAD.encode(
+            token
+                .bytes()
+                .zip(otp.bytes())
+                .map(|(a, b)| a ^ b)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(decode_root_token(&no_pad, otp).unwrap().expose(), token);
+        assert!(decode_root_token(&encoded, "short").is_none());
+    }
+}

@@ -1,0 +1,71 @@
+//! `vault-bootstrap break-glass`: a new root token from recovery keys, with no token at all
+//! (the unauthenticated generate-root path `boot` keeps open). For when every operator login
+//! path is broken. The keys come typed on stdin (one per line) or, with `--from-escrow`, from
+//! the escrow (needs kms:Decrypt on the escrow key). The token is printed once, never logged.
+
+use crate::aws::kms::SdkKms;
+use crate::aws::s3::SdkS3;
+use crate::config::Config;
+use crate::error::{exit, Error, Result};
+use crate::escrow::{self, Layout};
+use crate::secret::Secret;
+use crate::vault_api::VaultClient;
+use crate::{access, node, render, tls};
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
+    if !yes && !std::io::stdout().is_terminal() {
+        return Err(Error::Escrow {
+            message: "refusing to print a root token to something that is not a terminal; pass --yes if you mean it".into(),
+        });
+    }
+    let id = node::identity(cfg).await?;
+    let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let shares: Vec<Secret> = if from_escrow {
+        let layout = Layout::new(cfg, &id.tag_value);
+        let s3 = SdkS3::new(&id.sdk);
+        let kms = SdkKms::new(&id.sdk);
+        let marker = escrow::read_marker(&s3, &layout, deadline)
+            .await?
+            .ok_or_else(|| Error::Escrow {
+                message: format!("no escrow marker at {}", layout.url(&layout.marker())),
+            })?;
+        let mut v = Vec::new();
+        for n in 1..=marker.recovery_threshold as usize {
+            v.push(
+                escrow::decrypt_item(&s3, &kms, &layout, &Layout::share_item(n), deadline).await?,
+            );
+        }
+        v
+    } else {
+        eprintln!("Type the recovery keys, one per line, then end with Ctrl-D:");
+        std::io::stdin()
+            .lock()
+            .lines()
+            .map_while(|l| l.ok())
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .map(Secret::new)
+            .collect()
+    };
+    let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).map_err(|e| Error::Escrow {
+        message: format!(
+            "cannot read the cluster CA in {}: {e}; run boot first",
+            cfg.vault.tls_dir.display()
+        ),
+    })?;
+    let ip = match render::bind_ip(cfg, &id.facts) {
+        ip if ip.is_unspecified() => id.facts.local_ipv4,
+        ip => ip,
+    };
+    let local = VaultClient::new(&ca, ip, cfg.vault.api_port, cfg.tls.server_name.as_deref())?;
+    let token = access::generate_root(&local, &shares).await?;
+    tracing::warn!(
+        shares = shares.len(),
+        "break-glass: a new root token was generated; revoke it when done"
+    );
+    writeln!(std::io::stdout(), "{}", token.expose())
+        .map_err(|e| Error::Internal(format!("stdout: {e}")))?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,176 @@
+//! Never locked out: after a full boot with revocation, operators log in with a client
+//! certificate signed by the operator CA (and nothing else does), and threshold-many
+//! escrowed recovery keys produce a working root token through `break-glass` with no token.
+
+mod common;
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use std::time::Duration;
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    Ca { params, key, pem }
+}
+
+/// A client certificate + key (one PEM) signed by `ca`.
+fn operator(ca: &Ca, who: &str) -> String {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, who);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
+        .unwrap();
+    format!("{}{}", cert.pem(), key.serialize_pem())
+}
+
+/// Logs in through cert auth with `identity`; returns the HTTP status and the token.
+async fn cert_login(tb: &Testbed, identity: &str) -> (u16, Option<String>) {
+    let ca_pem = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca_pem).unwrap())
+        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!(
+            "https://{}:8200/v1/auth/cert/login",
+            tb.instances[0].ip
+        ))
+        .json(&serde_json::json!({"name": "operators"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    (
+        status,
+        body["auth"]["client_token"].as_str().map(str::to_owned),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token() {
+    let tb = Testbed::start(35, 3);
+    let operators = ca("operators CA");
+    tb.put_object("tls/operator-ca.pem", operators.pem.as_bytes())
+        .await;
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n".into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    let winner = agents
+        .iter()
+        .find(|a| a.stderr().contains("sys/init succeeded"))
+        .expect("one init");
+    let log = winner.stderr();
+    assert!(
+        log.contains("operator login: cert auth bound to the operator CA"),
+        "{log}"
+    );
+    assert!(log.contains("root token revoked"), "{log}");
+
+    // The escrowed root token is revoked.
+    let root = tb.escrowed("test-vault", "root-token").await;
+    let api = tb.api(0);
+    let (code, _) = api
+        .get("sys/storage/raft/configuration", Some(&root))
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "root must be revoked");
+
+    // An operator's certificate logs in; the token administers the cluster.
+    let (code, token) = cert_login(&tb, &operator(&operators, "alice")).await;
+    assert_eq!(code, 200);
+    let token = token.expect("client token");
+    let (code, body) = api
+        .get("sys/storage/raft/configuration", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = api
+        .put(
+            "sys/policies/acl/ops-test",
+            Some(&token),
+            serde_json::json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"}),
+        )
+        .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+
+    // A certificate from another CA is refused.
+    let stranger = ca("someone else's CA");
+    let (code, token) = cert_login(&tb, &operator(&stranger, "mallory")).await;
+    assert!(token.is_none() && code >= 400, "{code}");
+
+    // Break-glass with fewer than threshold keys: refused, no token.
+    let two: Vec<String> = {
+        let mut v = Vec::new();
+        for n in 1..=2 {
+            v.push(
+                tb.escrowed("test-vault", &format!("recovery-key-{n}"))
+                    .await,
+            );
+        }
+        v
+    };
+    let (code, out, err) = tb.run_agent_input(
+        1,
+        &["break-glass", "--yes"],
+        &format!("{}\n", two.join("\n")),
+        Duration::from_secs(60),
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(out.trim().is_empty(), "no token may be printed");
+    assert!(err.contains("2 of the 3"), "{err}");
+
+    // Threshold-many escrowed keys, no token at all: a working root token.
+    let (code, out, err) = tb.run_agent(
+        1,
+        &["break-glass", "--from-escrow", "--yes"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{err}");
+    let new_root = out.trim().to_string();
+    assert!(!new_root.is_empty());
+    assert!(!err.contains(&new_root), "the token must not be logged");
+    let (code, body) = api
+        .get("sys/storage/raft/configuration", Some(&new_root))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = api
+        .put(
+            "auth/token/revoke-self",
+            Some(&new_root),
+            serde_json::json!({}),
+        )
+        .await;
+    assert!((200..300).contains(&code));
+
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
