@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod escrow;
+pub mod install;
 pub mod render;
 
 use crate::config::{self, Config};
@@ -40,6 +41,8 @@ pub enum Command {
     /// The recovery-key escrow in S3.
     #[command(subcommand)]
     Escrow(EscrowCommand),
+    /// Image build (Packer, as root): verify and install the server, the agent, the units.
+    Install(install::InstallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +61,10 @@ pub enum EscrowCommand {
 
 /// Runs the command; returns the process exit code on success.
 pub async fn run(cli: Cli) -> Result<i32> {
+    // install runs at image build time: there is no config.toml yet, nor should there be.
+    if let Command::Install(args) = &cli.command {
+        return install::run(args);
+    }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
         Command::Boot => boot::run(&cfg).await,
@@ -66,5 +73,6 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await
         }
+        Command::Install(args) => install::run(&args),
     }
 }
