@@ -511,3 +511,80 @@ fn an_existing_account_in_the_root_is_kept() {
     assert_eq!((data.uid(), data.gid()), (990, 991));
     assert!(text(&r.stdout).contains("unchanged user vault  (uid 990 gid 991)"));
 }
+
+fn example(name: &str) -> String {
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packer/examples")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_user_data_example_writes_a_config_the_agent_accepts() {
+    let script = example("user-data.sh");
+    let start = script.find("<<'CONFIG'\n").expect("a CONFIG heredoc") + "<<'CONFIG'\n".len();
+    let len = script[start..].find("\nCONFIG\n").expect("its end");
+    let toml = &script[start..start + len];
+    let cfg =
+        vault_bootstrap::config::Config::parse(toml, Path::new("/etc/vault-bootstrap/config.toml"))
+            .unwrap_or_else(|e| panic!("packer/examples/user-data.sh: {e}"));
+    // It must fit the image `install` lays out.
+    assert_eq!(cfg.vault.binary, Path::new("/usr/local/bin/vault"));
+    assert_eq!(cfg.vault.unit, "vault.service");
+    assert_eq!(cfg.vault.config_file, Path::new("/etc/vault.d/vault.hcl"));
+    assert_eq!(cfg.vault.data_dir, Path::new("/opt/vault/data"));
+    assert_eq!(cfg.vault.tls_dir, Path::new("/opt/vault/tls"));
+    assert_eq!(cfg.agent.state_dir, Path::new("/var/lib/vault-bootstrap"));
+    assert!(cfg.init.audit_file_path.starts_with("/var/log/vault"));
+    // And start the enabled unit itself on the first boot, without waiting for it.
+    assert!(script.contains("\nsystemctl start --no-block vault-bootstrap.service\n"));
+}
+
+#[test]
+fn the_json_examples_parse_and_require_imdsv2() {
+    let lt: serde_json::Value = serde_json::from_str(&example("launch-template.json")).unwrap();
+    let md = &lt["MetadataOptions"];
+    assert_eq!(md["HttpTokens"], "required");
+    assert_eq!(md["HttpPutResponseHopLimit"], 1);
+    assert_eq!(md["InstanceMetadataTags"], "enabled");
+    assert_eq!(md["HttpEndpoint"], "enabled");
+    let policy: serde_json::Value = serde_json::from_str(&example("iam-policy.json")).unwrap();
+    let actions: Vec<String> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| match &s["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+            }
+            other => panic!("Action {other}"),
+        })
+        .collect();
+    for a in [
+        "ec2:DescribeInstances",
+        "ec2:DescribeTags",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
+        "kms:Encrypt",
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+        "kms:DescribeKey",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} granted");
+    }
+    // Least privilege: nothing wildcarded, no write beyond the escrow prefix.
+    assert!(actions.iter().all(|a| !a.contains('*')), "{actions:?}");
+    for s in policy["Statement"].as_array().unwrap() {
+        let acts = s["Action"].to_string();
+        if acts.contains("s3:PutObject") {
+            assert!(s["Resource"]
+                .as_str()
+                .unwrap()
+                .contains("/vault-bootstrap/"));
+        }
+    }
+}
