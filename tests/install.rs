@@ -36,13 +36,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Every path under `root` (relative, "/"-prefixed) with (kind, mode, uid, gid, size, mtime).
-fn listing(root: &Path) -> BTreeMap<String, (char, u32, u32, u32, u64, i64, i64)> {
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        out: &mut BTreeMap<String, (char, u32, u32, u32, u64, i64, i64)>,
-    ) {
+/// (kind, mode, uid, gid, size, mtime, mtime_nsec) of one path.
+type Meta = (char, u32, u32, u32, u64, i64, i64);
+
+/// Every path under `root` ("/"-prefixed, as in the image) with its [`Meta`].
+fn listing(root: &Path) -> BTreeMap<String, Meta> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Meta>) {
         for e in fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             let m = fs::symlink_metadata(&p).unwrap();
