@@ -11,7 +11,8 @@ use std::path::PathBuf;
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
-    /// TLS material (or other fetched data) is present but unusable.
+    /// TLS material (or other fetched data) is present but unusable; a release file
+    /// whose SHA-256 is not the pinned one.
     pub const DATAERR: i32 = 65;
     /// A required input does not exist: config file, S3 bucket or object.
     pub const NOINPUT: i32 = 66;
@@ -103,6 +104,21 @@ pub enum Error {
     #[error("Vault binary {path} {problem}: install it (see README \"Building the AMI\") or fix `vault.binary`")]
     BinaryMissing { path: PathBuf, problem: String },
 
+    #[error("SHA-256 of {path} is {actual}, expected {expected}: not the pinned release (corrupt or tampered download); nothing was installed")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("{path}: {problem}; nothing was installed")]
+    Artifact {
+        path: PathBuf,
+        problem: String,
+        /// true: the file does not exist (NOINPUT); false: it is unusable (DATAERR).
+        missing: bool,
+    },
+
     #[error("address {addr} is already in use: another process listens on the Vault {what} port; stop it or change `vault.{what}_port`")]
     PortInUse { addr: String, what: &'static str },
 
@@ -155,6 +171,9 @@ impl Error {
             Error::Tls { .. } => exit::DATAERR,
             Error::Write { .. } => exit::CANTCREAT,
             Error::BinaryMissing { .. } => exit::OSFILE,
+            Error::Checksum { .. } => exit::DATAERR,
+            Error::Artifact { missing: true, .. } => exit::NOINPUT,
+            Error::Artifact { .. } => exit::DATAERR,
             Error::PortInUse { .. } | Error::ServerExited { .. } => exit::UNAVAILABLE,
             Error::HealthTimeout { .. } => exit::TEMPFAIL,
             Error::Command { .. } => exit::OSERR,

@@ -103,9 +103,20 @@ fn parent(path: &Path) -> PathBuf {
 }
 
 fn stage(spec: &FileSpec<'_>) -> Result<tempfile::TempPath> {
-    let dir = parent(spec.path);
-    let name = spec
-        .path
+    stage_with(spec.path, spec.mode, spec.owner, |f| {
+        f.write_all(spec.contents)
+    })
+}
+
+/// A synced temp file beside `path` with its final mode and owner, filled by `fill`.
+fn stage_with(
+    path: &Path,
+    mode: u32,
+    owner: Owner,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<tempfile::TempPath> {
+    let dir = parent(path);
+    let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -114,19 +125,74 @@ fn stage(spec: &FileSpec<'_>) -> Result<tempfile::TempPath> {
     builder
         .prefix(&prefix)
         .suffix(".tmp")
-        .permissions(fs::Permissions::from_mode(spec.mode));
+        .permissions(fs::Permissions::from_mode(mode));
     let mut tmp = builder
         .tempfile_in(&dir)
-        .map_err(|e| Error::write(spec.path, format!("temp file in {}: {e}", dir.display())))?;
+        .map_err(|e| Error::write(path, format!("temp file in {}: {e}", dir.display())))?;
     let file = tmp.as_file_mut();
     // The umask may have narrowed the mode given at creation; set it exactly.
-    file.set_permissions(fs::Permissions::from_mode(spec.mode))
-        .map_err(|e| Error::write(spec.path, format!("chmod: {e}")))?;
-    chown_fd(file, spec.owner).map_err(|e| Error::write(spec.path, format!("chown: {e}")))?;
-    file.write_all(spec.contents)
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::write(path, format!("chmod: {e}")))?;
+    chown_fd(file, owner).map_err(|e| Error::write(path, format!("chown: {e}")))?;
+    fill(file)
         .and_then(|_| file.sync_all())
-        .map_err(|e| Error::write(spec.path, e))?;
+        .map_err(|e| Error::write(path, e))?;
     Ok(tmp.into_temp_path())
+}
+
+/// Writes one file atomically like [`write_atomic`], its contents streamed into the temp
+/// file by `fill`: for files too large to hold in memory (a server binary is ~450 MB). It
+/// always writes; the caller decides beforehand whether the contents changed.
+pub fn write_atomic_from(
+    path: &Path,
+    mode: u32,
+    owner: Owner,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = stage_with(path, mode, owner, fill)?;
+    tmp.persist(path)
+        .map_err(|e| Error::write(path, format!("rename: {}", e.error)))?;
+    sync_dir(&parent(path))
+}
+
+/// Corrects the mode and owner of an existing file, as [`write_files`] does for a file
+/// whose contents are unchanged.
+pub fn set_owner_mode(path: &Path, mode: u32, owner: Owner) -> Result<()> {
+    fix_owner_mode(&FileSpec {
+        path,
+        contents: &[],
+        mode,
+        owner,
+    })
+}
+
+/// Points the symlink `link` at `target` atomically (a temp link renamed over it), as
+/// `systemctl enable` does for a `.wants/` entry. Unchanged when it already points there.
+pub fn symlink_atomic(target: &Path, link: &Path) -> Result<Outcome> {
+    if fs::read_link(link).ok().as_deref() == Some(target) {
+        return Ok(Outcome::Unchanged);
+    }
+    let dir = parent(link);
+    let name = link
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", fastrand::u64(..)));
+    std::os::unix::fs::symlink(target, &tmp)
+        .map_err(|e| Error::write(link, format!("symlink in {}: {e}", dir.display())))?;
+    if let Err(e) = fs::rename(&tmp, link) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::write(link, format!("rename: {e}")));
+    }
+    sync_dir(&dir)?;
+    Ok(Outcome::Written)
+}
+
+/// Makes a rename or unlink in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::write(dir, format!("fsync of directory: {e}")))
 }
 
 fn chown_fd(file: &File, owner: Owner) -> nix::Result<()> {
@@ -208,6 +274,47 @@ mod tests {
         assert_eq!(write_atomic(&spec).unwrap(), Outcome::Unchanged);
         assert_eq!(mode_of(&p), 0o600);
         // No temp files are left behind.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn streamed_write_is_atomic_with_mode_and_owner_fixups() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vault");
+        fs::write(&p, b"old").unwrap();
+        write_atomic_from(&p, 0o755, Owner::default(), |f| {
+            f.write_all(b"new ")?;
+            f.write_all(b"binary")
+        })
+        .unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new binary");
+        assert_eq!(mode_of(&p), 0o755);
+        // A failing producer leaves the old file and no temp file.
+        let e = write_atomic_from(&p, 0o755, Owner::default(), |_| {
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), b"new binary");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
+        set_owner_mode(&p, 0o755, Owner::default()).unwrap();
+        assert_eq!(mode_of(&p), 0o755);
+    }
+
+    #[test]
+    fn symlink_is_replaced_atomically_and_reports_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("vault-bootstrap.service");
+        let target = Path::new("/etc/systemd/system/vault-bootstrap.service");
+        assert_eq!(symlink_atomic(target, &link).unwrap(), Outcome::Written);
+        assert_eq!(fs::read_link(&link).unwrap(), target);
+        assert_eq!(symlink_atomic(target, &link).unwrap(), Outcome::Unchanged);
+        // A link elsewhere (or a plain file) is replaced.
+        fs::remove_file(&link).unwrap();
+        fs::write(&link, b"not a link").unwrap();
+        assert_eq!(symlink_atomic(target, &link).unwrap(), Outcome::Written);
+        assert_eq!(fs::read_link(&link).unwrap(), target);
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
 

@@ -13,6 +13,7 @@ pub mod escrow;
 pub mod fsutil;
 pub mod imds;
 pub mod init;
+pub mod install;
 pub mod launcher;
 pub mod logging;
 pub mod node;

@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod break_glass;
 pub mod escrow;
+pub mod install;
 pub mod render;
 
 use crate::config::{self, Config};
@@ -50,6 +51,8 @@ pub enum Command {
     /// The recovery-key escrow in S3.
     #[command(subcommand)]
     Escrow(EscrowCommand),
+    /// Image build (Packer, as root): verify and install the server, the agent, the units.
+    Install(install::InstallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +71,10 @@ pub enum EscrowCommand {
 
 /// Runs the command; returns the process exit code on success.
 pub async fn run(cli: Cli) -> Result<i32> {
+    // install runs at image build time: there is no config.toml yet, nor should there be.
+    if let Command::Install(args) = &cli.command {
+        return install::run(args);
+    }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
         Command::Boot => boot::run(&cfg).await,
@@ -77,5 +84,6 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await
         }
+        Command::Install(args) => install::run(&args),
     }
 }

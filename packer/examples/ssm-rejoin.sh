@@ -1,0 +1,24 @@
+#!/bin/bash
+# Runs `vault-bootstrap rejoin` on one instance through SSM Run Command, without SSH.
+# The `rejoin` command is not in the agent yet (it lands with a later issue); until then the
+# same line with `systemctl restart vault-bootstrap.service` reruns the boot path.
+#
+# Usage: ssm-rejoin.sh INSTANCE_ID [REGION]
+# Needs: the SSM agent on the instance (Amazon Linux 2023 has it), the
+# AmazonSSMManagedInstanceCore managed policy on the instance role, and
+# ssm:SendCommand / ssm:GetCommandInvocation for the caller.
+set -euo pipefail
+instance=${1:?usage: ssm-rejoin.sh INSTANCE_ID [REGION]}
+region=${2:-${AWS_REGION:-eu-west-1}}
+
+command_id=$(aws ssm send-command \
+    --region "$region" \
+    --instance-ids "$instance" \
+    --document-name AWS-RunShellScript \
+    --comment "vault-bootstrap rejoin" \
+    --parameters 'commands=["/usr/local/bin/vault-bootstrap rejoin"],executionTimeout=["1800"]' \
+    --query Command.CommandId --output text)
+echo "sent: $command_id"
+aws ssm wait command-executed --region "$region" --command-id "$command_id" --instance-id "$instance" || true
+aws ssm get-command-invocation --region "$region" --command-id "$command_id" --instance-id "$instance" \
+    --query '{status: Status, exit: ResponseCode, stdout: StandardOutputContent, stderr: StandardErrorContent}'

@@ -1,0 +1,89 @@
+#!/bin/bash
+# EC2 user-data for instances launched from the vault-bootstrap AMI: put it (base64) in the
+# launch template's UserData. cloud-init runs it once per instance, as root, late in the
+# first boot. It writes /etc/vault-bootstrap/config.toml, the only per-cluster input: the
+# AMI bakes no configuration and no secret. Nothing below is secret either: TLS material
+# comes from S3 and keys stay in KMS; the instance role grants access to both.
+#
+# Check a config before you ship it: `vault-bootstrap --config FILE render` on an instance.
+# Every key and its default: tests/fixtures/config/example.toml in the repository.
+set -euo pipefail
+umask 077
+
+install -d -m 0750 -o root -g root /etc/vault-bootstrap
+# Written beside the target and renamed: the agent never reads half a file.
+cat >/etc/vault-bootstrap/config.toml.new <<'CONFIG'
+# prod-vault: 3 voters across 3 AZs in one Auto Scaling group.
+
+[cluster]
+# Peers: running/pending instances with this instance's value of the ASG tag.
+tag_key = "aws:autoscaling:groupName"
+# Wait for all three nodes before joining: a first node alone must not form a cluster early.
+min_peers = 3
+discovery_timeout_secs = 600
+
+[tls]
+bucket = "acme-vault-resources"
+cert_key = "tls/server.pem"
+key_key = "tls/server.key"
+ca_key = "tls/ca.pem"
+# The name clients and the load balancer use; must be in the certificate's SANs.
+server_name = "vault.internal.acme.example"
+
+[seal]
+kms_key_id = "alias/vault-unseal"
+# A KMS VPC endpoint keeps the seal working without a NAT gateway (optional).
+# endpoint = "https://vpce-0123456789abcdef0-abcdefgh.kms.eu-west-1.vpce.amazonaws.com"
+
+[vault]
+binary = "/usr/local/bin/vault"
+launcher = "systemd"
+unit = "vault.service"
+user = "vault"
+bind_address = "0.0.0.0"
+api_port = 8200
+cluster_port = 8201
+performance_multiplier = 1
+health_timeout_secs = 180
+prometheus_retention = "24h"
+ui = true
+
+[agent]
+state_dir = "/var/lib/vault-bootstrap"
+imds_timeout_secs = 120
+warm_pool_timeout_secs = 0
+aws_timeout_secs = 120
+
+[init]
+enabled = true
+recovery_shares = 5
+recovery_threshold = 3
+escrow_bucket = "acme-vault-resources"
+escrow_prefix = "vault-bootstrap"
+# A key of its own, whose Decrypt only the instances and the key holders get.
+escrow_kms_key_id = "alias/vault-escrow"
+# One public key per share: each holder can decrypt only their own share.
+recovery_pgp_keys = [
+  "s3://acme-vault-resources/pgp/alice.asc",
+  "s3://acme-vault-resources/pgp/bob.asc",
+  "s3://acme-vault-resources/pgp/carol.asc",
+  "s3://acme-vault-resources/pgp/dave.asc",
+  "s3://acme-vault-resources/pgp/erin.asc",
+]
+revoke_root_token = true
+audit_file_path = "/var/log/vault/audit.log"
+expected_size = 3
+dead_server_last_contact_threshold = "10m"
+init_timeout_secs = 120
+join_timeout_secs = 600
+CONFIG
+chmod 0640 /etc/vault-bootstrap/config.toml.new
+mv -f /etc/vault-bootstrap/config.toml.new /etc/vault-bootstrap/config.toml
+
+# vault-bootstrap.service is enabled in the AMI, so every later boot starts it on its own.
+# On this first boot, though, it was due before cloud-init ran this script (user-data runs
+# in cloud-final, late in boot) and skipped itself: its ConditionFileNotEmpty= on
+# config.toml was not met. Start it now. --no-block: the boot may take minutes (peers,
+# init) and cloud-init must not wait for it; if the unit is already running, this is a
+# no-op. Follow it with `journalctl -fu vault-bootstrap`.
+systemctl start --no-block vault-bootstrap.service
