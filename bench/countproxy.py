@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""An HTTP forwarding proxy in front of moto that injects faults by rule.
+
+bench/ COPY of tests/testbed/faultproxy.py (which others own; do not edit it for the
+bench). The only change: the per-request log line of a forwarded request also names the
+AWS service and operation (``svc=EC2 op=DescribeInstances``, ``svc=KMS op=Encrypt``,
+``svc=S3 op=GetObject``), so bench/run.sh can count an agent's AWS calls by service.
+
+Part of the local AWS test-bed for ``vault-bootstrap``.  moto does not enforce e.g.
+``DisableKey``, and stopping moto takes every service down at once; pointing one
+client's endpoint (S3, KMS, EC2 ...) at this proxy instead lets a test make single
+operations fail, hang or vanish while everything else keeps working.
+
+Every request (method, path+query, headers minus hop-by-hop ones, body) is forwarded to
+``--upstream`` with the Host header rewritten, and the status, headers and body are
+relayed back.  Chunked request bodies (``Transfer-Encoding: chunked``, as the AWS SDK
+may send for S3 PutObject) are de-chunked and forwarded with a Content-Length;
+``Content-Encoding`` (e.g. aws-chunked) and ``x-amz-*`` headers are kept as sent.
+
+The rules file is read at every request (absent = forward everything); the first
+matching rule wins; blank lines and lines starting with ``#`` are ignored:
+
+    <METHOD|*> <python-regex searched in path+query[#X-Amz-Target]> <action>
+
+    (requests with an X-Amz-Target header, as KMS's are, are matched against
+    ``/path?query#TrentService.Encrypt``, so one KMS operation can be failed alone)
+
+    status <code> [<ErrorCode>]   answer <code> with an AWS-style error body
+                                  (S3/XML by default; JSON if the request carries
+                                  X-Amz-Target, as KMS requests do; EC2 XML if it is an
+                                  EC2 query request)
+    delay <seconds>               sleep, then forward
+    drop                          close the connection without answering
+
+Example:  ``GET .*server\\.key status 403 AccessDenied``
+          ``POST ^/$ delay 5``   (KMS/EC2 requests all go to ``/``)
+
+Prints READY on stdout once listening; one log line per request on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
+}
+FAULT_MESSAGE = "injected by faultproxy"
+
+
+def log(msg: str) -> None:
+    try:
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} faultproxy: {msg}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+@dataclass
+class Rule:
+    method: str
+    pattern: re.Pattern
+    action: str
+    args: list[str]
+    text: str
+
+
+def load_rules(path: Path | None) -> list[Rule]:
+    if path is None:
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        log(f"cannot read rules file: {e}")
+        return []
+    rules = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) < 3:
+            log(f"rules line {n} ignored (need METHOD REGEX ACTION): {line!r}")
+            continue
+        method, regex, action, args = parts[0].upper(), parts[1], parts[2].lower(), parts[3:]
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            log(f"rules line {n} ignored (bad regex: {e}): {line!r}")
+            continue
+        if action == "status":
+            if not args or not args[0].isdigit():
+                log(f"rules line {n} ignored (status needs a code): {line!r}")
+                continue
+        elif action == "delay":
+            try:
+                float(args[0])
+            except (IndexError, ValueError):
+                log(f"rules line {n} ignored (delay needs seconds): {line!r}")
+                continue
+        elif action != "drop":
+            log(f"rules line {n} ignored (unknown action {action!r}): {line!r}")
+            continue
+        rules.append(Rule(method, pattern, action, args, line))
+    return rules
+
+
+def match_rule(rules: list[Rule], method: str, target: str) -> Rule | None:
+    for r in rules:
+        if (r.method == "*" or r.method == method) and r.pattern.search(target):
+            return r
+    return None
+
+
+def classify(method: str, target: str, amz_target: str | None, body: bytes) -> tuple[str, str]:
+    """(service, operation) of one AWS request, as far as the wire shows it."""
+    if amz_target:  # awsJson: KMS is TrentService.<Op>
+        prefix, _, op = amz_target.partition(".")
+        return ("KMS" if prefix == "TrentService" else prefix), op or amz_target
+    path, _, query = target.partition("?")
+    if path == "/" and (b"Action=" in body or "Action=" in query):  # EC2 query protocol
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace") or query)
+        return "EC2", (form.get("Action") or ["?"])[0]
+    q = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if q.get("x-id"):  # the Rust SDK names the S3 operation itself
+        return "S3", q["x-id"][0]
+    if method == "GET":
+        op = "ListObjectsV2" if "list-type" in q else "ListObjects" if path.count("/") == 1 else "GetObject"
+    else:
+        op = {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject",
+              "POST": "PostObject"}.get(method, method)
+    return "S3", op
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr, upstream: urllib.parse.SplitResult, rules: Path | None, timeout: float):
+        self.upstream = upstream
+        self.upstream_host = upstream.hostname or "127.0.0.1"
+        self.upstream_port = upstream.port or 80
+        self.upstream_netloc = upstream.netloc
+        self.upstream_prefix = upstream.path.rstrip("/")
+        self.rules_path = rules
+        self.upstream_timeout = timeout
+        super().__init__(addr, ProxyHandler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout, TimeoutError)):
+            return
+        log(f"error serving {client_address}: {exc!r}")
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ProxyServer
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    # ------------------------------------------------------------------ body
+    def _read_body(self) -> bytes:
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            return self._read_chunked()
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        n = int(length)
+        data = bytearray()
+        while len(data) < n:
+            chunk = self.rfile.read(n - len(data))
+            if not chunk:
+                raise ConnectionError("client closed while sending the body")
+            data += chunk
+        return bytes(data)
+
+    def _read_chunked(self) -> bytes:
+        data = bytearray()
+        while True:
+            line = self.rfile.readline(65537)
+            if not line:
+                raise ConnectionError("client closed inside a chunked body")
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                # trailers (e.g. x-amz-checksum-*) up to the empty line; dropped, like
+                # every hop-by-hop framing detail.
+                while True:
+                    t = self.rfile.readline(65537)
+                    if not t or t in (b"\r\n", b"\n"):
+                        break
+                return bytes(data)
+            while size > 0:
+                chunk = self.rfile.read(size)
+                if not chunk:
+                    raise ConnectionError("client closed inside a chunk")
+                data += chunk
+                size -= len(chunk)
+            self.rfile.readline(65537)  # CRLF after the chunk
+
+    # ------------------------------------------------------------------ answers
+    def _respond(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                 reason: str | None = None) -> None:
+        try:
+            self.send_response_only(status, reason)
+            self.send_header("Date", self.date_time_string())
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            if body and self.command != "HEAD":
+                self.wfile.write(body)
+            self.wfile.flush()
+        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
+            self.close_connection = True
+
+    def _fault_body(self, code: str, body: bytes, message: str = FAULT_MESSAGE) -> tuple[str, bytes]:
+        xml_msg = message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        target = self.headers.get("X-Amz-Target")
+        if target:  # awsJson protocols (KMS, ...)
+            return "application/x-amz-json-1.1", json.dumps(
+                {"__type": code, "message": message}).encode()
+        query = urllib.parse.urlsplit(self.path).query
+        if b"Version=2016-11-15" in body or "Version=2016-11-15" in query:  # EC2 query protocol
+            return "text/xml;charset=UTF-8", (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+                f"<Code>{code}</Code><Message>{xml_msg}</Message></Error></Errors>"
+                "<RequestID>fault</RequestID></Response>").encode()
+        return "application/xml", (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f"<Error><Code>{code}</Code><Message>{xml_msg}</Message>"
+            "<RequestId>fault</RequestId></Error>").encode()
+
+    def _inject_status(self, rule: Rule, body: bytes) -> None:
+        status = int(rule.args[0])
+        code = rule.args[1] if len(rule.args) > 1 else "InjectedFault"
+        ctype, payload = self._fault_body(code, body)
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(payload))),
+                   ("x-amz-request-id", "fault"), ("x-amzn-RequestId", "fault")]
+        if self.headers.get("X-Amz-Target"):
+            headers.append(("x-amzn-ErrorType", code))
+        self._respond(status, headers, payload)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ forwarding
+    def _forward(self, target: str, body: bytes) -> int:
+        srv = self.server
+        conn = http.client.HTTPConnection(srv.upstream_host, srv.upstream_port, timeout=srv.upstream_timeout)
+        try:
+            conn.putrequest(self.command, srv.upstream_prefix + target,
+                            skip_host=True, skip_accept_encoding=True)
+            extra_hop = {h.strip().lower() for h in (self.headers.get("Connection") or "").split(",")}
+            for k, v in self.headers.items():
+                lk = k.lower()
+                if lk in HOP_BY_HOP or lk in extra_hop or lk in ("host", "content-length"):
+                    continue
+                conn.putheader(k, v)
+            conn.putheader("Host", srv.upstream_netloc)
+            if body or self.headers.get("Content-Length") is not None or \
+                    self.headers.get("Transfer-Encoding") or self.command in ("POST", "PUT", "PATCH"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body if body else None)
+            resp = conn.getresponse()
+            data = resp.read()
+            headers = []
+            resp_hop = {h.strip().lower() for h in (resp.getheader("Connection") or "").split(",")}
+            has_length = False
+            for k, v in resp.getheaders():
+                lk = k.lower()
+                if lk in HOP_BY_HOP or lk in resp_hop or lk in ("date", "server"):
+                    continue
+                if lk == "content-length":
+                    if self.command == "HEAD" or resp.status in (204, 304):
+                        has_length = True
+                        headers.append((k, v))
+                    continue
+                headers.append((k, v))
+            if not has_length and not (self.command == "HEAD" or resp.status in (204, 304)) \
+                    and resp.status >= 200:
+                headers.append(("Content-Length", str(len(data))))
+            self._respond(resp.status, headers, data, resp.reason)
+            return resp.status
+        except (OSError, http.client.HTTPException) as e:
+            log(f"upstream error for {self.command} {target}: {e!r}")
+            ctype, payload = self._fault_body(
+                "BadGateway", body, f"faultproxy: upstream {srv.upstream_netloc} failed: {type(e).__name__}")
+            self._respond(502, [("Content-Type", ctype),
+                                ("Content-Length", str(len(payload)))], payload)
+            return 502
+        finally:
+            conn.close()
+
+    def _handle(self) -> None:
+        target = self.path
+        if target.startswith(("http://", "https://")):  # absolute-form request target
+            parts = urllib.parse.urlsplit(target)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+        if not target.startswith("/"):
+            target = "/" + target
+        try:
+            body = self._read_body()
+        except (ValueError, ConnectionError, socket.timeout) as e:
+            log(f"{self.command} {target}: bad request body ({e})")
+            self.close_connection = True
+            return
+
+        amz_target = self.headers.get("X-Amz-Target")
+        match_on = f"{target}#{amz_target}" if amz_target else target
+        rule = match_rule(load_rules(self.server.rules_path), self.command, match_on)
+        if rule is None:
+            status = self._forward(target, body)
+            svc, op = classify(self.command, target, amz_target, body)
+            log(f"{self.command} {target} -> {status} svc={svc} op={op}")
+        elif rule.action == "status":
+            self._inject_status(rule, body)
+            log(f"{self.command} {target} -> {rule.args[0]} (injected by rule {rule.text!r})")
+        elif rule.action == "delay":
+            secs = float(rule.args[0])
+            time.sleep(secs)
+            status = self._forward(target, body)
+            log(f"{self.command} {target} -> {status} (delayed {secs}s by rule {rule.text!r})")
+        else:  # drop
+            self._drop()
+            log(f"{self.command} {target} -> dropped (rule {rule.text!r})")
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+
+def listen_addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError("--listen must be HOST:PORT")
+    try:
+        ip = ipaddress.ip_address(host)
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --listen {value!r}")
+    if ip.version != 4 or not ip.is_loopback:
+        raise argparse.ArgumentTypeError(f"--listen must be in 127.0.0.0/8, got {host}")
+    return host, p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--listen", type=listen_addr, required=True, help="HOST:PORT, e.g. 127.0.0.1:6001")
+    p.add_argument("--upstream", required=True, help="upstream base URL, e.g. http://127.0.0.1:5000")
+    p.add_argument("--rules", type=Path, default=None, help="rules file (read at every request)")
+    p.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds (default 300)")
+    args = p.parse_args(argv)
+
+    up = urllib.parse.urlsplit(args.upstream)
+    if up.scheme != "http" or not up.hostname:
+        p.error("--upstream must be an http:// URL")
+    try:
+        if not ipaddress.ip_address(socket.gethostbyname(up.hostname)).is_loopback:
+            p.error("--upstream must be on 127.0.0.0/8")
+    except OSError as e:
+        p.error(f"cannot resolve upstream host: {e}")
+
+    try:
+        server = ProxyServer(args.listen, up, args.rules, args.upstream_timeout)
+    except OSError as e:
+        log(f"cannot bind {args.listen[0]}:{args.listen[1]}: {e}")
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log(f"signal {signum}: shutting down")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    t.start()
+    log(f"listening on {args.listen[0]}:{args.listen[1]} -> {args.upstream}")
+    print("READY", flush=True)
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
