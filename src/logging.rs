@@ -8,6 +8,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Environment variable holding a `tracing` filter (default `info`).
 pub const FILTER_ENV: &str = "VAULT_BOOTSTRAP_LOG";
+/// `auto` (default: journald when its socket exists), `stderr` or `journald`. Tests and the
+/// demo read the agent's stderr, also on machines where journald runs.
+pub const TARGET_ENV: &str = "VAULT_BOOTSTRAP_LOG_TARGET";
 
 pub fn init() {
     let filter = || {

@@ -570,6 +570,8 @@ join_timeout_secs = 120
         env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
         env.insert("AWS_REGION".into(), "us-east-1".into());
         env.insert("VAULT_BOOTSTRAP_LOG".into(), "info".into());
+        // The tests read the agent's stderr, also where a journald socket exists.
+        env.insert("VAULT_BOOTSTRAP_LOG_TARGET".into(), "stderr".into());
         env
     }
 

@@ -336,7 +336,7 @@ for ((n = 0; n < NODES; n++)); do
         AWS_EC2_METADATA_SERVICE_ENDPOINT="http://${IPS[n]}:$IMDS_PORT" \
         AWS_EC2_METADATA_DISABLED=true \
         AWS_REGION="$REGION" \
-        VAULT_BOOTSTRAP_LOG=info \
+        VAULT_BOOTSTRAP_LOG=info VAULT_BOOTSTRAP_LOG_TARGET=stderr \
         "$AGENT_BIN" --config "$d/config.toml" boot </dev/null >"$d/agent.log" 2>&1 &
     AGENT_PIDS+=($!)
 done
@@ -386,7 +386,7 @@ phase "vault-bootstrap escrow verify (as node 1)"
 VERIFY=$WORK/escrow-verify.txt
 env -i PATH="$PATH" HOME="$WORK/node-1" \
     AWS_ENDPOINT_URL="$MOTO_URL" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
-    AWS_EC2_METADATA_SERVICE_ENDPOINT="http://${IPS[1]}:$IMDS_PORT" AWS_REGION="$REGION" \
+    AWS_EC2_METADATA_SERVICE_ENDPOINT="http://${IPS[1]}:$IMDS_PORT" AWS_REGION="$REGION" VAULT_BOOTSTRAP_LOG_TARGET=stderr \
     "$AGENT_BIN" --config "$WORK/node-1/config.toml" escrow verify >"$VERIFY" 2>"$WORK/escrow-verify.log" ||
     fail "escrow verify failed: $(cat "$VERIFY")" "$WORK/escrow-verify.log"
 sed 's/^/    /' "$VERIFY"
@@ -404,10 +404,6 @@ for ((n = 0; n < NODES; n++)); do
     echo "  node $n: ${IDS[n]} https://${IPS[n]}:8200 sys/health: $(state_of "$(health_code "${IPS[n]}")")"
 done
 echo "Logs:     $WORK/node-N/agent.log (agent + its server), $WORK/{moto,imds,seed}.log"
-if [[ -S /run/systemd/journal/socket ]]; then
-    echo "          journald is running here, so the agents' own lines went there instead:"
-    echo "          journalctl -t vault-bootstrap (agent.log then holds the servers' output)"
-fi
 echo "Config:   $WORK/node-N/config.toml -> $WORK/node-N/etc/vault.hcl"
 echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see README \"Escrow\")"
 echo
