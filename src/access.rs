@@ -98,7 +98,17 @@ pub fn aws_calls(access: &AccessConfig) -> Vec<Call> {
     if let Some(h) = &access.aws_iam_server_id_header_value {
         client["iam_server_id_header_value"] = json!(h);
     }
-    let mut calls = vec![
+    let mut calls = Vec::new();
+    if let (Some(sha), Some(cmd)) = (&access.aws_plugin_sha256, &access.aws_plugin_command) {
+        // OpenBao has no built-in AWS auth: register its external plugin, pinned by SHA-256,
+        // so a swapped binary in plugin_directory is refused by the server.
+        calls.push(call(
+            Method::PUT,
+            "sys/plugins/catalog/auth/aws",
+            json!({"sha256": sha, "command": cmd}),
+        ));
+    }
+    calls.extend([
         call(
             Method::PUT,
             format!("sys/policies/acl/{policy}"),
@@ -114,7 +124,7 @@ pub fn aws_calls(access: &AccessConfig) -> Vec<Call> {
             format!("auth/{AWS_MOUNT}/config/client"),
             client,
         ),
-    ];
+    ]);
     calls.push(call(
         Method::POST,
         format!("auth/{AWS_MOUNT}/role/operators"),
@@ -382,7 +392,11 @@ mod tests {
     fn golden_aws_auth_calls_for_vault() {
         let calls = aws_calls(&access());
         golden("aws-auth-calls.txt", &render(&calls));
-        let client = &calls[2].body;
+        let client = &calls
+            .iter()
+            .find(|c| c.path.ends_with("config/client"))
+            .unwrap()
+            .body;
         assert_eq!(
             client["sts_endpoint"],
             "https://sts.us-east-1.amazonaws.com"
@@ -390,6 +404,16 @@ mod tests {
         assert_eq!(client["use_sts_region_from_client"], false);
         assert_eq!(client["iam_server_id_header_value"], "vault.internal");
         assert!(aws_calls(&AccessConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn golden_aws_auth_calls_for_openbao_with_a_pinned_plugin() {
+        let mut a = access();
+        a.aws_plugin_sha256 = Some("ab".repeat(32));
+        a.aws_plugin_command = Some("openbao-plugin-auth-aws".into());
+        let calls = aws_calls(&a);
+        assert_eq!(calls[0].path, "sys/plugins/catalog/auth/aws");
+        golden("aws-auth-calls-openbao-plugin.txt", &render(&calls));
     }
 
     #[test]

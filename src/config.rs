@@ -46,6 +46,11 @@ pub struct AccessConfig {
     pub aws_iam_endpoint: Option<String>,
     /// Value clients must send in `X-Vault-AWS-IAM-Server-ID`.
     pub aws_iam_server_id_header_value: Option<String>,
+    /// OpenBao: register the external AWS auth plugin (a file in `vault.plugin_directory`)
+    /// under this pinned SHA-256 before enabling it. Unset: use a built-in `aws` method.
+    pub aws_plugin_sha256: Option<String>,
+    /// The plugin's file name in `vault.plugin_directory`.
+    pub aws_plugin_command: Option<String>,
 }
 
 impl AccessConfig {
@@ -161,6 +166,8 @@ pub struct VaultConfig {
     pub health_timeout_secs: u64,
     /// `telemetry.prometheus_retention_time`.
     pub prometheus_retention: String,
+    /// `plugin_directory` of the server (external plugins, e.g. OpenBao's AWS auth).
+    pub plugin_directory: Option<PathBuf>,
     pub ui: bool,
 }
 
@@ -183,6 +190,7 @@ impl Default for VaultConfig {
             // covers several such restarts before the agent gives up.
             health_timeout_secs: 120,
             prometheus_retention: "24h".into(),
+            plugin_directory: None,
             ui: true,
         }
     }
@@ -482,6 +490,20 @@ impl Config {
                 return bad(
                     "access.aws_role_arns",
                     format!("{arn:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+                );
+            }
+        }
+        if let Some(sha) = &self.access.aws_plugin_sha256 {
+            if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                return bad(
+                    "access.aws_plugin_sha256",
+                    format!("{sha:?} is not a hex SHA-256 (64 characters)"),
+                );
+            }
+            if self.vault.plugin_directory.is_none() || self.access.aws_plugin_command.is_none() {
+                return bad(
+                    "access.aws_plugin_sha256",
+                    "needs vault.plugin_directory and access.aws_plugin_command (the plugin's file name there)".into(),
                 );
             }
         }

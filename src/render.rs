@@ -101,6 +101,9 @@ pub fn render(input: &Input<'_>) -> String {
         "cluster_addr  = {}",
         hcl_string(&api_url(f.local_ipv4, v.cluster_port))
     );
+    if let Some(dir) = &v.plugin_directory {
+        let _ = writeln!(o, "plugin_directory = {}", path(dir));
+    }
     let _ = writeln!(o);
     let _ = writeln!(o, "storage \"raft\" {{");
     let _ = writeln!(o, "  path                   = {}", path(&v.data_dir));
