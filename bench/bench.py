@@ -428,6 +428,8 @@ class Bench:
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{ip}:{IMDS_PORT}",
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_REGION": REGION,
             "VAULT_BOOTSTRAP_LOG": "info",
+            # The bench reads the agent's stderr, also where a journald socket exists.
+            "VAULT_BOOTSTRAP_LOG_TARGET": "stderr",
         }
 
     def write_agent_config(self, d: Path, n: int, keep_root: bool) -> Path:
