@@ -163,6 +163,34 @@ async fn three_agents_form_one_cluster_with_one_init() {
         "{last}"
     );
 
+    // status: facts, peers, health, raft role and voters, escrow state.
+    let mut st = tb.spawn_agent_env(1, &["status"], &[("VAULT_TOKEN", root.as_str())]);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut st.child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(
+        st.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        st.stderr()
+    );
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("status prints JSON");
+    assert_eq!(doc["instance"]["id"], tb.instances[1].id.as_str());
+    assert_eq!(doc["peers"].as_array().unwrap().len(), 3, "{doc}");
+    assert_eq!(
+        doc["raft"]["voters"].as_array().map(|v| v.len()),
+        Some(3),
+        "{doc}"
+    );
+    assert!(
+        doc["raft"]["role"] == "voter" || doc["raft"]["role"] == "leader",
+        "{doc}"
+    );
+    assert_eq!(doc["escrow"]["marker"]["recovery_shares"], 5, "{doc}");
+    assert_eq!(doc["escrow"]["local_pending_init"], false);
+    assert!(
+        !out.contains(root.as_str()),
+        "status must not print the token"
+    );
+
     // Reveal refuses a non-terminal without --yes.
     let (code, out, err) = tb.run_agent(
         0,
@@ -200,6 +228,14 @@ async fn three_agents_form_one_cluster_with_one_init() {
                 );
             }
         }
+    }
+    // The shared audit log HMACs secrets; none may appear in it in plain text.
+    let audit = String::from_utf8_lossy(
+        &std::fs::read(tb.path().join("audit/audit.log")).unwrap_or_default(),
+    )
+    .to_string();
+    for s in &secrets {
+        assert!(!audit.contains(s.as_str()), "secret found in the audit log");
     }
     let key_mode = std::os::unix::fs::MetadataExt::mode(
         &std::fs::metadata(tb.node_dir(0).join("tls/server.key")).unwrap(),
@@ -251,7 +287,7 @@ async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
     ] {
         assert!(log.contains(needle), "{needle}:\n{log}");
     }
-    let audit = tb.node_dir(winner.index).join("audit/audit.log");
+    let audit = tb.path().join("audit/audit.log");
     assert!(audit.exists(), "audit log at {}", audit.display());
     // Every later boot keeps warning: restart a non-winner's agent.
     let other = (winner.index + 1) % 3;

@@ -5,6 +5,7 @@ pub mod break_glass;
 pub mod escrow;
 pub mod install;
 pub mod render;
+pub mod status;
 
 use crate::config::{self, Config};
 use crate::error::Result;
@@ -48,6 +49,8 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// JSON: instance facts, peers, local health, raft role and voters (VAULT_TOKEN), escrow.
+    Status,
     /// The recovery-key escrow in S3.
     #[command(subcommand)]
     Escrow(EscrowCommand),
@@ -79,6 +82,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
+        Command::Status => status::run(&cfg).await,
         Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {

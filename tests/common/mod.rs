@@ -535,13 +535,16 @@ aws_timeout_secs = 10
 
 [init]
 escrow_kms_key_id = "alias/vault-escrow"
-audit_file_path = "{d}/audit/audit.log"
+audit_file_path = "{root}/audit/audit.log"
 expected_size = 3
 join_timeout_secs = 120
 "#,
             moto = self.moto_url,
             binary = binary.display(),
             d = d.display(),
+            // One path for the whole cluster, as in production: a node whose declared audit
+            // device differs from the cluster's cannot take over as leader.
+            root = self.path().display(),
         );
         let merged = merge_toml(&base, &opts.extra_toml);
         std::fs::create_dir_all(d.join("etc")).unwrap();

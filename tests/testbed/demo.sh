@@ -317,7 +317,7 @@ aws_timeout_secs = 10
 
 [init]
 escrow_kms_key_id = "alias/vault-escrow"
-audit_file_path = "$d/audit/audit.log"
+audit_file_path = "$WORK/audit/audit.log"
 expected_size = $NODES
 join_timeout_secs = 120
 EOF

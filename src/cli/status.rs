@@ -1,0 +1,97 @@
+//! `vault-bootstrap status`: one JSON document with what this node knows about itself and
+//! its cluster: instance facts, peers seen, local health, raft role and voters (with
+//! `VAULT_TOKEN`), escrow state. Reads only; prints no secret.
+
+use crate::aws::s3::SdkS3;
+use crate::config::Config;
+use crate::error::{exit, Error, Result};
+use crate::escrow::{self, Layout};
+use crate::secret::Secret;
+use crate::vault_api::VaultClient;
+use crate::{init, node, render, tls};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::time::Duration;
+
+pub async fn run(cfg: &Config) -> Result<i32> {
+    let n = node::identify(cfg).await?;
+    let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let layout = Layout::new(cfg, &n.tag_value);
+    let marker = escrow::read_marker(&SdkS3::new(&n.sdk), &layout, deadline)
+        .await
+        .ok()
+        .flatten();
+
+    let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).ok();
+    let ip = match render::bind_ip(cfg, &n.facts) {
+        ip if ip.is_unspecified() => n.facts.local_ipv4,
+        ip => ip,
+    };
+    let (health, raft) = match &ca {
+        None => (
+            json!("unknown: no CA in vault.tls_dir (boot has not run)"),
+            Value::Null,
+        ),
+        Some(ca) => {
+            let local =
+                VaultClient::new(ca, ip, cfg.vault.api_port, cfg.tls.server_name.as_deref())?;
+            let health = match local.health().await {
+                Ok(h) => json!(h.to_string()),
+                Err(e) => json!(format!("not answering: {e}")),
+            };
+            let raft = match std::env::var("VAULT_TOKEN").ok().filter(|t| !t.is_empty()) {
+                None => json!("set VAULT_TOKEN to read the raft configuration"),
+                Some(t) => {
+                    let token = Secret::new(t);
+                    match local
+                        .call(
+                            reqwest::Method::GET,
+                            "sys/storage/raft/configuration",
+                            Some(&token),
+                            None,
+                        )
+                        .await
+                    {
+                        Ok((200, body)) => {
+                            let servers = body["data"]["config"]["servers"]
+                                .as_array()
+                                .cloned()
+                                .unwrap_or_default();
+                            let me = servers
+                                .iter()
+                                .find(|s| s["node_id"] == n.facts.instance_id.as_str());
+                            json!({
+                                "role": me.map(|s| if s["leader"] == true { "leader" } else if s["voter"] == true { "voter" } else { "non-voter" }).unwrap_or("not a member"),
+                                "voters": servers.iter().filter(|s| s["voter"] == true).map(|s| s["node_id"].clone()).collect::<Vec<_>>(),
+                                "servers": servers.len(),
+                            })
+                        }
+                        Ok((s, body)) => json!(format!("HTTP {s}: {}", body["errors"])),
+                        Err(e) => json!(e.to_string()),
+                    }
+                }
+            };
+            (health, raft)
+        }
+    };
+    let doc = json!({
+        "instance": {
+            "id": n.facts.instance_id,
+            "region": n.facts.region,
+            "availability_zone": n.facts.availability_zone,
+            "local_ipv4": n.facts.local_ipv4.to_string(),
+        },
+        "cluster": n.tag_value,
+        "peers": n.peers.iter().map(|p| json!({"instance_id": p.instance_id, "ip": p.ip.to_string(), "self": p.is_self})).collect::<Vec<_>>(),
+        "health": health,
+        "raft": raft,
+        "escrow": {
+            "location": layout.url(&layout.prefix),
+            "marker": marker.as_ref().map(|m| json!({"initialized_by": m.instance_id, "recovery_shares": m.recovery_shares, "recovery_threshold": m.recovery_threshold, "pgp": m.pgp})),
+            "local_pending_init": init::has_pending(&cfg.agent.state_dir),
+        },
+    });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::Internal(e.to_string()))?;
+    writeln!(std::io::stdout(), "{text}").map_err(|e| Error::Internal(format!("stdout: {e}")))?;
+    Ok(exit::OK)
+}
