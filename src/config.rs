@@ -100,6 +100,13 @@ pub struct TlsConfig {
     /// Expected SAN of the server certificate, and `leader_tls_servername` for retry_join.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// `refresh-tls` (and `boot`) warn when the certificate expires in fewer days.
+    #[serde(default = "default_expiry_warning_days")]
+    pub expiry_warning_days: u32,
+}
+
+fn default_expiry_warning_days() -> u32 {
+    30
 }
 
 fn default_cert_key() -> String {

@@ -154,6 +154,43 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
     }
 }
 
+/// File in `agent.state_dir` holding the PID of a server the exec launcher started, so
+/// `refresh-tls` can reload it.
+pub const PID_FILE: &str = "server.pid";
+
+/// The reloader for the configured launcher, outside `boot` (e.g. `refresh-tls`): the unit,
+/// or the PID the exec launcher recorded, checked to still be that server.
+pub fn reloader_for(v: &VaultConfig, state_dir: &Path) -> Result<Reloader> {
+    match v.launcher {
+        LauncherKind::Systemd => Ok(Reloader::Unit(v.unit.clone())),
+        LauncherKind::Exec => {
+            let p = state_dir.join(PID_FILE);
+            let pid: u32 = std::fs::read_to_string(&p)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| Error::Command {
+                    command: "find the server".into(),
+                    message: format!("no server PID in {}: is `boot` running?", p.display()),
+                })?;
+            // Never signal a recycled PID: it must still be `<binary> server`.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let binary = v.binary.as_os_str().as_encoded_bytes();
+            if args.first() != Some(&binary) || args.get(1) != Some(&&b"server"[..]) {
+                return Err(Error::Command {
+                    command: "find the server".into(),
+                    message: format!(
+                        "PID {pid} from {} is not {} server",
+                        p.display(),
+                        v.binary.display()
+                    ),
+                });
+            }
+            Ok(Reloader::Pid(pid))
+        }
+    }
+}
+
 /// How to ask a running server to reload its configuration (SIGHUP): re-reads TLS files
 /// and, on OpenBao, creates the audit devices declared in vault.hcl.
 #[derive(Debug, Clone)]

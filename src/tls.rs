@@ -76,6 +76,11 @@ pub struct Checked {
     pub serial_hex: String,
 }
 
+/// Whole days until the certificate expires (negative once expired).
+pub fn days_left(c: &Checked, now: SystemTime) -> i64 {
+    (c.not_after_unix - unix(now)).div_euclid(86_400)
+}
+
 /// Fetches the three objects, retrying transient S3 failures until `deadline`.
 pub async fn fetch<S: ObjectStore>(s3: &S, c: &TlsConfig, deadline: Duration) -> Result<Material> {
     let get = |key: String| async move {

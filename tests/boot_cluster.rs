@@ -187,6 +187,10 @@ async fn three_agents_form_one_cluster_with_one_init() {
     assert_eq!(doc["escrow"]["marker"]["recovery_shares"], 5, "{doc}");
     assert_eq!(doc["escrow"]["local_pending_init"], false);
     assert!(
+        doc["tls_days_left"].as_i64().is_some_and(|d| d > 300),
+        "{doc}"
+    );
+    assert!(
         !out.contains(root.as_str()),
         "status must not print the token"
     );

@@ -62,8 +62,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             },
             SystemTime::now(),
         )?;
-        let days_left = (checked.not_after_unix - unix_now()) / 86_400;
-        tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
+        let days_left = tls::days_left(&checked, SystemTime::now());
+        if days_left < i64::from(cfg.tls.expiry_warning_days) {
+            tracing::warn!(serial = %checked.serial_hex, days_left, "the TLS certificate expires soon: upload a renewed one to the resources bucket");
+        } else {
+            tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
+        }
         m
     };
     let tls_changed = tls::write(&material, &cfg.vault.tls_dir, owner)?;
@@ -108,6 +112,15 @@ pub async fn run(cfg: &Config) -> Result<i32> {
 
     let bind = render::bind_ip(cfg, &node.facts);
     let running = launcher::start(&cfg.vault, bind, config_changed || tls_changed).await?;
+    if let Running::Child(child) = &running {
+        fsutil::ensure_dir(&cfg.agent.state_dir, 0o700, Owner::default())?;
+        fsutil::write_atomic(&FileSpec {
+            path: &cfg.agent.state_dir.join(launcher::PID_FILE),
+            contents: format!("{}\n", child.id().unwrap_or(0)).as_bytes(),
+            mode: 0o644,
+            owner: Owner::default(),
+        })?;
+    }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: server started"
@@ -227,11 +240,4 @@ fn report(health: &vault_api::Health, started: Instant) {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "boot complete: the server answers sys/health"
     );
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -4,6 +4,7 @@ pub mod boot;
 pub mod break_glass;
 pub mod escrow;
 pub mod install;
+pub mod refresh_tls;
 pub mod render;
 pub mod status;
 
@@ -49,6 +50,8 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Fetch and check the TLS objects again; swap them and reload the server when changed.
+    RefreshTls,
     /// JSON: instance facts, peers, local health, raft role and voters (VAULT_TOKEN), escrow.
     Status,
     /// The recovery-key escrow in S3.
@@ -83,6 +86,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
         Command::Status => status::run(&cfg).await,
+        Command::RefreshTls => refresh_tls::run(&cfg).await,
         Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {

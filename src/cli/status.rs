@@ -84,6 +84,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         "cluster": n.tag_value,
         "peers": n.peers.iter().map(|p| json!({"instance_id": p.instance_id, "ip": p.ip.to_string(), "self": p.is_self})).collect::<Vec<_>>(),
         "health": health,
+        "tls_days_left": cert_days_left(&cfg.vault.tls_dir),
         "raft": raft,
         "escrow": {
             "location": layout.url(&layout.prefix),
@@ -94,4 +95,19 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::Internal(e.to_string()))?;
     writeln!(std::io::stdout(), "{text}").map_err(|e| Error::Internal(format!("stdout: {e}")))?;
     Ok(exit::OK)
+}
+
+/// Days until the installed certificate expires (what `refresh-tls` warns about).
+fn cert_days_left(tls_dir: &std::path::Path) -> Option<i64> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(tls::paths(tls_dir).0).ok()?;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some((cert.validity().not_after.timestamp() - now).div_euclid(86_400))
 }
