@@ -427,6 +427,39 @@ impl Testbed {
         self.imds = Some(o);
     }
 
+    /// Launches one more instance (same ASG tag) at `ip` and serves its IMDS; returns its
+    /// index. moto never frees a terminated instance's IP: use a fresh one.
+    pub fn add_instance(&mut self, ip: &str) -> usize {
+        let out = Command::new(python())
+            .arg(testbed_script("seed.py"))
+            .args([
+                "add-instance",
+                "--moto",
+                &self.moto_url,
+                "--ip",
+                ip,
+                "--asg",
+                "test-vault",
+                "--subnet-id",
+            ])
+            .arg(
+                self.env["subnet_id"]
+                    .as_str()
+                    .expect("subnet_id in env.json"),
+            )
+            .output()
+            .expect("seed.py add-instance");
+        assert!(
+            out.status.success(),
+            "add-instance: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.instances.push(Instance { id, ip: ip.into() });
+        self.start_imds();
+        self.instances.len() - 1
+    }
+
     /// Stops the IMDS (connections are then refused).
     pub fn stop_imds(&mut self) {
         self.imds = None;

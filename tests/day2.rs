@@ -1,0 +1,156 @@
+//! Day 2 on the test-bed: the active node's server is killed (SIGKILL) and a survivor takes
+//! over; its instance is then terminated in EC2 and a replacement with a new IP boots its
+//! agent: it joins as a voter with no human step, autopilot removes the dead peer, and the
+//! cluster tolerates one failure again.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_then_replaced_by_a_new_instance() {
+    let mut tb = Testbed::start(38, 3);
+    let extra = "[init]\nrevoke_root_token = false\ndead_server_last_contact_threshold = \"1m\"\n";
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra.into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    // A healthy cluster first: joiners are promoted to voters by autopilot (~20 s).
+    voters(&tb, 0, &root, 3, None).await;
+
+    // Which node is active?
+    let mut leader = None;
+    for i in 0..3 {
+        if let Some((200, _)) = tb.api(i).health().await {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("an active node");
+
+    // SIGKILL its server: a survivor must answer 200 within the bound.
+    let pids = children_of(agents[leader].pid());
+    assert!(!pids.is_empty());
+    agents[leader].kill_servers();
+    let killed = Instant::now();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let new_leader = poll("a survivor answers 200", Duration::from_secs(30), || {
+        let tb = &tb;
+        let survivors = survivors.clone();
+        async move {
+            for i in survivors {
+                if let Some((200, _)) = tb.api(i).health().await {
+                    return Some(i);
+                }
+            }
+            None
+        }
+    })
+    .await;
+    eprintln!(
+        "failover: node {new_leader} active {:.2} s after SIGKILL",
+        killed.elapsed().as_secs_f64()
+    );
+    let status = agents[leader].wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the agent exits with its killed server");
+
+    // The dead node's instance is terminated; a replacement with a new IP boots.
+    let dead_id = tb.instances[leader].id.clone();
+    let ec2 = aws_sdk_ec2::Client::new(&tb.sdk().await);
+    ec2.terminate_instances()
+        .instance_ids(&dead_id)
+        .send()
+        .await
+        .unwrap();
+    let new = tb.add_instance("127.0.38.14");
+    tb.write_config(
+        new,
+        &NodeOpts {
+            extra_toml: extra.into(),
+            ..Default::default()
+        },
+    );
+    let mut replacement = tb.spawn_agent(new, &["boot"]);
+    let log = replacement.wait_log("node ready", Duration::from_secs(120));
+    assert!(
+        !log.contains("sys/init succeeded"),
+        "the replacement must join, not init:\n{log}"
+    );
+    let hcl = std::fs::read_to_string(tb.node_dir(new).join("etc/vault.hcl")).unwrap();
+    let dead_api = format!("https://{}:8200", tb.instances[leader].ip);
+    assert!(
+        !hcl.contains(&dead_api),
+        "no retry_join to the terminated node:\n{hcl}"
+    );
+    assert_eq!(hcl.matches("retry_join {").count(), 2, "{hcl}");
+
+    // Voters: the two survivors and the replacement; the dead peer removed by autopilot.
+    let api = tb.api(new_leader);
+    let mut want: Vec<String> = survivors
+        .iter()
+        .map(|i| tb.instances[*i].id.clone())
+        .collect();
+    want.push(tb.instances[new].id.clone());
+    want.sort();
+    let got = voters(&tb, new_leader, &root, 3, Some(&dead_id)).await;
+    assert_eq!(got, want);
+    let tolerance = poll("failure tolerance 1", Duration::from_secs(60), || {
+        let api = &api;
+        let root = &root;
+        async move {
+            let (code, body) = api
+                .get("sys/storage/raft/autopilot/state", Some(root))
+                .await?;
+            let t = body["data"]["failure_tolerance"].as_u64()?;
+            (code == 200 && t == 1).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(tolerance, 1);
+
+    replacement.stop();
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
+
+/// Waits (bounded) for `want` voters on node `i`'s view, none of them `absent`; sorted ids.
+async fn voters(
+    tb: &Testbed,
+    i: usize,
+    root: &str,
+    want: usize,
+    absent: Option<&str>,
+) -> Vec<String> {
+    let api = tb.api(i);
+    poll(&format!("{want} voters"), Duration::from_secs(180), || {
+        let api = &api;
+        async move {
+            let (code, body) = api
+                .get("sys/storage/raft/configuration", Some(root))
+                .await?;
+            if code != 200 {
+                return None;
+            }
+            let servers = body["data"]["config"]["servers"].as_array()?.clone();
+            let mut v: Vec<String> = servers
+                .iter()
+                .filter(|s| s["voter"] == true)
+                .map(|s| s["node_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            v.sort();
+            let gone = absent.is_none_or(|a| !servers.iter().any(|s| s["node_id"] == a));
+            (v.len() == want && gone).then_some(v)
+        }
+    })
+    .await
+}
