@@ -21,6 +21,15 @@ pub trait Kms: Send + Sync {
         ciphertext: &[u8],
         ctx: &Context,
     ) -> impl Future<Output = Result<Zeroizing<Vec<u8>>>> + Send;
+    /// `DescribeKey`: the key's ARN, proving it exists and is reachable (a harmless call).
+    fn describe(&self, key_id: &str) -> impl Future<Output = Result<String>> + Send {
+        let _ = key_id;
+        async {
+            Err(crate::error::Error::Internal(
+                "describe not supported".into(),
+            ))
+        }
+    }
     /// (plaintext AES-256 key, its ciphertext).
     fn data_key(
         &self,
@@ -49,6 +58,20 @@ fn describe(ctx: &Context) -> String {
 }
 
 impl Kms for SdkKms {
+    async fn describe(&self, key_id: &str) -> Result<String> {
+        let out = self
+            .client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("kms:DescribeKey", key_id.to_owned(), e))?;
+        Ok(out
+            .key_metadata()
+            .map(|m| m.arn().unwrap_or(m.key_id()).to_owned())
+            .unwrap_or_default())
+    }
+
     async fn encrypt(&self, key_id: &str, plaintext: &[u8], ctx: &Context) -> Result<Vec<u8>> {
         let mut req = self
             .client

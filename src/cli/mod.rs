@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod break_glass;
+pub mod doctor;
 pub mod escrow;
 pub mod install;
 pub mod refresh_tls;
@@ -52,6 +53,8 @@ pub enum Command {
     },
     /// Fetch and check the TLS objects again; swap them and reload the server when changed.
     RefreshTls,
+    /// Preflight checks, a PASS/FAIL line each; exit 0 only if all pass (else 1).
+    Doctor,
     /// JSON: instance facts, peers, local health, raft role and voters (VAULT_TOKEN), escrow.
     Status,
     /// The recovery-key escrow in S3.
@@ -86,6 +89,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
         Command::Status => status::run(&cfg).await,
+        Command::Doctor => doctor::run(&cfg).await,
         Command::RefreshTls => refresh_tls::run(&cfg).await,
         Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
