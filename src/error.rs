@@ -148,6 +148,9 @@ pub enum Error {
         message: String,
     },
 
+    #[error("refused: {message}")]
+    Refused { message: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -183,6 +186,7 @@ impl Error {
             } => exit::TEMPFAIL,
             Error::Init { .. } => exit::ESCROW,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
+            Error::Refused { .. } => exit::TEMPFAIL,
             Error::Internal(_) => exit::SOFTWARE,
         }
     }

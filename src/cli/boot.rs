@@ -43,47 +43,80 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: imds+discovery"
     );
-
-    let material = {
-        let _span = tracing::info_span!("tls").entered();
-        let s3 = SdkS3::new(&node.sdk);
-        let m = tls::fetch(
-            &s3,
-            &cfg.tls,
-            Duration::from_secs(cfg.agent.aws_timeout_secs),
-        )
-        .await?;
-        let checked = tls::check(
-            &m,
-            &tls::Sources::from_config(&cfg.tls),
-            &tls::Expect {
-                ip: node.facts.local_ipv4,
-                server_name: cfg.tls.server_name.as_deref(),
-            },
-            SystemTime::now(),
-        )?;
-        let days_left = tls::days_left(&checked, SystemTime::now());
-        if days_left < i64::from(cfg.tls.expiry_warning_days) {
-            tracing::warn!(serial = %checked.serial_hex, days_left, "the TLS certificate expires soon: upload a renewed one to the resources bucket");
-        } else {
-            tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
-        }
-        m
-    };
-    let tls_changed = tls::write(&material, &cfg.vault.tls_dir, owner)?;
+    let material = fetch_tls(cfg, &node).await?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
-        tls_changed,
         "phase done: tls"
     );
-
     let flavor = launcher::resolve_flavor(&cfg.vault).await;
-    let hcl = render::render(&render::Input {
+    let hcl = render_config(cfg, &node, flavor);
+    let (tls_changed, config_changed) = write_files(cfg, &material, &hcl, owner)?;
+    tracing::info!(
+        path = %cfg.vault.config_file.display(),
+        tls_changed,
+        changed = config_changed,
+        peer_count = node.peers.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "phase done: render"
+    );
+    let running = start(cfg, &node, config_changed || tls_changed).await?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "phase done: server started"
+    );
+    serve(cfg, &node, &material, owner, flavor, running, started).await
+}
+
+/// Step 3: fetch the TLS objects and check them; nothing is written here.
+pub(crate) async fn fetch_tls(cfg: &Config, node: &node::Node) -> Result<tls::Material> {
+    let s3 = SdkS3::new(&node.sdk);
+    let m = tls::fetch(
+        &s3,
+        &cfg.tls,
+        Duration::from_secs(cfg.agent.aws_timeout_secs),
+    )
+    .instrument(tracing::info_span!("tls"))
+    .await?;
+    let checked = tls::check(
+        &m,
+        &tls::Sources::from_config(&cfg.tls),
+        &tls::Expect {
+            ip: node.facts.local_ipv4,
+            server_name: cfg.tls.server_name.as_deref(),
+        },
+        SystemTime::now(),
+    )?;
+    let days_left = tls::days_left(&checked, SystemTime::now());
+    if days_left < i64::from(cfg.tls.expiry_warning_days) {
+        tracing::warn!(serial = %checked.serial_hex, days_left, "the TLS certificate expires soon: upload a renewed one to the resources bucket");
+    } else {
+        tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
+    }
+    Ok(m)
+}
+
+/// Step 4's input: the configuration file's text.
+pub(crate) fn render_config(
+    cfg: &Config,
+    node: &node::Node,
+    flavor: crate::config::Flavor,
+) -> String {
+    render::render(&render::Input {
         config: cfg,
         flavor,
         facts: &node.facts,
         peers: &node.peers,
-    });
+    })
+}
+
+/// Steps 3-4 on disk: TLS files, directories, vault.hcl. Returns (tls changed, config changed).
+pub(crate) fn write_files(
+    cfg: &Config,
+    material: &tls::Material,
+    hcl: &str,
+    owner: Owner,
+) -> Result<(bool, bool)> {
+    let tls_changed = tls::write(material, &cfg.vault.tls_dir, owner)?;
     // The server must be able to create its raft directory's contents, and nobody else
     // may read them.
     fsutil::ensure_dir(&cfg.vault.data_dir, 0o700, owner)?;
@@ -102,16 +135,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             gid: owner.gid,
         },
     })? == Outcome::Written;
-    tracing::info!(
-        path = %cfg.vault.config_file.display(),
-        changed = config_changed,
-        peer_count = node.peers.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "phase done: render"
-    );
+    Ok((tls_changed, config_changed))
+}
 
+/// Step 5: start the server (recording its PID for the exec launcher).
+pub(crate) async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Result<Running> {
     let bind = render::bind_ip(cfg, &node.facts);
-    let running = launcher::start(&cfg.vault, bind, config_changed || tls_changed).await?;
+    let running = launcher::start(&cfg.vault, bind, changed).await?;
     if let Running::Child(child) = &running {
         fsutil::ensure_dir(&cfg.agent.state_dir, 0o700, Owner::default())?;
         fsutil::write_atomic(&FileSpec {
@@ -121,25 +151,40 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             owner: Owner::default(),
         })?;
     }
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "phase done: server started"
-    );
+    Ok(running)
+}
 
+/// The local node's API client (the cluster CA is the only trust anchor).
+pub(crate) fn local_client(cfg: &Config, node: &node::Node, ca_pem: &[u8]) -> Result<VaultClient> {
+    let bind = render::bind_ip(cfg, &node.facts);
     let connect_ip: IpAddr = if bind.is_unspecified() {
         node.facts.local_ipv4
     } else {
         bind
     };
-    let client = VaultClient::new(
-        &material.ca_pem,
+    VaultClient::new(
+        ca_pem,
         connect_ip,
         cfg.vault.api_port,
         cfg.tls.server_name.as_deref(),
-    )?;
+    )
+}
+
+/// Step 6 and after: wait until the server answers, init or join; with the exec launcher,
+/// then stay with the server and exit with it.
+pub(crate) async fn serve(
+    cfg: &Config,
+    node: &node::Node,
+    material: &tls::Material,
+    owner: Owner,
+    flavor: crate::config::Flavor,
+    running: Running,
+    started: Instant,
+) -> Result<i32> {
+    let client = local_client(cfg, node, &material.ca_pem)?;
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let ready = Ready {
-        node: &node,
+        node,
         local: &client,
         ca_pem: &material.ca_pem,
         owner,
@@ -179,17 +224,21 @@ pub async fn run(cfg: &Config) -> Result<i32> {
 }
 
 /// What step 6 needs from steps 1-5.
-struct Ready<'a> {
-    node: &'a node::Node,
-    local: &'a VaultClient,
-    ca_pem: &'a [u8],
-    owner: Owner,
-    reloader: launcher::Reloader,
-    flavor: crate::config::Flavor,
+pub(crate) struct Ready<'a> {
+    pub node: &'a node::Node,
+    pub local: &'a VaultClient,
+    pub ca_pem: &'a [u8],
+    pub owner: Owner,
+    pub reloader: launcher::Reloader,
+    pub flavor: crate::config::Flavor,
 }
 
 /// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else.
-async fn initialize_or_join(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<()> {
+pub(crate) async fn initialize_or_join(
+    cfg: &Config,
+    r: &Ready<'_>,
+    started: Instant,
+) -> Result<()> {
     let (node, ca_pem) = (r.node, r.ca_pem);
     let peers = node
         .peers

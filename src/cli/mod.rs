@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod escrow;
 pub mod install;
 pub mod refresh_tls;
+pub mod rejoin;
 pub mod render;
 pub mod status;
 
@@ -53,6 +54,12 @@ pub enum Command {
     },
     /// Fetch and check the TLS objects again; swap them and reload the server when changed.
     RefreshTls,
+    /// Repair this node: refresh TLS and config, move unknown raft data aside, restart, wait.
+    Rejoin {
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Preflight checks, a PASS/FAIL line each; exit 0 only if all pass (else 1).
     Doctor,
     /// JSON: instance facts, peers, local health, raft role and voters (VAULT_TOKEN), escrow.
@@ -90,6 +97,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Render => render::run(&cfg).await,
         Command::Status => status::run(&cfg).await,
         Command::Doctor => doctor::run(&cfg).await,
+        Command::Rejoin { dry_run } => rejoin::run(&cfg, dry_run).await,
         Command::RefreshTls => refresh_tls::run(&cfg).await,
         Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,

@@ -1,0 +1,399 @@
+//! `vault-bootstrap rejoin [--dry-run]`: repair this node over SSM (run as root).
+//!
+//! Re-reads IMDS, rediscovers peers, refreshes and re-checks TLS, re-renders `vault.hcl`;
+//! finds out whether the cluster still knows this node (with `VAULT_TOKEN`: from the raft
+//! configuration; without: from the cluster id and the leader each side reports). A node the
+//! cluster no longer knows gets its raft data moved aside to a timestamped directory (never
+//! deleted) so it can join afresh. Then the server is restarted and the command waits,
+//! bounded, until the node is an unsealed member (a voter, checked with `VAULT_TOKEN`).
+//! It refuses when the restart could cost the cluster its quorum. `--dry-run` prints the
+//! plan and changes nothing.
+
+use crate::cli::boot::{self, Ready};
+use crate::config::{Config, LauncherKind};
+use crate::error::{exit, Error, Result};
+use crate::launcher::{self, Reloader, Running};
+use crate::node;
+use crate::secret::Secret;
+use crate::vault_api::{self, Health, Liveness, VaultClient};
+use reqwest::Method;
+use serde_json::Value;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What the cluster thinks of this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Membership {
+    /// An unsealed member following the cluster's leader.
+    Member,
+    /// The cluster does not know it (removed, or raft data of another cluster).
+    Unknown(String),
+    /// The local server holds no cluster yet: it joins on its own once started.
+    Fresh,
+    /// The local server does not answer.
+    Down,
+}
+
+fn say(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout(), "rejoin: {line}");
+}
+
+async fn get(c: &VaultClient, path: &str, token: Option<&Secret>) -> Option<(u16, Value)> {
+    c.call(Method::GET, path, token, None).await.ok()
+}
+
+pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
+    let started = Instant::now();
+    launcher::check_binary(&cfg.vault.binary)?;
+    let owner = boot::vault_owner(cfg)?;
+    let token = std::env::var("VAULT_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
+    let node = node::identify(cfg).await?;
+    say(format!(
+        "instance {} ({}), {} instance(s) in cluster {}",
+        node.facts.instance_id,
+        node.facts.local_ipv4,
+        node.peers.len(),
+        node.tag_value
+    ));
+    let material = boot::fetch_tls(cfg, &node).await?;
+    let flavor = launcher::resolve_flavor(&cfg.vault).await;
+    let hcl = boot::render_config(cfg, &node, flavor);
+    let hcl_changes = std::fs::read_to_string(&cfg.vault.config_file)
+        .ok()
+        .as_deref()
+        != Some(hcl.as_str());
+    let tls_changes = {
+        let (c, k, a) = crate::tls::paths(&cfg.vault.tls_dir);
+        let same = |p: &std::path::Path, b: &[u8]| std::fs::read(p).ok().as_deref() == Some(b);
+        !(same(&c, &material.cert_pem) && same(&k, &material.key_pem) && same(&a, &material.ca_pem))
+    };
+    say(format!(
+        "TLS material checked; {}",
+        if tls_changes {
+            "it will be refreshed"
+        } else {
+            "unchanged"
+        }
+    ));
+    say(format!(
+        "vault.hcl {}",
+        if hcl_changes {
+            "will be re-rendered (peers or settings changed)"
+        } else {
+            "unchanged"
+        }
+    ));
+
+    // Health of the peers and the cluster's view.
+    let local = boot::local_client(cfg, &node, &material.ca_pem)?;
+    let mut healthy = 0usize;
+    let mut cluster_id = None;
+    let mut leader = None;
+    let mut healthy_peers: Vec<VaultClient> = Vec::new();
+    for p in node.peers.iter().filter(|p| !p.is_self) {
+        let c = VaultClient::new(
+            &material.ca_pem,
+            p.ip,
+            cfg.vault.api_port,
+            cfg.tls.server_name.as_deref(),
+        )?;
+        if let Some((200 | 429, h)) = get(&c, "sys/health", None).await {
+            healthy += 1;
+            cluster_id = h["cluster_id"].as_str().map(str::to_owned).or(cluster_id);
+            if let Some((200, l)) = get(&c, "sys/leader", None).await {
+                leader = l["leader_address"]
+                    .as_str()
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .or(leader);
+            }
+            healthy_peers.push(c);
+        }
+    }
+    let total = node.peers.len();
+    let quorum = total / 2 + 1;
+    say(format!(
+        "{healthy} of {} other node(s) healthy; quorum of {total} is {quorum}",
+        total.saturating_sub(1)
+    ));
+
+    let membership = assess(
+        &local,
+        &node.facts.instance_id,
+        token.as_ref(),
+        &healthy_peers,
+        cluster_id.as_deref(),
+        leader.as_deref(),
+    )
+    .await;
+    say(format!("this node: {membership:?}"));
+
+    // While this node restarts only the others serve: they must hold a quorum by themselves.
+    if healthy < quorum {
+        return Err(Error::Refused {
+            message: format!(
+                "only {healthy} of the other {} node(s) are healthy and a quorum of {total} is {quorum}: restarting this node now could cost the cluster its quorum (or there is none to join). Bring the other nodes back first",
+                total.saturating_sub(1)
+            ),
+        });
+    }
+    if membership == Membership::Member && !hcl_changes && !tls_changes {
+        say("nothing to repair: an unsealed member with current configuration");
+        return Ok(exit::OK);
+    }
+    let move_aside = matches!(membership, Membership::Unknown(_));
+    let aside = aside_path(&cfg.vault.data_dir);
+    if dry_run {
+        if move_aside {
+            say(format!(
+                "would move {} aside to {}",
+                cfg.vault.data_dir.display(),
+                aside.display()
+            ));
+        }
+        say("would write TLS and vault.hcl, restart the server and wait until it is an unsealed member");
+        say("dry run: nothing changed");
+        return Ok(exit::OK);
+    }
+
+    stop_server(cfg).await?;
+    say("server stopped");
+    if move_aside {
+        if let (Some(t), Some(peer)) = (&token, healthy_peers.first()) {
+            // A stale entry for this node id would keep counting as a dead voter.
+            let body = serde_json::json!({"server_id": node.facts.instance_id});
+            if let Ok((s, _)) = peer
+                .call(
+                    Method::POST,
+                    "sys/storage/raft/remove-peer",
+                    Some(t),
+                    Some(body),
+                )
+                .await
+            {
+                if (200..300).contains(&s) {
+                    say("removed this node's stale peer entry on the leader");
+                }
+            }
+        }
+        std::fs::rename(&cfg.vault.data_dir, &aside)
+            .map_err(|e| Error::write(&aside, format!("move raft data aside: {e}")))?;
+        say(format!(
+            "raft data moved aside to {} (kept, not deleted)",
+            aside.display()
+        ));
+    }
+    let _ = boot::write_files(cfg, &material, &hcl, owner)?;
+    let running = boot::start(cfg, &node, true).await?;
+    say("server started");
+
+    let ready = Ready {
+        node: &node,
+        local: &local,
+        ca_pem: &material.ca_pem,
+        owner,
+        reloader: Reloader::of(&running),
+        flavor,
+    };
+    let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
+    let join = Duration::from_secs(cfg.init.join_timeout_secs);
+    match running {
+        Running::Unit(_) => {
+            vault_api::wait_answering(&local, deadline, None).await?;
+            boot::initialize_or_join(cfg, &ready, started).await?;
+            wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
+            say(format!(
+                "done in {:.1} s: an unsealed member again",
+                started.elapsed().as_secs_f64()
+            ));
+            tracing::info!("rejoin complete");
+            Ok(exit::OK)
+        }
+        Running::Child(mut child) => {
+            let waited = async {
+                vault_api::wait_answering(&local, deadline, Some(&mut child as &mut dyn Liveness))
+                    .await?;
+                boot::initialize_or_join(cfg, &ready, started).await?;
+                wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await
+            }
+            .await;
+            match waited {
+                Ok(()) => {
+                    say(format!("done in {:.1} s: an unsealed member again; staying with the server (exec launcher)", started.elapsed().as_secs_f64()));
+                    tracing::info!("rejoin complete");
+                    launcher::supervise(child).await
+                }
+                Err(e) => {
+                    launcher::stop_child(&mut child, Duration::from_secs(5)).await;
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+async fn assess(
+    local: &VaultClient,
+    me: &str,
+    token: Option<&Secret>,
+    peers: &[VaultClient],
+    cluster_id: Option<&str>,
+    leader: Option<&str>,
+) -> Membership {
+    let Some((status, health)) = get(local, "sys/health", None).await else {
+        return Membership::Down;
+    };
+    if Health::from_status(status) == Health::Uninitialized {
+        return Membership::Fresh;
+    }
+    if let Some(t) = token {
+        // The authoritative answer: the cluster's own raft configuration (any healthy peer
+        // forwards to the leader; the first that answers decides).
+        for p in peers {
+            if let Some((200, body)) = get(p, "sys/storage/raft/configuration", Some(t)).await {
+                let servers = body["data"]["config"]["servers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if !servers.iter().any(|s| s["node_id"] == me) {
+                    return Membership::Unknown(
+                        "not in the cluster's raft configuration (removed)".into(),
+                    );
+                }
+                break;
+            }
+        }
+    }
+    if let (Some(mine), Some(theirs)) = (health["cluster_id"].as_str(), cluster_id) {
+        if !mine.is_empty() && mine != theirs {
+            return Membership::Unknown(format!(
+                "raft data of another cluster ({mine}, the cluster is {theirs})"
+            ));
+        }
+    }
+    match get(local, "sys/leader", None).await {
+        Some((200, l)) => {
+            let mine = l["leader_address"].as_str().unwrap_or("");
+            if leader.is_some_and(|theirs| theirs != mine) {
+                return Membership::Unknown(format!(
+                    "follows leader {:?}, the cluster follows {:?}",
+                    mine,
+                    leader.unwrap_or("")
+                ));
+            }
+        }
+        _ => return Membership::Unknown("does not say who its leader is".into()),
+    }
+    if matches!(
+        Health::from_status(status),
+        Health::Active | Health::Standby | Health::PerfStandby
+    ) {
+        Membership::Member
+    } else {
+        Membership::Unknown(format!("answers {}", Health::from_status(status)))
+    }
+}
+
+/// `<data_dir>.removed-<UTC time>` beside the data directory (same file system: a rename).
+fn aside_path(data_dir: &std::path::Path) -> PathBuf {
+    let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now());
+    let stamp = now
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap_or_default();
+    // 2026-11-23T21:44:51.956Z -> 20261123T214451Z
+    let stamp = format!(
+        "{}Z",
+        stamp
+            .split('.')
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('Z')
+            .replace([':', '-'], "")
+    );
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    data_dir.with_file_name(format!("{name}.removed-{stamp}"))
+}
+
+async fn stop_server(cfg: &Config) -> Result<()> {
+    match cfg.vault.launcher {
+        LauncherKind::Systemd => {
+            let out = launcher::systemctl(&["stop", &cfg.vault.unit]).await?;
+            if !out.status.success() {
+                return Err(Error::Command {
+                    command: format!("systemctl stop {}", cfg.vault.unit),
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            Ok(())
+        }
+        LauncherKind::Exec => {
+            let Ok(Reloader::Pid(pid)) = launcher::reloader_for(&cfg.vault, &cfg.agent.state_dir)
+            else {
+                return Ok(()); // nothing of ours is running
+            };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = Instant::now();
+            // A raft server shuts down in well under a second; 30 s covers a slow disk.
+            while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Until the node is a voter (with a token) or an unsealed member (without).
+async fn wait_voter(
+    local: &VaultClient,
+    me: &str,
+    token: Option<&Secret>,
+    bound: Duration,
+) -> Result<()> {
+    let Some(t) = token else {
+        crate::init::wait_unsealed(local, bound).await?;
+        return Ok(());
+    };
+    let start = Instant::now();
+    loop {
+        if let Some((200, body)) = get(local, "sys/storage/raft/configuration", Some(t)).await {
+            let voter = body["data"]["config"]["servers"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["node_id"] == me && s["voter"] == true));
+            if voter {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > bound {
+            return Err(Error::Init {
+                message: format!(
+                    "this node did not become a voter within {} s",
+                    bound.as_secs()
+                ),
+                retriable: true,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

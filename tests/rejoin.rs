@@ -1,0 +1,187 @@
+//! `rejoin`: a node whose raft data the cluster removed comes back as a voter with its old
+//! data kept aside; `--dry-run` changes nothing; with two of three nodes down it refuses.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+async fn raft_servers(tb: &Testbed, i: usize, root: &str) -> Vec<(String, bool)> {
+    let (code, body) = tb
+        .api(i)
+        .get("sys/storage/raft/configuration", Some(root))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["node_id"].as_str().unwrap().to_string(),
+                s["voter"] == true,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn wait_voters(tb: &Testbed, i: usize, root: &str, want: usize) {
+    poll(
+        &format!("{want} voters"),
+        Duration::from_secs(120),
+        || async move {
+            let v = raft_servers(tb, i, root).await;
+            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Files under node `i` (logs aside) with their contents' lengths: what `--dry-run` must keep.
+fn snapshot_tree(tb: &Testbed, i: usize) -> Vec<String> {
+    tree(&tb.node_dir(i))
+        .into_iter()
+        .filter(|f| !f.ends_with(".log") && !f.starts_with("data/"))
+        .map(|f| {
+            let p = tb.node_dir(i).join(&f);
+            let len = std::fs::metadata(&p)
+                .map(|m| if m.is_file() { m.len() } else { 0 })
+                .unwrap_or(0);
+            let body = if p.is_file() {
+                std::fs::read(&p).unwrap_or_default()
+            } else {
+                vec![]
+            };
+            format!(
+                "{f} {len} {:x}",
+                body.iter()
+                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(*b as u64))
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
+    let tb = Testbed::start(40, 3);
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: "[init]\nrevoke_root_token = false\n".into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 3).await;
+    let me = tb.instances[2].id.clone();
+
+    // The cluster forgets node 2.
+    let (code, body) = tb
+        .api(0)
+        .put(
+            "sys/storage/raft/remove-peer",
+            Some(&root),
+            serde_json::json!({"server_id": me}),
+        )
+        .await;
+    assert!((200..300).contains(&code), "{body}");
+    assert!(!raft_servers(&tb, 0, &root)
+        .await
+        .iter()
+        .any(|(id, _)| id == &me));
+
+    // --dry-run: shows the plan, changes nothing (files, raft state).
+    let before = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
+    let mut d = tb.spawn_agent_env(
+        2,
+        &["rejoin", "--dry-run"],
+        &[("VAULT_TOKEN", root.as_str())],
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut d.child.stdout.take().unwrap(), &mut out).unwrap();
+    let status = d.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{out}\n{}", d.stderr());
+    assert!(
+        out.contains("not in the cluster's raft configuration"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would move") && out.contains("dry run: nothing changed"),
+        "{out}"
+    );
+    let after = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
+    assert_eq!(before, after, "--dry-run changed something");
+    assert!(tree(&tb.node_dir(2))
+        .iter()
+        .all(|f| !f.contains(".removed-")));
+
+    // rejoin: data aside, restart, back as a voter.
+    let mut r = tb.spawn_agent_env(2, &["rejoin"], &[("VAULT_TOKEN", root.as_str())]);
+    let mut stdout = r.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    r.wait_log("rejoin complete", Duration::from_secs(180));
+    wait_voters(&tb, 0, &root, 3).await;
+    assert!(raft_servers(&tb, 0, &root)
+        .await
+        .contains(&(me.clone(), true)));
+    let aside: Vec<String> = std::fs::read_dir(tb.node_dir(2))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("data.removed-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "old raft data kept aside");
+    let kept = tree(&tb.node_dir(2).join(&aside[0]));
+    assert!(!kept.is_empty(), "the aside dir holds the old data");
+    r.stop();
+    let out = reader.join().unwrap();
+    assert!(
+        out.contains("raft data moved aside") && out.contains("done in"),
+        "{out}"
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_refuses_when_two_of_three_nodes_are_down() {
+    let tb = Testbed::start(41, 3);
+    for i in 0..3 {
+        tb.write_config(i, &NodeOpts::default());
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    agents[0].kill_servers();
+    agents[1].kill_servers();
+    let before = snapshot_tree(&tb, 2);
+    let (code, out, err) = tb.run_agent(2, &["rejoin"], Duration::from_secs(60));
+    assert_eq!(code, 75, "{out}\n{err}");
+    assert!(err.contains("could cost the cluster its quorum"), "{err}");
+    assert_eq!(
+        snapshot_tree(&tb, 2),
+        before,
+        "a refused rejoin changes nothing"
+    );
+    assert!(
+        tb.api(2).health().await.is_some(),
+        "node 2's server still runs"
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
