@@ -12,8 +12,9 @@ use tokio::process::{Child, Command};
 
 /// A started server.
 pub enum Running {
-    /// systemd owns the process.
-    Unit(String),
+    /// systemd owns the process; `untouched` when it was already running with this
+    /// configuration and the agent did not start or restart it.
+    Unit { unit: String, untouched: bool },
     /// The agent owns the process.
     Child(Child),
 }
@@ -122,7 +123,10 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
                 (true, true) => "restart",
                 (true, false) => {
                     tracing::info!(unit = %v.unit, "unit already active, configuration unchanged");
-                    return Ok(Running::Unit(v.unit.clone()));
+                    return Ok(Running::Unit {
+                        unit: v.unit.clone(),
+                        untouched: true,
+                    });
                 }
                 (false, _) => "start",
             };
@@ -134,7 +138,10 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
                 });
             }
             tracing::info!(unit = %v.unit, verb, "asked systemd to start the server");
-            Ok(Running::Unit(v.unit.clone()))
+            Ok(Running::Unit {
+                unit: v.unit.clone(),
+                untouched: false,
+            })
         }
         LauncherKind::Exec => {
             check_ports_free(bind, v.api_port, v.cluster_port)?;
@@ -202,7 +209,7 @@ pub enum Reloader {
 impl Reloader {
     pub fn of(running: &Running) -> Reloader {
         match running {
-            Running::Unit(u) => Reloader::Unit(u.clone()),
+            Running::Unit { unit, .. } => Reloader::Unit(unit.clone()),
             Running::Child(c) => Reloader::Pid(c.id().unwrap_or(0)),
         }
     }

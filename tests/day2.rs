@@ -154,3 +154,76 @@ async fn voters(
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sealed_on_purpose_is_left_sealed() {
+    let tb = Testbed::start(42, 3);
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: "[init]\nrevoke_root_token = false\n".into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    voters(&tb, 0, &root, 3, None).await;
+    let (code, body) = tb
+        .api(2)
+        .put("sys/seal", Some(&root), serde_json::json!({}))
+        .await;
+    assert!((200..300).contains(&code), "{body}");
+    assert_eq!(tb.api(2).health().await.map(|h| h.0), Some(503));
+
+    // The node reboots its agent under systemd (the server keeps running, sealed): a stub
+    // systemctl says the unit is active and records every call.
+    let bin = tb.path().join("stub-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = tb.path().join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    tb.write_config(
+        2,
+        &NodeOpts {
+            extra_toml: "[init]\nrevoke_root_token = false\n[vault]\nlauncher = \"systemd\"\n"
+                .into(),
+            ..Default::default()
+        },
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut b = tb.spawn_agent_env(2, &["boot"], &[("PATH", path.as_str())]);
+    let status = b.wait_exit(Duration::from_secs(60));
+    let log = b.stderr();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("left sealed"), "{log}");
+    let recorded = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        recorded.lines().all(|l| l.starts_with("is-active")),
+        "only asked, never started: {recorded}"
+    );
+    assert_eq!(
+        tb.api(2).health().await.map(|h| h.0),
+        Some(503),
+        "still sealed"
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}

@@ -192,9 +192,15 @@ pub(crate) async fn serve(
         flavor,
     };
     match running {
-        Running::Unit(_) => {
+        Running::Unit { untouched, .. } => {
             let health = vault_api::wait_answering(&client, deadline, None).await?;
             report(&health, started);
+            if untouched && health == vault_api::Health::Sealed {
+                // Auto-unseal never leaves a running server sealed: an operator sealed it on
+                // purpose. Not ours to undo; a restart (or `rejoin`) unseals it.
+                tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
+                return Ok(crate::error::exit::OK);
+            }
             initialize_or_join(cfg, &ready, started).await?;
             Ok(crate::error::exit::OK)
         }

@@ -202,7 +202,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
     match running {
-        Running::Unit(_) => {
+        Running::Unit { .. } => {
             vault_api::wait_answering(&local, deadline, None).await?;
             boot::initialize_or_join(cfg, &ready, started).await?;
             wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
