@@ -90,8 +90,9 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         Some(serde_json::json!({ "type": "approle" })),
     )
     .await?;
-    if !(200..300).contains(&s) && !(s == 400 && b["errors"].to_string().contains("already in use"))
-    {
+    let mounted =
+        (200..300).contains(&s) || (s == 400 && b["errors"].to_string().contains("already in use"));
+    if !mounted {
         return Err(init_err(&c, s, &b));
     }
     let (s, b, c) = call(

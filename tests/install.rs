@@ -634,15 +634,20 @@ fn the_json_examples_parse_and_require_imdsv2() {
     ] {
         assert!(actions.iter().any(|x| x == a), "{a} granted");
     }
-    // Least privilege: nothing wildcarded, no write beyond the escrow prefix.
+    // Least privilege: nothing wildcarded, no write beyond the escrow and snapshot
+    // prefixes, deletes only of snapshots (the escrow is write-once).
     assert!(actions.iter().all(|a| !a.contains('*')), "{actions:?}");
     for s in policy["Statement"].as_array().unwrap() {
         let acts = s["Action"].to_string();
+        let res = s["Resource"].as_str().unwrap_or_default();
         if acts.contains("s3:PutObject") {
-            assert!(s["Resource"]
-                .as_str()
-                .unwrap()
-                .contains("/vault-bootstrap/"));
+            assert!(
+                res.contains("/vault-bootstrap/") || res.contains("/vault-bootstrap-snapshots/"),
+                "{res}"
+            );
+        }
+        if acts.contains("s3:DeleteObject") {
+            assert!(res.contains("/vault-bootstrap-snapshots/"), "{res}");
         }
     }
 }
