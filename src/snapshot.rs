@@ -386,7 +386,7 @@ pub async fn take(
     .await
     .map_err(|e| Error::Snapshot {
         message: format!(
-            "upload to {url} failed, nothing was stored (PutObject is all or nothing) and the local copy is removed: {e}"
+            "upload to {url} failed, nothing was stored (PutObject is all or nothing) and the local copy is removed; the timer's next run tries again. Cause: {e}"
         ),
         exit: e.exit_code(),
     })?;

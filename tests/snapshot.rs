@@ -278,6 +278,9 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
     assert_ne!(code, 0, "{out}");
     assert_eq!(code, 75, "{out}");
+    if let Some(line) = out.lines().find(|l| l.contains("nothing was stored")) {
+        eprintln!("S3 DOWN, the agent said: {line}");
+    }
     assert!(
         out.contains("nothing was stored") && out.contains("PutObject"),
         "{out}"
