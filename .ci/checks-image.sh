@@ -16,7 +16,7 @@
 #                         the provisioner's shell script at run time. The removed blocks are
 #                         checked by grep below for the values that matter (IMDSv2 required,
 #                         hop limit 1, metadata tags on, IMDSv2-only AMI).
-#   systemd-analyze verify    every unit in systemd/ (and the OpenBao drop-in), in a temp
+#   systemd-analyze verify    every unit and timer in systemd/ (and the OpenBao drop-in), in a temp
 #                         root holding the host's system units and a stub for every Exec*=
 #                         binary. It exits 0 on warnings, so any output is a failure.
 #   systemd-analyze security --offline=true    exposure of vault.service beside HashiCorp's
@@ -93,7 +93,7 @@ packer validate \
 SYSROOT="$WORK/root"
 mkdir -p "$SYSROOT/usr/lib/systemd" "$SYSROOT/etc/systemd/system"
 cp -a /usr/lib/systemd/system "$SYSROOT/usr/lib/systemd/"
-cp systemd/*.service packer/examples/hashicorp-reference-vault.service "$SYSROOT/etc/systemd/system/"
+cp systemd/*.service systemd/*.timer packer/examples/hashicorp-reference-vault.service "$SYSROOT/etc/systemd/system/"
 stub_execs() {
     local bin
     while read -r bin; do
@@ -113,7 +113,7 @@ verify() {
     fi
 }
 units=()
-for f in systemd/*.service; do units+=("$(basename "$f")"); done
+for f in systemd/*.service systemd/*.timer; do units+=("$(basename "$f")"); done
 say "systemd-analyze verify ${units[*]}"
 verify "${units[@]}"
 say "systemd-analyze verify vault.service with the OpenBao drop-in"

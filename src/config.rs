@@ -27,6 +27,36 @@ pub struct Config {
     pub init: InitConfig,
     #[serde(default)]
     pub access: AccessConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+}
+
+/// Raft snapshots to S3 (`vault-bootstrap snapshot`, run by its timer; the interval is the
+/// timer's `OnCalendar=`, not a key here).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Default: the escrow bucket.
+    pub bucket: Option<String>,
+    /// Snapshots go under `<prefix>/<cluster>/`.
+    pub prefix: String,
+    /// How many of the most recent snapshots to keep; older ones are deleted.
+    pub keep: u32,
+    /// Bound on streaming one snapshot from the server (and on a restore's upload to it).
+    pub timeout_secs: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            bucket: None,
+            prefix: "vault-bootstrap-snapshots".into(),
+            // Two days of hourly snapshots.
+            keep: 48,
+            // A raft snapshot of a few GB streams in minutes inside a VPC; ten leave margin.
+            timeout_secs: 600,
+        }
+    }
 }
 
 /// How operators log in once the root token is gone, configured right after init.
@@ -285,6 +315,12 @@ impl Config {
             .as_deref()
             .unwrap_or(&self.tls.bucket)
     }
+    pub fn snapshot_bucket(&self) -> &str {
+        self.snapshot
+            .bucket
+            .as_deref()
+            .unwrap_or_else(|| self.escrow_bucket())
+    }
     pub fn escrow_kms_key_id(&self) -> &str {
         self.init
             .escrow_kms_key_id
@@ -418,6 +454,7 @@ impl Config {
             ("vault.health_timeout_secs", self.vault.health_timeout_secs),
             ("agent.imds_timeout_secs", self.agent.imds_timeout_secs),
             ("agent.aws_timeout_secs", self.agent.aws_timeout_secs),
+            ("snapshot.timeout_secs", self.snapshot.timeout_secs),
         ] {
             if secs == 0 {
                 return bad(key, "must be at least 1 (seconds)".into());
@@ -469,6 +506,21 @@ impl Config {
             if !p.is_absolute() {
                 return bad(key, format!("{} must be an absolute path", p.display()));
             }
+        }
+        if self.snapshot.keep == 0 {
+            return bad(
+                "snapshot.keep",
+                "must be at least 1: 0 would delete the snapshot just taken".into(),
+            );
+        }
+        if self.snapshot.prefix.trim_matches('/').is_empty() {
+            return bad("snapshot.prefix", "must not be empty".into());
+        }
+        if matches!(&self.snapshot.bucket, Some(b) if b.trim().is_empty()) {
+            return bad(
+                "snapshot.bucket",
+                "must not be empty; remove it to use the escrow bucket".into(),
+            );
         }
         if let Some(ep) = &self.seal.endpoint {
             if !(ep.starts_with("https://") || ep.starts_with("http://")) {

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
+    /// The command line was used wrongly (a guard such as `--yes` or `VAULT_TOKEN` missing).
+    pub const USAGE: i32 = 64;
     /// TLS material (or other fetched data) is present but unusable; a release file
     /// whose SHA-256 is not the pinned one.
     pub const DATAERR: i32 = 65;
@@ -150,6 +152,9 @@ pub enum Error {
 
     #[error("refused: {message}")]
     Refused { message: String },
+    /// A snapshot or restore failed; `exit` is the code of its root cause.
+    #[error("snapshot: {message}")]
+    Snapshot { message: String, exit: i32 },
 
     #[error("internal error: {0}")]
     Internal(String),
@@ -187,6 +192,7 @@ impl Error {
             Error::Init { .. } => exit::ESCROW,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Refused { .. } => exit::TEMPFAIL,
+            Error::Snapshot { exit, .. } => *exit,
             Error::Internal(_) => exit::SOFTWARE,
         }
     }

@@ -4,7 +4,7 @@
 //! Order: the release file's SHA-256 is checked against the pinned digest before anything
 //! is written (a mismatch installs nothing: the guard against a compromised download
 //! server), and the archive must hold the server binary; then the vault account, the
-//! directories, the two binaries, the units and the enablement symlink. Every write goes
+//! directories, the two binaries, the units and the enablement symlinks (agent, timers). Every write goes
 //! through [`crate::fsutil`] (atomic, owned, moded). No secret and no `config.toml` is
 //! written: those come from each instance's user-data.
 //!
@@ -28,12 +28,35 @@ use std::process::{Command, Stdio};
 pub const AGENT_UNIT: &str = include_str!("../systemd/vault-bootstrap.service");
 /// The server's unit, never enabled: the agent starts it once its config is written.
 pub const SERVER_UNIT: &str = include_str!("../systemd/vault.service");
+/// Hourly Raft snapshots to S3 (`vault-bootstrap snapshot`); its timer is enabled.
+pub const SNAPSHOT_SERVICE: &str = include_str!("../systemd/vault-bootstrap-snapshot.service");
+pub const SNAPSHOT_TIMER: &str = include_str!("../systemd/vault-bootstrap-snapshot.timer");
+/// Daily TLS refresh (`vault-bootstrap refresh-tls`); its timer is enabled.
+pub const REFRESH_TLS_SERVICE: &str =
+    include_str!("../systemd/vault-bootstrap-refresh-tls.service");
+pub const REFRESH_TLS_TIMER: &str = include_str!("../systemd/vault-bootstrap-refresh-tls.timer");
 /// Drop-in making vault.service run OpenBao's `bao`; present only for `--binary-name bao`.
 pub const OPENBAO_DROPIN: &str = include_str!("../systemd/vault.service.d/openbao.conf");
 
 const BIN_DIR: &str = "/usr/local/bin";
 const UNIT_DIR: &str = "/etc/systemd/system";
 const WANTS_DIR: &str = "/etc/systemd/system/multi-user.target.wants";
+const TIMERS_WANTS_DIR: &str = "/etc/systemd/system/timers.target.wants";
+/// The timers `install` enables (`timers.target.wants/`), each with its service.
+const TIMERS: &[(&str, &str, &str, &str)] = &[
+    (
+        "vault-bootstrap-snapshot.service",
+        SNAPSHOT_SERVICE,
+        "vault-bootstrap-snapshot.timer",
+        SNAPSHOT_TIMER,
+    ),
+    (
+        "vault-bootstrap-refresh-tls.service",
+        REFRESH_TLS_SERVICE,
+        "vault-bootstrap-refresh-tls.timer",
+        REFRESH_TLS_TIMER,
+    ),
+];
 const DROPIN_DIR: &str = "/etc/systemd/system/vault.service.d";
 const AGENT_UNIT_NAME: &str = "vault-bootstrap.service";
 const SERVER_UNIT_NAME: &str = "vault.service";
@@ -109,6 +132,7 @@ const DIRS: &[Dir] = &[
     dir(BIN_DIR, 0o755, Who::Root),
     dir(UNIT_DIR, 0o755, Who::Root),
     dir(WANTS_DIR, 0o755, Who::Root),
+    dir(TIMERS_WANTS_DIR, 0o755, Who::Root),
     // vault.hcl: written by the agent (root), read by the server through its group.
     dir("/etc/vault.d", 0o750, Who::RootGroup),
     // Traversable, so the server reaches data/ and tls/ whatever the umask at build time.
@@ -822,6 +846,12 @@ pub fn install<'a>(opts: &Options, out: &'a mut dyn Write) -> Result<Report<'a>>
         let logical = format!("{UNIT_DIR}/{unit}");
         write_small(&under(root, &logical), &logical, text, &mut report)?;
     }
+    for (service, service_text, timer, timer_text) in TIMERS {
+        for (unit, text) in [(service, service_text), (timer, timer_text)] {
+            let logical = format!("{UNIT_DIR}/{unit}");
+            write_small(&under(root, &logical), &logical, text, &mut report)?;
+        }
+    }
     let dropin = format!("{DROPIN_DIR}/openbao.conf");
     if name == ServerName::Bao {
         let dir = under(root, DROPIN_DIR);
@@ -844,16 +874,24 @@ pub fn install<'a>(opts: &Options, out: &'a mut dyn Write) -> Result<Report<'a>>
 
     // 6. Enable the agent as `systemctl enable` would (works offline and in a staging root);
     // never the server: the agent starts it once vault.hcl is written.
-    let target = format!("{UNIT_DIR}/{AGENT_UNIT_NAME}");
-    let link_logical = format!("{WANTS_DIR}/{AGENT_UNIT_NAME}");
-    let link = under(root, &link_logical);
-    let existed = fs::symlink_metadata(&link).is_ok();
-    let change = match fsutil::symlink_atomic(Path::new(&target), &link)? {
-        Outcome::Unchanged => Change::Unchanged,
-        Outcome::Written if existed => Change::Updated,
-        Outcome::Written => Change::Created,
-    };
-    report.push(change, link_logical, format!("symlink -> {target}"));
+    // The timers likewise (`timers.target.wants/`): their services are never enabled alone.
+    let links = std::iter::once((WANTS_DIR, AGENT_UNIT_NAME)).chain(
+        TIMERS
+            .iter()
+            .map(|(_, _, timer, _)| (TIMERS_WANTS_DIR, *timer)),
+    );
+    for (wants, unit) in links {
+        let target = format!("{UNIT_DIR}/{unit}");
+        let link_logical = format!("{wants}/{unit}");
+        let link = under(root, &link_logical);
+        let existed = fs::symlink_metadata(&link).is_ok();
+        let change = match fsutil::symlink_atomic(Path::new(&target), &link)? {
+            Outcome::Unchanged => Change::Unchanged,
+            Outcome::Written if existed => Change::Updated,
+            Outcome::Written => Change::Created,
+        };
+        report.push(change, link_logical, format!("symlink -> {target}"));
+    }
     remove_if_present(
         &under(root, &format!("{WANTS_DIR}/{SERVER_UNIT_NAME}")),
         &format!("{WANTS_DIR}/{SERVER_UNIT_NAME}"),
@@ -1085,5 +1123,24 @@ mod tests {
             );
         }
         assert!(!line.split(' ').any(|c| c == exit::TEMPFAIL.to_string()));
+    }
+
+    #[test]
+    fn the_timers_run_their_commands() {
+        assert!(SNAPSHOT_SERVICE.contains("\nType=oneshot\n"));
+        assert!(SNAPSHOT_SERVICE.contains("\nExecStart=/usr/local/bin/vault-bootstrap snapshot\n"));
+        assert!(SNAPSHOT_SERVICE.contains("\nAfter=vault.service\n"));
+        assert!(SNAPSHOT_TIMER.contains("\nOnCalendar=hourly\n"));
+        assert!(REFRESH_TLS_SERVICE
+            .contains("\nExecStart=/usr/local/bin/vault-bootstrap refresh-tls\n"));
+        assert!(REFRESH_TLS_TIMER.contains("\nOnCalendar=*-*-* 03:00\n"));
+        for t in [SNAPSHOT_TIMER, REFRESH_TLS_TIMER] {
+            assert!(t.contains("\nPersistent=true\n"));
+            assert!(t.contains("\nWantedBy=timers.target\n"));
+        }
+        // A timer's service is started by its timer, never enabled on its own.
+        for s in [SNAPSHOT_SERVICE, REFRESH_TLS_SERVICE] {
+            assert!(!s.contains("[Install]"));
+        }
     }
 }

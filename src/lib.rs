@@ -20,5 +20,6 @@ pub mod node;
 pub mod render;
 pub mod retry;
 pub mod secret;
+pub mod snapshot;
 pub mod tls;
 pub mod vault_api;

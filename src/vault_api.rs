@@ -132,6 +132,67 @@ impl VaultClient {
         Ok((status, json))
     }
 
+    /// `GET path` streamed into `sink` (a raft snapshot), bounded by `timeout` as a whole;
+    /// returns the bytes written. Anything but 200 is an error naming the status and the
+    /// server's `errors`.
+    pub async fn download(
+        &self,
+        path: &str,
+        token: &Secret,
+        timeout: Duration,
+        sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<u64> {
+        let fail = |message: String| Error::VaultApi {
+            call: format!("GET {path}"),
+            url: self.base.clone(),
+            message,
+        };
+        let mut resp = self
+            .http
+            .get(format!("{}/v1/{path}", self.base))
+            .header("X-Vault-Token", token.expose())
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+            return Err(fail(format!("HTTP {status} {}", body["errors"])));
+        }
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(error_chain(&e)))? {
+            sink(&chunk).map_err(|e| fail(format!("writing the body locally: {e}")))?;
+            n += chunk.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// `POST path` with a raw body (a raft snapshot to restore), bounded by `timeout`.
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        token: &Secret,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(u16, serde_json::Value)> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/{path}", self.base))
+            .header("X-Vault-Token", token.expose())
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| Error::VaultApi {
+                call: format!("POST {path}"),
+                url: self.base.clone(),
+                message: error_chain(&e),
+            })?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(serde_json::Value::Null)))
+    }
+
     /// `GET sys/init`: whether the node's cluster is initialized (`None` if it did not answer).
     pub async fn initialized(&self) -> Option<bool> {
         let (status, body) = self

@@ -124,6 +124,48 @@ fn documented(server: &str) -> Vec<(String, char, u32, Own)> {
             0o777,
             Own::Root,
         ),
+        (
+            "/etc/systemd/system/vault-bootstrap-snapshot.service",
+            'f',
+            0o644,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/vault-bootstrap-snapshot.timer",
+            'f',
+            0o644,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/vault-bootstrap-refresh-tls.service",
+            'f',
+            0o644,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/vault-bootstrap-refresh-tls.timer",
+            'f',
+            0o644,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/timers.target.wants",
+            'd',
+            0o755,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/timers.target.wants/vault-bootstrap-snapshot.timer",
+            'l',
+            0o777,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/timers.target.wants/vault-bootstrap-refresh-tls.timer",
+            'l',
+            0o777,
+            Own::Root,
+        ),
         ("/etc/vault.d", 'd', 0o750, Own::RootVault),
         ("/etc/vault-bootstrap", 'd', 0o750, Own::Root),
         ("/opt", 'd', 0o755, Own::Root),
@@ -192,8 +234,25 @@ fn assert_layout(root: &Path, server: &str) {
     // Contents: the repo's units, the agent itself, the enablement link as systemctl makes it.
     let unit = |n: &str| fs::read_to_string(root.join("etc/systemd/system").join(n)).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for n in ["vault.service", "vault-bootstrap.service"] {
+    for n in [
+        "vault.service",
+        "vault-bootstrap.service",
+        "vault-bootstrap-snapshot.service",
+        "vault-bootstrap-snapshot.timer",
+        "vault-bootstrap-refresh-tls.service",
+        "vault-bootstrap-refresh-tls.timer",
+    ] {
         assert_eq!(unit(n), fs::read_to_string(repo.join(n)).unwrap(), "{n}");
+    }
+    for t in [
+        "vault-bootstrap-snapshot.timer",
+        "vault-bootstrap-refresh-tls.timer",
+    ] {
+        assert_eq!(
+            fs::read_link(root.join("etc/systemd/system/timers.target.wants").join(t)).unwrap(),
+            Path::new("/etc/systemd/system").join(t),
+            "{t} enabled as systemctl enable would"
+        );
     }
     assert_eq!(
         fs::read_link(
@@ -575,15 +634,20 @@ fn the_json_examples_parse_and_require_imdsv2() {
     ] {
         assert!(actions.iter().any(|x| x == a), "{a} granted");
     }
-    // Least privilege: nothing wildcarded, no write beyond the escrow prefix.
+    // Least privilege: nothing wildcarded, no write beyond the escrow and snapshot
+    // prefixes, deletes only of snapshots (the escrow is write-once).
     assert!(actions.iter().all(|a| !a.contains('*')), "{actions:?}");
     for s in policy["Statement"].as_array().unwrap() {
         let acts = s["Action"].to_string();
+        let res = s["Resource"].as_str().unwrap_or_default();
         if acts.contains("s3:PutObject") {
-            assert!(s["Resource"]
-                .as_str()
-                .unwrap()
-                .contains("/vault-bootstrap/"));
+            assert!(
+                res.contains("/vault-bootstrap/") || res.contains("/vault-bootstrap-snapshots/"),
+                "{res}"
+            );
+        }
+        if acts.contains("s3:DeleteObject") {
+            assert!(res.contains("/vault-bootstrap-snapshots/"), "{res}");
         }
     }
 }

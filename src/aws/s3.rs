@@ -47,6 +47,17 @@ pub trait ObjectStore: Send + Sync {
 
     /// Keys under `prefix`.
     fn list(&self, bucket: &str, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Deletes `s3://bucket/key`; deleting a key that does not exist is not an error.
+    fn delete(&self, bucket: &str, key: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What `HeadObject` says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// User metadata (`x-amz-meta-*`), keys lower-case.
+    pub metadata: std::collections::HashMap<String, String>,
 }
 
 pub struct SdkS3 {
@@ -58,6 +69,112 @@ impl SdkS3 {
         SdkS3 {
             client: aws_sdk_s3::Client::new(config),
         }
+    }
+}
+
+impl SdkS3 {
+    /// Uploads the file at `path` write-once (`If-None-Match: *`) with SSE-KMS and user
+    /// metadata. The body is streamed from the file. A PutObject is atomic: when it fails,
+    /// no object (and no part of one) exists under `key`.
+    pub async fn put_file_if_absent(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &std::path::Path,
+        sse_kms_key: &str,
+        metadata: &[(&str, String)],
+    ) -> Result<PutOutcome> {
+        let url = format!("s3://{bucket}/{key}");
+        let body = aws_sdk_s3::primitives::ByteStream::from_path(path)
+            .await
+            .map_err(|e| Error::Internal(format!("reading {}: {e}", path.display())))?;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .if_none_match("*")
+            .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+            .ssekms_key_id(sse_kms_key)
+            .body(body);
+        for (k, v) in metadata {
+            req = req.metadata(*k, v);
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(412) {
+                    Ok(PutOutcome::Exists)
+                } else {
+                    Err(sdk_error("PutObject", url, e))
+                }
+            }
+        }
+    }
+
+    /// `HeadObject`: size and user metadata, `Ok(None)` when the object does not exist.
+    pub async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>> {
+        let url = format!("s3://{bucket}/{key}");
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectInfo {
+                size: out.content_length().unwrap_or(-1).max(0) as u64,
+                metadata: out
+                    .metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
+            Err(e) => Err(sdk_error("HeadObject", url, e)),
+        }
+    }
+
+    /// Streams `s3://bucket/key` into `sink` chunk by chunk; returns the object's user
+    /// metadata. Never holds the whole object in memory.
+    pub async fn download(
+        &self,
+        bucket: &str,
+        key: &str,
+        sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let url = format!("s3://{bucket}/{key}");
+        let mut out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetObject", url.clone(), e))?;
+        let metadata = out
+            .metadata()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        while let Some(chunk) = out.body.next().await {
+            let chunk = chunk.map_err(|e| Error::Aws {
+                operation: "GetObject",
+                resource: url.clone(),
+                failure: AwsFailure::Transient,
+                message: format!("reading the body failed: {e}"),
+            })?;
+            sink(&chunk).map_err(|e| Error::Internal(format!("writing {url} locally: {e}")))?;
+        }
+        Ok(metadata)
     }
 }
 
@@ -135,5 +252,16 @@ impl ObjectStore for SdkS3 {
             );
         }
         Ok(out)
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DeleteObject", format!("s3://{bucket}/{key}"), e))?;
+        Ok(())
     }
 }

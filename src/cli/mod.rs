@@ -8,6 +8,7 @@ pub mod install;
 pub mod refresh_tls;
 pub mod rejoin;
 pub mod render;
+pub mod snapshot;
 pub mod status;
 
 use crate::config::{self, Config};
@@ -67,6 +68,8 @@ pub enum Command {
     /// The recovery-key escrow in S3.
     #[command(subcommand)]
     Escrow(EscrowCommand),
+    /// Raft snapshot of the cluster to S3 (the hourly timer runs this); `snapshot restore`.
+    Snapshot(SnapshotArgs),
     /// Image build (Packer, as root): verify and install the server, the agent, the units.
     Install(install::InstallArgs),
 }
@@ -80,6 +83,26 @@ pub enum EscrowCommand {
         #[arg(long, value_name = "N")]
         share: usize,
         /// Print even when stdout is not a terminal.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Force-restore the cluster from a snapshot (operator's VAULT_TOKEN; needs --yes).
+    Restore {
+        /// s3://bucket/key of a snapshot written by `vault-bootstrap snapshot`.
+        #[arg(long, value_name = "S3_URL")]
+        from: String,
+        /// Replace all of the cluster's data: required.
         #[arg(long)]
         yes: bool,
     },
@@ -104,6 +127,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await
         }
+        Command::Snapshot(SnapshotArgs { command: None }) => snapshot::take(&cfg).await,
+        Command::Snapshot(SnapshotArgs {
+            command: Some(SnapshotCommand::Restore { from, yes }),
+        }) => snapshot::restore(&cfg, &from, yes).await,
         Command::Install(args) => install::run(&args),
     }
 }

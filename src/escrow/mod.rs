@@ -4,7 +4,8 @@
 //! final "cluster initialized" marker.
 //!
 //! Layout under `s3://<escrow_bucket>/<escrow_prefix>/<cluster>/`:
-//! `recovery-key-<n>.enc` (n from 1), `root-token.enc`, `cluster-initialized.json`,
+//! `recovery-key-<n>.enc` (n from 1), `root-token.enc`, `snapshot-approle.enc` (the
+//! snapshot credentials, see `crate::snapshot`), `cluster-initialized.json`,
 //! `init-lock/<generation>.json` (see `init::lock`).
 //! An operator can decrypt an item with plain `aws kms decrypt` and the context below.
 
@@ -47,6 +48,8 @@ impl Layout {
         format!("recovery-key-{n}")
     }
     pub const ROOT_ITEM: &'static str = "root-token";
+    /// The snapshot AppRole's role_id and secret_id (JSON), see `crate::snapshot`.
+    pub const SNAPSHOT_APPROLE_ITEM: &'static str = "snapshot-approle";
 
     pub fn object(&self, item: &str) -> String {
         format!("{}{item}.enc", self.prefix)
@@ -217,6 +220,28 @@ async fn check_item<S: ObjectStore, K: Kms>(
     Ok(())
 }
 
+/// Encrypts one item under the escrow key (context: cluster and item name) and writes it
+/// write-once; `Exists` when an earlier run wrote it (nothing is overwritten).
+pub async fn put_item<S: ObjectStore, K: Kms>(
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    name: &str,
+    secret: &Secret,
+    deadline: Duration,
+) -> Result<PutOutcome> {
+    let ctx = layout.context(name);
+    let ct = retry::retry("encrypt escrow item", deadline, || {
+        kms.encrypt(&layout.kms_key_id, secret.expose().as_bytes(), &ctx)
+    })
+    .await?;
+    let key = layout.object(name);
+    retry::retry("upload escrow item", deadline, || {
+        s3.put_if_absent(&layout.bucket, &key, ct.clone(), Some(&layout.kms_key_id))
+    })
+    .await
+}
+
 /// Reads and decrypts one item.
 pub async fn decrypt_item<S: ObjectStore, K: Kms>(
     s3: &S,
@@ -372,6 +397,16 @@ pub(crate) mod fake {
             }
             o.insert(k, body);
             Ok(PutOutcome::Created)
+        }
+        async fn delete(&self, bucket: &str, key: &str) -> Result<()> {
+            if *self.down.lock().unwrap() {
+                return Err(down_err());
+            }
+            self.objects
+                .lock()
+                .unwrap()
+                .remove(&(bucket.to_string(), key.to_string()));
+            Ok(())
         }
         async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
             Ok(self

@@ -298,7 +298,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
 
 /// Audit device, autopilot, root token revocation (seed article, steps 4-7). Each step is
 /// idempotent, so a repeat after a crash is harmless.
-async fn post_init<S: ObjectStore, K, E>(
+async fn post_init<S: ObjectStore, K: Kms, E>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
@@ -377,6 +377,7 @@ async fn post_init<S: ObjectStore, K, E>(
         dead_server_last_contact_threshold_secs = threshold,
         "autopilot configured"
     );
+    crate::snapshot::provision(cfg, d.local, root, d.s3, d.kms, layout).await?;
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.

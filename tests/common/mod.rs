@@ -249,6 +249,11 @@ impl Drop for Agent {
     }
 }
 
+/// The agent log's file name for `args` (a URL argument must not make it a path).
+fn log_name(args: &[&str]) -> String {
+    format!("agent-{}.log", args.join("-").replace('/', "_"))
+}
+
 /// Options for one node's config file.
 #[derive(Debug, Clone, Default)]
 pub struct NodeOpts {
@@ -617,9 +622,7 @@ join_timeout_secs = 120
     }
 
     pub fn spawn_agent_env(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
-        let stderr_path = self
-            .node_dir(i)
-            .join(format!("agent-{}.log", args.join("-")));
+        let stderr_path = self.node_dir(i).join(log_name(args));
         let f = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(AGENT);
         cmd.env_clear()
@@ -668,9 +671,7 @@ join_timeout_secs = 120
         input: &str,
         bound: Duration,
     ) -> (i32, String, String) {
-        let stderr_path = self
-            .node_dir(i)
-            .join(format!("agent-{}.log", args.join("-")));
+        let stderr_path = self.node_dir(i).join(log_name(args));
         let mut child = Command::new(AGENT)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

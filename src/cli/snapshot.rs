@@ -1,0 +1,103 @@
+//! `vault-bootstrap snapshot` (run hourly by its timer) and `snapshot restore --from s3://...
+//! --yes` (an operator's act). The work is in [`crate::snapshot`]; this file finds the
+//! nodes, the credentials and the buckets.
+
+use crate::aws::kms::SdkKms;
+use crate::aws::s3::SdkS3;
+use crate::config::Config;
+use crate::error::{exit, Error, Result};
+use crate::escrow::Layout;
+use crate::secret::Secret;
+use crate::vault_api::VaultClient;
+use crate::{node, render, snapshot, tls};
+use std::io::Write;
+use std::time::Duration;
+
+/// This node first, then its peers: the clients [`snapshot::find_active`] tries.
+async fn nodes(cfg: &Config) -> Result<(node::Node, Vec<VaultClient>)> {
+    let n = node::identify(cfg).await?;
+    let ca_path = tls::paths(&cfg.vault.tls_dir).2;
+    let ca = std::fs::read(&ca_path).map_err(|e| Error::Snapshot {
+        message: format!(
+            "cannot read the cluster CA {} ({e}); `boot` writes it: run on a cluster node",
+            ca_path.display()
+        ),
+        exit: exit::NOINPUT,
+    })?;
+    let name = cfg.tls.server_name.as_deref();
+    let ip = match render::bind_ip(cfg, &n.facts) {
+        ip if ip.is_unspecified() => n.facts.local_ipv4,
+        ip => ip,
+    };
+    let mut clients = vec![VaultClient::new(&ca, ip, cfg.vault.api_port, name)?];
+    for p in n.peers.iter().filter(|p| !p.is_self) {
+        clients.push(VaultClient::new(&ca, p.ip, cfg.vault.api_port, name)?);
+    }
+    Ok((n, clients))
+}
+
+/// Takes one snapshot and stores it (see [`snapshot::take`]); prints its URL, size, sha256.
+pub async fn take(cfg: &Config) -> Result<i32> {
+    let (n, clients) = nodes(cfg).await?;
+    let active = snapshot::find_active(&clients).await?;
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let s3 = SdkS3::new(&n.sdk);
+    let layout = Layout::new(cfg, &n.tag_value);
+    let token = snapshot::login(active, &s3, &SdkKms::new(&n.sdk), &layout, aws).await?;
+    let result = snapshot::take(cfg, &n.tag_value, active, &token, &s3).await;
+    // The login lives 15 minutes anyway; end it now (best effort, the default policy allows it).
+    let _ = active
+        .call(
+            reqwest::Method::POST,
+            "auth/token/revoke-self",
+            Some(&token),
+            None,
+        )
+        .await;
+    let t = result?;
+    tracing::info!(
+        url = %t.url,
+        size = t.size,
+        elapsed_ms = t.elapsed.as_millis() as u64,
+        pruned = t.pruned.len(),
+        "snapshot done"
+    );
+    let _ = writeln!(
+        std::io::stdout(),
+        "{} size={} sha256={}",
+        t.url,
+        t.size,
+        t.sha256
+    );
+    Ok(exit::OK)
+}
+
+/// Restores `from` into the cluster with the operator's `VAULT_TOKEN`.
+pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
+    let usage = |message: String| Error::Snapshot {
+        message,
+        exit: exit::USAGE,
+    };
+    if !yes {
+        return Err(usage(format!(
+            "restoring {from} replaces ALL of the cluster's data with the snapshot's (force restore); pass --yes if you mean it"
+        )));
+    }
+    let Some((bucket, key)) = snapshot::parse_s3_url(from) else {
+        return Err(usage(format!(
+            "--from {from:?} is not an s3://bucket/key URL"
+        )));
+    };
+    let token = match std::env::var("VAULT_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Secret::new(t.trim()),
+        _ => return Err(usage(
+            "restore needs an operator token in VAULT_TOKEN (the admin login, or a token from `break-glass`); the snapshot AppRole deliberately cannot restore: its policy only reads sys/storage/raft/snapshot".into(),
+        )),
+    };
+    let (n, clients) = nodes(cfg).await?;
+    let active = snapshot::find_active(&clients).await?;
+    let size = snapshot::restore(cfg, &bucket, &key, active, &token, &SdkS3::new(&n.sdk)).await?;
+    tracing::warn!(from = %from, size, via = %active.base(), "cluster restored from the snapshot");
+    let _ = writeln!(std::io::stdout(), "restored {from} ({size} bytes)");
+    Ok(exit::OK)
+}

@@ -1,0 +1,592 @@
+//! Raft snapshots to S3 and back, and the credentials that take them.
+//!
+//! Credentials: not the root token. The init winner creates (in post-init, see
+//! [`provision`]) a policy that can only read `sys/storage/raft/snapshot` and
+//! `sys/storage/raft/configuration`, an AppRole bound to it, and escrows its role_id and
+//! secret_id as one KMS-encrypted, write-once item (`snapshot-approle.enc`) next to the
+//! recovery keys. Any node can then log in for 15 minutes, take a snapshot and nothing
+//! else; deleting the secret_id revokes it. Restoring is an operator act with the
+//! operator's own token: the AppRole cannot restore, by design.
+//!
+//! Names: `s3://<bucket>/<prefix>/<cluster>/<cluster>-<yyyymmddThhmmssZ>.snap` (UTC), so the
+//! names of one cluster sort by time; only names of exactly this form are ever pruned.
+
+use crate::aws::kms::Kms;
+use crate::aws::s3::{ObjectStore, PutOutcome, SdkS3};
+use crate::config::Config;
+use crate::error::{exit, Error, Result};
+use crate::escrow::{self, Layout};
+use crate::retry;
+use crate::secret::Secret;
+use crate::vault_api::{Health, VaultClient};
+use aws_lc_rs::digest;
+use reqwest::Method;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Policy and AppRole role name (stable: operators revoke by them).
+pub const NAME: &str = "vault-bootstrap-snapshot";
+/// Read the snapshot (GET) and the raft configuration; nothing else, no restore.
+pub const POLICY_HCL: &str = r#"# vault-bootstrap snapshot: take raft snapshots, nothing else (restore needs an operator).
+path "sys/storage/raft/snapshot" {
+  capabilities = ["read"]
+}
+path "sys/storage/raft/configuration" {
+  capabilities = ["read"]
+}
+"#;
+/// Lifetime of a snapshot login: a snapshot of a large cluster streams in minutes.
+const TOKEN_TTL: &str = "15m";
+/// User metadata keys on each snapshot object.
+pub const META_SHA256: &str = "sha256";
+pub const META_SIZE: &str = "size";
+
+/// The escrowed AppRole credentials.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AppRole {
+    role_id: String,
+    secret_id: String,
+}
+
+fn init_err(call: &str, status: u16, body: &serde_json::Value) -> Error {
+    Error::Init {
+        message: format!(
+            "snapshot credentials: {call} answered HTTP {status}: {}",
+            body["errors"]
+        ),
+        retriable: false,
+    }
+}
+
+/// Creates the snapshot policy and AppRole with the root token and escrows the AppRole's
+/// credentials (once). Idempotent: policy and role are rewritten as they are; when the
+/// item is already escrowed no new secret_id is made.
+pub async fn provision<S: ObjectStore, K: Kms>(
+    cfg: &Config,
+    local: &VaultClient,
+    root: &Secret,
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+) -> Result<()> {
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let call = |method: Method, path: String, body: Option<serde_json::Value>| async move {
+        let (status, resp) = local.call(method.clone(), &path, Some(root), body).await?;
+        Ok::<_, Error>((status, resp, format!("{method} {path}")))
+    };
+    let (s, b, c) = call(
+        Method::PUT,
+        format!("sys/policies/acl/{NAME}"),
+        Some(serde_json::json!({ "policy": POLICY_HCL })),
+    )
+    .await?;
+    if !(200..300).contains(&s) {
+        return Err(init_err(&c, s, &b));
+    }
+    let (s, b, c) = call(
+        Method::POST,
+        "sys/auth/approle".into(),
+        Some(serde_json::json!({ "type": "approle" })),
+    )
+    .await?;
+    let mounted =
+        (200..300).contains(&s) || (s == 400 && b["errors"].to_string().contains("already in use"));
+    if !mounted {
+        return Err(init_err(&c, s, &b));
+    }
+    let (s, b, c) = call(
+        Method::POST,
+        format!("auth/approle/role/{NAME}"),
+        Some(serde_json::json!({
+            "token_policies": [NAME],
+            "token_ttl": TOKEN_TTL,
+            "token_max_ttl": TOKEN_TTL,
+            // The secret_id lives in the escrow until an operator destroys it.
+            "secret_id_ttl": 0,
+            "secret_id_num_uses": 0,
+        })),
+    )
+    .await?;
+    if !(200..300).contains(&s) {
+        return Err(init_err(&c, s, &b));
+    }
+
+    let key = layout.object(Layout::SNAPSHOT_APPROLE_ITEM);
+    let existing = retry::retry("read the snapshot AppRole item", aws, || {
+        s3.get_opt(&layout.bucket, &key)
+    })
+    .await?;
+    if existing.is_some() {
+        tracing::info!(item = %layout.url(&key), "snapshot AppRole already escrowed");
+        return Ok(());
+    }
+    let (s, b, c) = call(
+        Method::GET,
+        format!("auth/approle/role/{NAME}/role-id"),
+        None,
+    )
+    .await?;
+    let role_id = b["data"]["role_id"].as_str().map(str::to_owned);
+    let Some(role_id) = role_id.filter(|_| s == 200) else {
+        return Err(init_err(&c, s, &b));
+    };
+    let (s, b, c) = call(
+        Method::POST,
+        format!("auth/approle/role/{NAME}/secret-id"),
+        None,
+    )
+    .await?;
+    let (Some(secret_id), Some(accessor)) = (
+        b["data"]["secret_id"].as_str().map(Secret::new),
+        b["data"]["secret_id_accessor"].as_str().map(str::to_owned),
+    ) else {
+        return Err(init_err(&c, s, &b));
+    };
+    let item = Secret::new(
+        serde_json::to_string(&AppRole {
+            role_id,
+            secret_id: secret_id.expose().to_owned(),
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?,
+    );
+    let put = escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
+    if put == PutOutcome::Exists {
+        // Another run escrowed its own secret_id meanwhile: ours must not stay valid unseen.
+        let _ = call(
+            Method::POST,
+            format!("auth/approle/role/{NAME}/secret-id-accessor/destroy"),
+            Some(serde_json::json!({ "secret_id_accessor": accessor })),
+        )
+        .await;
+        return Ok(());
+    }
+    let back = escrow::decrypt_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, aws).await?;
+    if back.expose() != item.expose() {
+        return Err(Error::Escrow {
+            message: format!("{} does not read back as written", layout.url(&key)),
+        });
+    }
+    tracing::info!(item = %layout.url(&key), role = NAME, "snapshot AppRole created and its credentials escrowed");
+    Ok(())
+}
+
+/// `<prefix>/<cluster>/`: where one cluster's snapshots live.
+pub fn dir(prefix: &str, cluster: &str) -> String {
+    format!("{}/{cluster}/", prefix.trim_matches('/'))
+}
+
+/// `yyyymmddThhmmssZ` of a Unix time (UTC).
+pub fn utc_stamp(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let rem = unix % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The object key of a snapshot of `cluster` taken at `unix`.
+pub fn object_key(prefix: &str, cluster: &str, unix: u64) -> String {
+    format!("{}{cluster}-{}.snap", dir(prefix, cluster), utc_stamp(unix))
+}
+
+fn is_stamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
+}
+
+/// The snapshots under `dir` to delete so that the `keep` most recent remain. Only keys
+/// named exactly as [`object_key`] names them count; anything else there is left alone.
+pub fn to_prune(keys: &[String], prefix: &str, cluster: &str, keep: usize) -> Vec<String> {
+    let d = dir(prefix, cluster);
+    let mut ours: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            k.strip_prefix(&d)
+                .and_then(|n| n.strip_prefix(cluster))
+                .and_then(|n| n.strip_prefix('-'))
+                .and_then(|n| n.strip_suffix(".snap"))
+                .is_some_and(is_stamp)
+        })
+        .collect();
+    // The stamp sorts as text in time order; newest first.
+    ours.sort_unstable_by(|a, b| b.cmp(a));
+    ours.into_iter().skip(keep).cloned().collect()
+}
+
+/// `s3://bucket/key` -> (bucket, key).
+pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("s3://")?;
+    let (b, k) = rest.split_once('/')?;
+    (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), k.to_owned()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first node answering `sys/health` 200 (active). The error lists what each said.
+pub async fn find_active(nodes: &[VaultClient]) -> Result<&VaultClient> {
+    let mut seen = Vec::new();
+    for n in nodes {
+        match n.health().await {
+            Ok(Health::Active) => return Ok(n),
+            Ok(h) => seen.push(format!("{}: {h}", n.base())),
+            Err(e) => seen.push(format!("{}: {e}", n.base())),
+        }
+    }
+    Err(Error::Snapshot {
+        message: format!(
+            "no node answered sys/health 200 (active); {}. Nothing was taken; the next run retries",
+            seen.join("; ")
+        ),
+        exit: exit::TEMPFAIL,
+    })
+}
+
+/// Logs in with the escrowed AppRole; returns a 15-minute token.
+pub async fn login<S: ObjectStore, K: Kms>(
+    active: &VaultClient,
+    s3: &S,
+    kms: &K,
+    layout: &Layout,
+    aws: Duration,
+) -> Result<Secret> {
+    let item = escrow::decrypt_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, aws)
+        .await
+        .map_err(|e| Error::Snapshot {
+            message: format!(
+                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (README \"Snapshots\")",
+                layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
+            ),
+            exit: e.exit_code(),
+        })?;
+    let creds: AppRole = serde_json::from_str(item.expose()).map_err(|_| Error::Snapshot {
+        message: format!(
+            "{} is not a role_id/secret_id document",
+            layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
+        ),
+        exit: exit::DATAERR,
+    })?;
+    let body = serde_json::json!({ "role_id": creds.role_id, "secret_id": creds.secret_id });
+    let (status, resp) = active
+        .call(Method::POST, "auth/approle/login", None, Some(body))
+        .await?;
+    match resp["auth"]["client_token"].as_str() {
+        Some(t) if status == 200 => Ok(Secret::new(t)),
+        _ => Err(Error::Snapshot {
+            message: format!(
+                "AppRole login as {NAME} refused (HTTP {status}: {}); was its secret_id destroyed? (README \"Snapshots\")",
+                resp["errors"]
+            ),
+            exit: exit::NOPERM,
+        }),
+    }
+}
+
+/// What one `snapshot` run stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub url: String,
+    pub size: u64,
+    pub sha256: String,
+    pub pruned: Vec<String>,
+    pub elapsed: Duration,
+}
+
+/// Takes a snapshot from `active` (already logged in with `token`) and stores it; see the
+/// module docs. On any failure the temp file is gone and no object is left behind.
+pub async fn take(
+    cfg: &Config,
+    cluster: &str,
+    active: &VaultClient,
+    token: &Secret,
+    s3: &SdkS3,
+) -> Result<Taken> {
+    let started = Instant::now();
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let bucket = cfg.snapshot_bucket();
+    let kms_key = cfg.escrow_kms_key_id();
+    let state_dir = &cfg.agent.state_dir;
+    crate::fsutil::ensure_dir(state_dir, 0o700, Default::default())?;
+
+    // 1. Stream to a 0600 temp file (tempfile's default mode), hashing on the way. It is
+    // removed when `tmp` drops, on every path out of this function.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".snapshot-")
+        .suffix(".tmp")
+        .tempfile_in(state_dir)
+        .map_err(|e| Error::write(state_dir, format!("temp file for the snapshot: {e}")))?;
+    let tmp_path = tmp.path().to_path_buf();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let size = {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut sink = |chunk: &[u8]| {
+            ctx.update(chunk);
+            w.write_all(chunk)
+        };
+        let n = active
+            .download(
+                "sys/storage/raft/snapshot",
+                token,
+                Duration::from_secs(cfg.snapshot.timeout_secs),
+                &mut sink,
+            )
+            .await?;
+        w.flush()
+            .map_err(|e| Error::write(&tmp_path, e.to_string()))?;
+        n
+    };
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::write(tmp.path(), e.to_string()))?;
+    let sha256 = hex(ctx.finish().as_ref());
+    if size == 0 {
+        return Err(Error::Snapshot {
+            message: format!("{} returned an empty snapshot", active.base()),
+            exit: exit::UNAVAILABLE,
+        });
+    }
+    tracing::info!(size, sha256 = %sha256, from = %active.base(), "raft snapshot taken");
+
+    // 2. Upload write-once. PutObject is atomic: a failed one leaves no object.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let key = object_key(&cfg.snapshot.prefix, cluster, now);
+    let url = format!("s3://{bucket}/{key}");
+    let meta = [(META_SHA256, sha256.clone()), (META_SIZE, size.to_string())];
+    let put = retry::retry("upload the snapshot", aws, || {
+        s3.put_file_if_absent(bucket, &key, tmp.path(), kms_key, &meta)
+    })
+    .await
+    .map_err(|e| Error::Snapshot {
+        message: format!(
+            "upload to {url} failed, nothing was stored (PutObject is all or nothing) and the local copy is removed; the timer's next run tries again. Cause: {e}"
+        ),
+        exit: e.exit_code(),
+    })?;
+    if put == PutOutcome::Exists {
+        return Err(Error::Snapshot {
+            message: format!(
+                "{url} already exists (two snapshots in the same second?); not overwritten"
+            ),
+            exit: exit::TEMPFAIL,
+        });
+    }
+
+    // 3. Read back what S3 holds; a mismatch removes the object (it is not a good snapshot).
+    let head = retry::retry("HEAD the snapshot", aws, || s3.head(bucket, &key)).await?;
+    let problem = match &head {
+        None => Some("is missing right after its upload".to_string()),
+        Some(h) if h.size != size => Some(format!("has {} bytes, uploaded {size}", h.size)),
+        Some(h) if h.metadata.get(META_SHA256) != Some(&sha256) => Some(format!(
+            "carries sha256 {:?}, uploaded {sha256}",
+            h.metadata.get(META_SHA256)
+        )),
+        Some(_) => None,
+    };
+    if let Some(p) = problem {
+        let _ = s3.delete(bucket, &key).await;
+        return Err(Error::Snapshot {
+            message: format!("{url} {p}; deleted it"),
+            exit: exit::DATAERR,
+        });
+    }
+    drop(tmp);
+    tracing::info!(url = %url, size, sha256 = %sha256, "snapshot stored and verified (size and sha256)");
+
+    // 4. Keep the most recent `keep`. A failure here is logged: the snapshot is stored, and
+    // the next run prunes again.
+    let mut pruned = Vec::new();
+    match s3.list(bucket, &dir(&cfg.snapshot.prefix, cluster)).await {
+        Ok(keys) => {
+            for old in to_prune(
+                &keys,
+                &cfg.snapshot.prefix,
+                cluster,
+                cfg.snapshot.keep as usize,
+            ) {
+                match s3.delete(bucket, &old).await {
+                    Ok(()) => pruned.push(old),
+                    Err(e) => tracing::warn!("pruning s3://{bucket}/{old}: {e}"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!("listing old snapshots to prune: {e}"),
+    }
+    if !pruned.is_empty() {
+        tracing::info!(
+            deleted = pruned.len(),
+            keep = cfg.snapshot.keep,
+            "older snapshots pruned"
+        );
+    }
+    Ok(Taken {
+        url,
+        size,
+        sha256,
+        pruned,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Downloads `s3://bucket/key`, checks it against its sha256 metadata, and force-restores
+/// it into the cluster through `active` with the operator's `token`.
+pub async fn restore(
+    cfg: &Config,
+    bucket: &str,
+    key: &str,
+    active: &VaultClient,
+    token: &Secret,
+    s3: &SdkS3,
+) -> Result<u64> {
+    let url = format!("s3://{bucket}/{key}");
+    let state_dir = &cfg.agent.state_dir;
+    crate::fsutil::ensure_dir(state_dir, 0o700, Default::default())?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".restore-")
+        .suffix(".tmp")
+        .tempfile_in(state_dir)
+        .map_err(|e| Error::write(state_dir, format!("temp file for the snapshot: {e}")))?;
+    let tmp_path = tmp.path().to_path_buf();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut size = 0u64;
+    let meta = {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut sink = |chunk: &[u8]| {
+            ctx.update(chunk);
+            size += chunk.len() as u64;
+            w.write_all(chunk)
+        };
+        let meta = s3.download(bucket, key, &mut sink).await?;
+        w.flush()
+            .map_err(|e| Error::write(&tmp_path, e.to_string()))?;
+        meta
+    };
+    let sha256 = hex(ctx.finish().as_ref());
+    match meta.get(META_SHA256) {
+        Some(want) if *want == sha256 => {}
+        Some(want) => {
+            return Err(Error::Snapshot {
+                message: format!("{url}: sha256 is {sha256}, its metadata says {want}: corrupt or tampered; nothing restored"),
+                exit: exit::DATAERR,
+            })
+        }
+        None => {
+            return Err(Error::Snapshot {
+                message: format!("{url} has no sha256 metadata (not written by `vault-bootstrap snapshot`); nothing restored"),
+                exit: exit::DATAERR,
+            })
+        }
+    }
+    tracing::info!(url = %url, size, sha256 = %sha256, "snapshot downloaded and verified; restoring");
+    let body = std::fs::read(tmp.path()).map_err(|e| Error::write(tmp.path(), e.to_string()))?;
+    drop(tmp);
+    let (status, resp) = active
+        .post_bytes(
+            "sys/storage/raft/snapshot-force",
+            token,
+            body,
+            Duration::from_secs(cfg.snapshot.timeout_secs),
+        )
+        .await?;
+    if !(200..300).contains(&status) {
+        return Err(Error::Snapshot {
+            message: format!(
+                "POST sys/storage/raft/snapshot-force at {} answered HTTP {status}: {}",
+                active.base(),
+                resp["errors"]
+            ),
+            exit: if status == 403 {
+                exit::NOPERM
+            } else {
+                exit::UNAVAILABLE
+            },
+        });
+    }
+    Ok(size)
+}
+
+/// Whether `p` is a temp file a snapshot or restore run leaves while it works.
+pub fn is_temp_file(p: &Path) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        (n.starts_with(".snapshot-") || n.starts_with(".restore-")) && n.ends_with(".tmp")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_utc_and_sortable() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_700_000_000), "20231114T221320Z");
+        assert_eq!(utc_stamp(4_102_444_799), "20991231T235959Z");
+        assert!(utc_stamp(1_700_000_000) < utc_stamp(1_700_000_001));
+        assert_eq!(
+            object_key("/vault-bootstrap-snapshots/", "prod", 1_700_000_000),
+            "vault-bootstrap-snapshots/prod/prod-20231114T221320Z.snap"
+        );
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_ignores_foreign_keys() {
+        let k = |t: u64| object_key("snaps", "prod", t);
+        let mut keys: Vec<String> = [5, 1, 3, 2, 4].iter().map(|t| k(t * 3600)).collect();
+        keys.push("snaps/prod/notes.txt".into());
+        keys.push("snaps/prod/prod-latest.snap".into());
+        keys.push("snaps/prod-2/prod-2-19700101T000000Z.snap".into());
+        keys.push(object_key("snaps", "other", 0));
+        let gone = to_prune(&keys, "snaps", "prod", 2);
+        assert_eq!(gone, vec![k(3 * 3600), k(2 * 3600), k(3600)]);
+        assert!(to_prune(&keys, "snaps", "prod", 5).is_empty());
+        assert!(to_prune(&keys, "snaps", "prod", 50).is_empty());
+        assert_eq!(to_prune(&keys, "snaps", "prod", 1).len(), 4);
+    }
+
+    #[test]
+    fn s3_urls_parse() {
+        assert_eq!(
+            parse_s3_url("s3://b/p/c/c-x.snap"),
+            Some(("b".into(), "p/c/c-x.snap".into()))
+        );
+        assert_eq!(parse_s3_url("s3://b/"), None);
+        assert_eq!(parse_s3_url("https://b/k"), None);
+        assert_eq!(parse_s3_url("s3:///k"), None);
+    }
+
+    #[test]
+    fn policy_cannot_restore() {
+        assert!(!POLICY_HCL.contains("snapshot-force"));
+        assert!(!POLICY_HCL.contains("update"));
+        assert!(is_temp_file(Path::new("/x/.snapshot-abc.tmp")));
+        assert!(!is_temp_file(Path::new("/x/pending-init.json")));
+    }
+}

@@ -1,0 +1,311 @@
+//! Raft snapshots to S3 on a 3-node cluster: write a secret, snapshot, delete it, restore ->
+//! it is back; a snapshot with a follower down still succeeds; with S3 PUTs failing it
+//! exits non-zero and leaves no object and no temp file; `keep` prunes the oldest.
+//!
+//! The cluster keeps its root token (`revoke_root_token = false`) so the test can write
+//! secrets; the snapshot itself logs in with the escrowed AppRole, restore with the
+//! operator's VAULT_TOKEN (here the root token).
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CLUSTER: &str = "test-vault";
+const PREFIX: &str = "vault-bootstrap-snapshots/test-vault/";
+
+fn sha256_of(path: &std::path::Path) -> String {
+    // coreutils, independent of the agent's own implementation.
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+async fn snaps(tb: &Testbed) -> Vec<String> {
+    let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
+    let out = s3
+        .list_objects_v2()
+        .bucket("vault-resources")
+        .prefix(PREFIX)
+        .send()
+        .await
+        .expect("ListObjectsV2");
+    let mut keys: Vec<String> = out
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Index of the node answering 200, and of one answering 429.
+async fn roles(tb: &Testbed, n: usize) -> (Option<usize>, Vec<usize>) {
+    let mut active = None;
+    let mut standby = Vec::new();
+    for i in 0..n {
+        match tb.api(i).health().await {
+            Some((200, _)) => active = Some(i),
+            Some((429, _)) => standby.push(i),
+            _ => {}
+        }
+    }
+    (active, standby)
+}
+
+async fn active(tb: &Testbed, n: usize) -> usize {
+    poll("an active node", Duration::from_secs(60), || async {
+        roles(tb, n).await.0
+    })
+    .await
+}
+
+fn temp_files(tb: &Testbed, i: usize) -> Vec<String> {
+    tree(&tb.node_dir(i).join("state"))
+        .into_iter()
+        .filter(|f| f.ends_with(".tmp"))
+        .collect()
+}
+
+fn run_env(tb: &Testbed, i: usize, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut a = tb.spawn_agent_env(i, args, env);
+    let mut stdout = a.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let status = a.wait_exit(Duration::from_secs(120));
+    let out = reader.join().unwrap_or_default();
+    (
+        status.code().unwrap_or(-1),
+        format!("{out}\n{}", a.stderr()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_follower_down_s3_down_and_keep() {
+    let n = 3;
+    let mut tb = Testbed::start(36, n);
+    let extra = "[init]\nrevoke_root_token = false\n[snapshot]\nkeep = 2\n";
+    for i in 0..n {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra.into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    let init_log: String = agents.iter().map(|a| a.stderr()).collect();
+    assert!(
+        init_log.contains("snapshot AppRole created and its credentials escrowed"),
+        "{init_log}"
+    );
+    let root = tb.escrowed(CLUSTER, "root-token").await;
+    let approle = tb.escrowed(CLUSTER, "snapshot-approle").await;
+    assert!(approle.contains("role_id") && !approle.contains(&root));
+
+    // A secret to lose and get back.
+    let a = active(&tb, n).await;
+    let api = tb.api(a);
+    let (s, b) = api
+        .put(
+            "sys/mounts/secret",
+            Some(&root),
+            serde_json::json!({"type": "kv"}),
+        )
+        .await;
+    assert!((200..300).contains(&s), "enable kv: {s} {b}");
+    let (s, b) = api
+        .put(
+            "secret/probe",
+            Some(&root),
+            serde_json::json!({"value": "before-snapshot"}),
+        )
+        .await;
+    assert!((200..300).contains(&s), "write secret: {s} {b}");
+
+    // 1. Snapshot as node 0.
+    let t = Instant::now();
+    let (code, out) = run_env(&tb, 0, &["snapshot"], &[]);
+    let took = t.elapsed();
+    assert_eq!(code, 0, "{out}");
+    let keys = snaps(&tb).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let url = format!("s3://vault-resources/{}", keys[0]);
+    assert!(out.contains(&url), "{out}");
+    assert!(
+        keys[0].starts_with(&format!("{PREFIX}{CLUSTER}-")) && keys[0].ends_with("Z.snap"),
+        "{keys:?}"
+    );
+    let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
+    let head = s3
+        .head_object()
+        .bucket("vault-resources")
+        .key(&keys[0])
+        .send()
+        .await
+        .unwrap();
+    let got = s3
+        .get_object()
+        .bucket("vault-resources")
+        .key(&keys[0])
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let local = tb.path().join("downloaded.snap");
+    std::fs::write(&local, &got).unwrap();
+    let meta = head.metadata().cloned().unwrap_or_default();
+    assert_eq!(meta.get("sha256"), Some(&sha256_of(&local)), "{meta:?}");
+    assert_eq!(meta.get("size"), Some(&got.len().to_string()));
+    assert_eq!(head.content_length(), Some(got.len() as i64));
+    assert_eq!(
+        head.server_side_encryption(),
+        Some(&aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+    );
+    assert!(temp_files(&tb, 0).is_empty(), "{:?}", temp_files(&tb, 0));
+    eprintln!(
+        "MEASURED snapshot: {} bytes, whole command {} ms",
+        got.len(),
+        took.as_millis()
+    );
+
+    // 2. Delete the secret; restore; it is back.
+    let r = api
+        .http
+        .delete(format!("{}/v1/secret/probe", api.base))
+        .header("X-Vault-Token", &root)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(api.get("secret/probe", Some(&root)).await.unwrap().0, 404);
+
+    let (code, out) = run_env(&tb, 1, &["snapshot", "restore", "--from", &url], &[]);
+    assert_eq!(code, 64, "refuses without --yes: {out}");
+    assert!(out.contains("--yes"), "{out}");
+    let (code, out) = run_env(
+        &tb,
+        1,
+        &["snapshot", "restore", "--from", &url, "--yes"],
+        &[],
+    );
+    assert_eq!(code, 64, "refuses without VAULT_TOKEN: {out}");
+    assert!(
+        out.contains("VAULT_TOKEN") && out.contains("AppRole"),
+        "{out}"
+    );
+    let t = Instant::now();
+    let (code, out) = run_env(
+        &tb,
+        1,
+        &["snapshot", "restore", "--from", &url, "--yes"],
+        &[("VAULT_TOKEN", &root)],
+    );
+    assert_eq!(code, 0, "{out}");
+    let value = poll(
+        "the secret back after restore",
+        Duration::from_secs(60),
+        || {
+            let tb = &tb;
+            let root = root.clone();
+            async move {
+                let a = roles(tb, n).await.0?;
+                match tb.api(a).get("secret/probe", Some(&root)).await {
+                    Some((200, b)) => b["data"]["value"].as_str().map(str::to_owned),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(value, "before-snapshot");
+    eprintln!(
+        "MEASURED restore: secret readable {} ms after the restore command started",
+        t.elapsed().as_millis()
+    );
+
+    // 3. A follower's server is down: the snapshot still succeeds.
+    let (a, standby) = poll("active and standbys", Duration::from_secs(60), || async {
+        let (a, s) = roles(&tb, n).await;
+        (a.is_some() && s.len() == n - 1).then(|| (a.unwrap(), s))
+    })
+    .await;
+    let down = standby[0];
+    agents[down].kill_servers();
+    wait_for(
+        "the follower's API to stop answering",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || {
+            std::net::TcpStream::connect_timeout(
+                &format!("{}:8200", tb.instances[down].ip).parse().unwrap(),
+                Duration::from_millis(300),
+            )
+            .is_err()
+            .then_some(())
+        },
+    );
+    // Run it on the node whose server is down, when that is not the leader's: the agent
+    // must find the active node among its peers.
+    let runner = if down != a { down } else { (a + 1) % n };
+    let (code, out) = run_env(&tb, runner, &["snapshot"], &[]);
+    assert_eq!(code, 0, "follower {down} down, run on {runner}: {out}");
+    let before_fault = snaps(&tb).await;
+    assert_eq!(before_fault.len(), 2, "{before_fault:?}");
+
+    // 4. S3 PUT of the snapshot fails: non-zero, a clear message, no object, no temp file.
+    tb.proxy_rules("PUT .*\\.snap status 503 ServiceUnavailable\n");
+    tb.start_proxy();
+    let ok_runner = (0..n).find(|i| *i != down).unwrap();
+    tb.write_config(
+        ok_runner,
+        &NodeOpts {
+            extra_toml: format!("{extra}[agent]\naws_timeout_secs = 3\n"),
+            ..Default::default()
+        },
+    );
+    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(code, 75, "{out}");
+    if let Some(line) = out.lines().find(|l| l.contains("nothing was stored")) {
+        eprintln!("S3 DOWN, the agent said: {line}");
+    }
+    assert!(
+        out.contains("nothing was stored") && out.contains("PutObject"),
+        "{out}"
+    );
+    assert_eq!(snaps(&tb).await, before_fault, "no new or partial object");
+    assert!(
+        temp_files(&tb, ok_runner).is_empty(),
+        "{:?}",
+        temp_files(&tb, ok_runner)
+    );
+
+    // 5. keep = 2: a third good snapshot leaves the two newest.
+    tb.proxy_rules("");
+    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let after = snaps(&tb).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(
+        after[0], before_fault[1],
+        "the oldest was pruned: {after:?}"
+    );
+    assert!(!after.contains(&before_fault[0]));
+    assert!(out.contains("older snapshots pruned"), "{out}");
+
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
