@@ -93,6 +93,10 @@ pub enum EscrowCommand {
 pub struct SnapshotArgs {
     #[command(subcommand)]
     pub command: Option<SnapshotCommand>,
+    /// Do nothing (exit 0) unless this node is the active one: every node runs the timer,
+    /// one snapshot per interval is taken, and `keep` means that many intervals.
+    #[arg(long)]
+    pub only_if_active: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,9 +131,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await
         }
-        Command::Snapshot(SnapshotArgs { command: None }) => snapshot::take(&cfg).await,
+        Command::Snapshot(SnapshotArgs {
+            command: None,
+            only_if_active,
+        }) => snapshot::take(&cfg, only_if_active).await,
         Command::Snapshot(SnapshotArgs {
             command: Some(SnapshotCommand::Restore { from, yes }),
+            ..
         }) => snapshot::restore(&cfg, &from, yes).await,
         Command::Install(args) => install::run(&args),
     }

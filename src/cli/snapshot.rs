@@ -37,8 +37,19 @@ async fn nodes(cfg: &Config) -> Result<(node::Node, Vec<VaultClient>)> {
 }
 
 /// Takes one snapshot and stores it (see [`snapshot::take`]); prints its URL, size, sha256.
-pub async fn take(cfg: &Config) -> Result<i32> {
+pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     let (n, clients) = nodes(cfg).await?;
+    if only_if_active
+        && !matches!(
+            clients[0].health().await,
+            Ok(crate::vault_api::Health::Active)
+        )
+    {
+        tracing::info!(
+            "this node is not the active one: the active node's timer takes the snapshot"
+        );
+        return Ok(exit::OK);
+    }
     let active = snapshot::find_active(&clients).await?;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::new(&n.sdk);
