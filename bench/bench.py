@@ -811,11 +811,11 @@ telemetry {{
             (self.work / "calls").mkdir(exist_ok=True)
             rules = self.work / "calls/empty.rules"
             rules.write_text("")
-            p = self.procs.spawn("service", [self.py, str(self.root / "bench/countproxy.py"), "--listen", f"{host}:5001",
+            p = self.procs.spawn("service", [self.py, str(self.root / "tests/testbed/faultproxy.py"), "--listen", f"{host}:5001",
                                              "--upstream", MOTO_URL, "--rules", str(rules)],
-                                 self.base_env(), self.work / f"calls/proxy-{i}.log", "countproxy.py", "calls",
+                                 self.base_env(), self.work / f"calls/proxy-{i}.log", "faultproxy.py", "calls",
                                  stdout_pipe=True)
-            self.wait_ready_line(p, 20, f"countproxy {host}")
+            self.wait_ready_line(p, 20, f"faultproxy {host}")
             proxies.append(p)
             endpoints.append(f"http://{host}:5001")
         imds_log = self.work / "imds.log"
@@ -996,7 +996,7 @@ def report(b: Bench, meta: dict) -> str:
     L.append("")
     c = R["calls"]
     if c:
-        L.append("Each agent's `AWS_ENDPOINT_URL` pointed at its own counting proxy (bench/countproxy.py) "
+        L.append("Each agent's `AWS_ENDPOINT_URL` pointed at its own proxy (tests/testbed/faultproxy.py, whose log names each call's service and operation) "
                  "in front of moto, so calls are per agent; the servers' KMS seal talks to moto directly "
                  "and is not counted. IMDS = requests to the node's own IMDS (token PUTs included). "
                  "Default config (root token revoked after post-init).")

@@ -30,7 +30,8 @@ matching rule wins; blank lines and lines starting with ``#`` are ignored:
 Example:  ``GET .*server\\.key status 403 AccessDenied``
           ``POST ^/$ delay 5``   (KMS/EC2 requests all go to ``/``)
 
-Prints READY on stdout once listening; one log line per request on stderr.
+Prints READY on stdout once listening; one log line per request on stderr, naming the AWS
+service and operation of forwarded requests (``svc=S3 op=GetObject``), which bench/ counts.
 """
 
 from __future__ import annotations
@@ -114,6 +115,26 @@ def load_rules(path: Path | None) -> list[Rule]:
             continue
         rules.append(Rule(method, pattern, action, args, line))
     return rules
+
+
+def classify(method: str, target: str, amz_target: str | None, body: bytes) -> tuple[str, str]:
+    """(service, operation) of one AWS request, as far as the wire shows it."""
+    if amz_target:  # awsJson: KMS is TrentService.<Op>
+        prefix, _, op = amz_target.partition(".")
+        return ("KMS" if prefix == "TrentService" else prefix), op or amz_target
+    path, _, query = target.partition("?")
+    if path == "/" and (b"Action=" in body or "Action=" in query):  # EC2 query protocol
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace") or query)
+        return "EC2", (form.get("Action") or ["?"])[0]
+    q = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if q.get("x-id"):  # the Rust SDK names the S3 operation itself
+        return "S3", q["x-id"][0]
+    if method == "GET":
+        op = "ListObjectsV2" if "list-type" in q else "ListObjects" if path.count("/") == 1 else "GetObject"
+    else:
+        op = {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject",
+              "POST": "PostObject"}.get(method, method)
+    return "S3", op
 
 
 def match_rule(rules: list[Rule], method: str, target: str) -> Rule | None:
@@ -309,7 +330,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         rule = match_rule(load_rules(self.server.rules_path), self.command, match_on)
         if rule is None:
             status = self._forward(target, body)
-            log(f"{self.command} {target} -> {status}")
+            svc, op = classify(self.command, target, amz_target, body)
+            log(f"{self.command} {target} -> {status} svc={svc} op={op}")
         elif rule.action == "status":
             self._inject_status(rule, body)
             log(f"{self.command} {target} -> {rule.args[0]} (injected by rule {rule.text!r})")
