@@ -1128,7 +1128,8 @@ mod tests {
     #[test]
     fn the_timers_run_their_commands() {
         assert!(SNAPSHOT_SERVICE.contains("\nType=oneshot\n"));
-        assert!(SNAPSHOT_SERVICE.contains("\nExecStart=/usr/local/bin/vault-bootstrap snapshot\n"));
+        assert!(SNAPSHOT_SERVICE
+            .contains("\nExecStart=/usr/local/bin/vault-bootstrap snapshot --only-if-active\n"));
         assert!(SNAPSHOT_SERVICE.contains("\nAfter=vault.service\n"));
         assert!(SNAPSHOT_TIMER.contains("\nOnCalendar=hourly\n"));
         assert!(REFRESH_TLS_SERVICE
