@@ -244,10 +244,10 @@ async fn assess(
     cluster_id: Option<&str>,
     leader: Option<&str>,
 ) -> Membership {
-    let Some((status, health)) = get(local, "sys/health", None).await else {
-        return Membership::Down;
-    };
-    if Health::from_status(status) == Health::Uninitialized {
+    let local_health = get(local, "sys/health", None).await;
+    let fresh =
+        matches!(&local_health, Some((s, _)) if Health::from_status(*s) == Health::Uninitialized);
+    if fresh {
         return Membership::Fresh;
     }
     if let Some(t) = token {
@@ -268,6 +268,10 @@ async fn assess(
             }
         }
     }
+    // A removed node's server may stop answering; without the cluster's word it is "down".
+    let Some((status, health)) = local_health else {
+        return Membership::Down;
+    };
     if let (Some(mine), Some(theirs)) = (health["cluster_id"].as_str(), cluster_id) {
         if !mine.is_empty() && mine != theirs {
             return Membership::Unknown(format!(
