@@ -405,7 +405,7 @@ for ((n = 0; n < NODES; n++)); do
 done
 echo "Logs:     $WORK/node-N/agent.log (agent + its server), $WORK/{moto,imds,seed}.log"
 echo "Config:   $WORK/node-N/config.toml -> $WORK/node-N/etc/vault.hcl"
-echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see README \"Escrow\")"
+echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see README \"Init and escrow\")"
 echo
 
 SUCCESS=1
