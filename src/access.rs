@@ -47,15 +47,20 @@ fn call(method: Method, path: impl Into<String>, body: Value) -> Call {
     }
 }
 
+/// Writes the admin policy (both login paths attach it).
+fn admin_policy_call(policy: &str) -> Call {
+    call(
+        Method::PUT,
+        format!("sys/policies/acl/{policy}"),
+        json!({"policy": ADMIN_POLICY}),
+    )
+}
+
 /// Policy + cert auth mount + the operators' role bound to the operator CA.
 pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
     let policy = access.policy_name();
     vec![
-        call(
-            Method::PUT,
-            format!("sys/policies/acl/{policy}"),
-            json!({"policy": ADMIN_POLICY}),
-        ),
+        admin_policy_call(policy),
         call(
             Method::POST,
             format!("sys/auth/{CERT_MOUNT}"),
@@ -109,11 +114,7 @@ pub fn aws_calls(access: &AccessConfig) -> Vec<Call> {
         ));
     }
     calls.extend([
-        call(
-            Method::PUT,
-            format!("sys/policies/acl/{policy}"),
-            json!({"policy": ADMIN_POLICY}),
-        ),
+        admin_policy_call(policy),
         call(
             Method::POST,
             format!("sys/auth/{AWS_MOUNT}"),
