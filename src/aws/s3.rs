@@ -180,22 +180,14 @@ impl SdkS3 {
 
 impl ObjectStore for SdkS3 {
     async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
-        let url = format!("s3://{bucket}/{key}");
-        let out = self
-            .client
-            .get_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| sdk_error("GetObject", url.clone(), e))?;
-        let body = out.body.collect().await.map_err(|e| Error::Aws {
-            operation: "GetObject",
-            resource: url,
-            failure: AwsFailure::Transient,
-            message: format!("reading the body failed: {e}"),
-        })?;
-        Ok(body.into_bytes().to_vec())
+        // One GetObject path for small objects and streamed snapshots alike.
+        let mut body = Vec::new();
+        self.download(bucket, key, &mut |chunk| {
+            body.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await?;
+        Ok(body)
     }
 
     async fn put_if_absent(
