@@ -9,21 +9,11 @@ use std::time::Duration;
 /// Starts `n` agents together on block `block`; returns the test-bed and the agents once
 /// every node reported ready.
 async fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
-    let tb = Testbed::start(block, n);
-    for i in 0..n {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: format!("[init]\nexpected_size = {}\n{extra_toml}", n.max(3)),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
-    (tb, agents)
+    common::form(
+        block,
+        n,
+        &format!("[init]\nexpected_size = {}\n{extra_toml}", n.max(3)),
+    )
 }
 
 /// Root token from the escrow (only in tests that keep it).

@@ -157,20 +157,7 @@ async fn voters(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_sealed_on_purpose_is_left_sealed() {
-    let tb = Testbed::start(42, 3);
-    for i in 0..3 {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: "[init]\nrevoke_root_token = false\n".into(),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (tb, mut agents) = form(42, 3, "[init]\nrevoke_root_token = false\n");
     let root = tb.escrowed("test-vault", "root-token").await;
     voters(&tb, 0, &root, 3, None).await;
     let (code, body) = tb

@@ -22,14 +22,7 @@ fn line<'a>(out: &'a str, name: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_names_each_broken_precondition() {
-    let tb = Testbed::start(39, 3);
-    for i in 0..3 {
-        tb.write_config(i, &NodeOpts::default());
-    }
-    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (tb, mut agents) = form(39, 3, "");
 
     let (code, out) = doctor(&tb, &[]);
     assert_eq!(code, 0, "{out}");

@@ -65,20 +65,7 @@ fn snapshot_tree(tb: &Testbed, i: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
-    let tb = Testbed::start(40, 3);
-    for i in 0..3 {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: "[init]\nrevoke_root_token = false\n".into(),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (tb, mut agents) = form(40, 3, "[init]\nrevoke_root_token = false\n");
     let root = tb.escrowed("test-vault", "root-token").await;
     wait_voters(&tb, 0, &root, 3).await;
     let me = tb.instances[2].id.clone();
@@ -158,14 +145,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejoin_refuses_when_two_of_three_nodes_are_down() {
-    let tb = Testbed::start(41, 3);
-    for i in 0..3 {
-        tb.write_config(i, &NodeOpts::default());
-    }
-    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (tb, mut agents) = form(41, 3, "");
     agents[0].kill_servers();
     agents[1].kill_servers();
     let before = snapshot_tree(&tb, 2);

@@ -789,6 +789,27 @@ impl Testbed {
     }
 }
 
+/// Starts a test-bed of `n` instances on block `127.0.<block>`, writes every node's config
+/// with `extra_toml`, starts the `n` agents together and waits (bounded) until each reports
+/// its node ready.
+pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
+    let tb = Testbed::start(block, n);
+    for i in 0..n {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra_toml.to_string(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(180));
+    }
+    (tb, agents)
+}
+
 /// Overlays `extra` on `base` table by table (keys in `extra` win), both TOML text.
 pub fn merge_toml(base: &str, extra: &str) -> String {
     let mut b: toml::Table = base.parse().expect("base toml");
