@@ -152,6 +152,10 @@ pub enum Error {
 
     #[error("refused: {message}")]
     Refused { message: String },
+
+    /// Another vault-bootstrap command holds this node's lock (see `node_lock`).
+    #[error("another vault-bootstrap command ({holder}) is changing this node and did not finish within {waited_secs} s: nothing was changed; run this again when it is done")]
+    NodeBusy { holder: String, waited_secs: u64 },
     /// A snapshot or restore failed; `exit` is the code of its root cause.
     #[error("snapshot: {message}")]
     Snapshot { message: String, exit: i32 },
@@ -192,6 +196,7 @@ impl Error {
             Error::Init { .. } => exit::ESCROW,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Refused { .. } => exit::TEMPFAIL,
+            Error::NodeBusy { .. } => exit::TEMPFAIL,
             Error::Snapshot { exit, .. } => *exit,
             Error::Internal(_) => exit::SOFTWARE,
         }

@@ -17,6 +17,7 @@ pub mod install;
 pub mod launcher;
 pub mod logging;
 pub mod node;
+pub mod node_lock;
 pub mod render;
 pub mod retry;
 pub mod secret;

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, FileSpec, Outcome, Owner};
 use crate::launcher::{self, Running};
+use crate::node_lock::{self, NodeLock};
 use crate::vault_api::{self, Liveness, VaultClient};
 use crate::{init, node, render, tls};
 use std::net::IpAddr;
@@ -50,6 +51,9 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     );
     let flavor = launcher::resolve_flavor(&cfg.vault).await;
     let hcl = render_config(cfg, &node, flavor);
+    // Everything above only read; from here on this node changes. A `rejoin` or
+    // `refresh-tls` running now would interleave with us: wait for it (bounded).
+    let lock = node_lock::acquire(&cfg.agent.state_dir, "boot", node_lock::DEFAULT_WAIT).await?;
     let (tls_changed, config_changed) = write_files(cfg, &material, &hcl, owner)?;
     tracing::info!(
         path = %cfg.vault.config_file.display(),
@@ -64,7 +68,14 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: server started"
     );
-    serve(cfg, &node, &material, owner, flavor, running, started).await
+    let launched = Launched { running, lock };
+    serve(cfg, &node, &material, owner, flavor, launched, started).await
+}
+
+/// The started server and the node lock held until it is settled.
+pub(crate) struct Launched {
+    pub running: Running,
+    pub lock: NodeLock,
 }
 
 /// Step 3: fetch the TLS objects and check them; nothing is written here.
@@ -178,9 +189,10 @@ pub(crate) async fn serve(
     material: &tls::Material,
     owner: Owner,
     flavor: crate::config::Flavor,
-    running: Running,
+    launched: Launched,
     started: Instant,
 ) -> Result<i32> {
+    let Launched { running, lock } = launched;
     let client = local_client(cfg, node, &material.ca_pem)?;
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let ready = Ready {
@@ -202,6 +214,7 @@ pub(crate) async fn serve(
                 return Ok(crate::error::exit::OK);
             }
             initialize_or_join(cfg, &ready, started).await?;
+            drop(lock);
             Ok(crate::error::exit::OK)
         }
         Running::Child(mut child) => {
@@ -217,7 +230,11 @@ pub(crate) async fn serve(
             }
             .await;
             match waited {
-                Ok(()) => launcher::supervise(child).await,
+                Ok(()) => {
+                    // Settled: from now on we only supervise, and a `rejoin` may take over.
+                    drop(lock);
+                    launcher::supervise(child).await
+                }
                 Err(e) => {
                     // Never leave an orphaned server behind a failed boot. Keys are not at
                     // risk here: they are escrowed or sealed in the pending file by now.

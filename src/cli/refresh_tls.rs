@@ -34,6 +34,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         tracing::info!(days_left, serial = %checked.serial_hex, "TLS material checked");
     }
 
+    // Compared and written under the node lock: a boot or rejoin may be rewriting them.
+    let _lock = crate::node_lock::acquire(
+        &cfg.agent.state_dir,
+        "refresh-tls",
+        crate::node_lock::DEFAULT_WAIT,
+    )
+    .await?;
     let (cert_p, key_p, ca_p) = tls::paths(&cfg.vault.tls_dir);
     let same = |p: &std::path::Path, want: &[u8]| std::fs::read(p).ok().as_deref() == Some(want);
     let ca_changed = !same(&ca_p, &m.ca_pem);

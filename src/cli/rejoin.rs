@@ -14,6 +14,7 @@ use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
 use crate::launcher::{self, Reloader, Running};
 use crate::node;
+use crate::node_lock;
 use crate::secret::Secret;
 use crate::vault_api::{self, Health, Liveness, VaultClient};
 use reqwest::Method;
@@ -51,6 +52,13 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         .ok()
         .filter(|t| !t.is_empty())
         .map(Secret::new);
+    // A boot or refresh-tls changing this node now would interleave with the repair (a boot
+    // could start the server on raft data being moved aside). A dry run changes nothing.
+    let lock = if dry_run {
+        None
+    } else {
+        Some(node_lock::acquire(&cfg.agent.state_dir, "rejoin", node_lock::DEFAULT_WAIT).await?)
+    };
     let node = node::identify(cfg).await?;
     say(format!(
         "instance {} ({}), {} instance(s) in cluster {}",
@@ -223,6 +231,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
             .await;
             match waited {
                 Ok(()) => {
+                    drop(lock);
                     say(format!("done in {:.1} s: an unsealed member again; staying with the server (exec launcher)", started.elapsed().as_secs_f64()));
                     tracing::info!("rejoin complete");
                     launcher::supervise(child).await
