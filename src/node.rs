@@ -61,7 +61,11 @@ pub struct Identity {
 pub async fn identity(cfg: &Config) -> Result<Identity> {
     let md = SdkImds::new();
     let facts = imds::instance_facts(&md, Duration::from_secs(cfg.agent.imds_timeout_secs)).await?;
-    let sdk = crate::aws::sdk_config(&facts.region).await;
+    let sdk = crate::aws::sdk_config(
+        &facts.region,
+        Duration::from_secs(cfg.agent.aws_timeout_secs),
+    )
+    .await;
     let ec2 = SdkEc2::new(&sdk);
     let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
     Ok(Identity {
@@ -86,7 +90,11 @@ pub async fn identify(cfg: &Config) -> Result<Node> {
     )
     .await?;
 
-    let sdk = crate::aws::sdk_config(&facts.region).await;
+    let sdk = crate::aws::sdk_config(
+        &facts.region,
+        Duration::from_secs(cfg.agent.aws_timeout_secs),
+    )
+    .await;
     let ec2 = SdkEc2::new(&sdk);
     let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
     let peers = discovery::discover(

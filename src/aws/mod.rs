@@ -11,17 +11,32 @@ pub mod s3;
 
 use crate::error::{AwsFailure, Error};
 use aws_config::meta::region::RegionProviderChain;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use std::time::Duration;
+
+/// Longest wait for the first byte of one attempt's answer. S3, EC2 and KMS answer in well
+/// under a second; an endpoint that says nothing for this long is hung (the SDK's default is
+/// to wait forever, which would stall a boot with no error at all).
+pub const ATTEMPT_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Loads the SDK configuration; `fallback_region` (from IMDS) is used when the environment
-/// names none.
-pub async fn sdk_config(fallback_region: &str) -> SdkConfig {
+/// names none. One attempt waits at most `step_deadline` (the step's whole bound,
+/// `agent.aws_timeout_secs`) or [`ATTEMPT_READ_TIMEOUT`] for an answer, whichever is shorter;
+/// a timed-out attempt is transient, so the step's retry loop tries again within its bound.
+pub async fn sdk_config(fallback_region: &str, step_deadline: Duration) -> SdkConfig {
     let region =
         RegionProviderChain::default_provider().or_else(Region::new(fallback_region.to_owned()));
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_millis(3100))
+                .read_timeout(step_deadline.min(ATTEMPT_READ_TIMEOUT))
+                .build(),
+        )
         .load()
         .await
 }

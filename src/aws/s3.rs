@@ -70,6 +70,21 @@ impl SdkS3 {
             client: aws_sdk_s3::Client::new(config),
         }
     }
+
+    /// For uploads of large streamed bodies (snapshots): the read timeout counts from the
+    /// start of the request, so it would cut off any upload longer than itself. The connect
+    /// timeout stays, and the caller bounds the whole transfer.
+    pub fn for_streams(config: &aws_config::SdkConfig) -> Self {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_millis(3100))
+            .build();
+        let conf = aws_sdk_s3::config::Builder::from(config)
+            .timeout_config(timeouts)
+            .build();
+        SdkS3 {
+            client: aws_sdk_s3::Client::from_conf(conf),
+        }
+    }
 }
 
 impl SdkS3 {

@@ -63,7 +63,11 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             return Ok(FAILED);
         }
     };
-    let sdk = crate::aws::sdk_config(&facts.region).await;
+    let sdk = crate::aws::sdk_config(
+        &facts.region,
+        Duration::from_secs(cfg.agent.aws_timeout_secs),
+    )
+    .await;
     let (ec2, s3, kms) = (SdkEc2::new(&sdk), SdkS3::new(&sdk), SdkKms::new(&sdk));
 
     let tag = node::tag_value(cfg, &md, &ec2, &facts).await;

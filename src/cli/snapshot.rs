@@ -52,7 +52,7 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     }
     let active = snapshot::find_active(&clients).await?;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    let s3 = SdkS3::new(&n.sdk);
+    let s3 = SdkS3::for_streams(&n.sdk);
     let layout = Layout::new(cfg, &n.tag_value);
     let token = snapshot::login(active, &s3, &SdkKms::new(&n.sdk), &layout, aws).await?;
     let result = snapshot::take(cfg, &n.tag_value, active, &token, &s3).await;
@@ -107,7 +107,15 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
     };
     let (n, clients) = nodes(cfg).await?;
     let active = snapshot::find_active(&clients).await?;
-    let size = snapshot::restore(cfg, &bucket, &key, active, &token, &SdkS3::new(&n.sdk)).await?;
+    let size = snapshot::restore(
+        cfg,
+        &bucket,
+        &key,
+        active,
+        &token,
+        &SdkS3::for_streams(&n.sdk),
+    )
+    .await?;
     tracing::warn!(from = %from, size, via = %active.base(), "cluster restored from the snapshot");
     let _ = writeln!(std::io::stdout(), "restored {from} ({size} bytes)");
     Ok(exit::OK)
