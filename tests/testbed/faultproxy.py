@@ -18,7 +18,9 @@ matching rule wins; blank lines and lines starting with ``#`` are ignored:
     <METHOD|*> <python-regex searched in path+query[#X-Amz-Target]> <action>
 
     (requests with an X-Amz-Target header, as KMS's are, are matched against
-    ``/path?query#TrentService.Encrypt``, so one KMS operation can be failed alone)
+    ``/path?query#TrentService.Encrypt``, and EC2 query requests against
+    ``/#DescribeInstances`` (the Action in their form body), so one KMS or EC2 operation
+    can be failed alone)
 
     status <code> [<ErrorCode>]   answer <code> with an AWS-style error body
                                   (S3/XML by default; JSON if the request carries
@@ -26,6 +28,10 @@ matching rule wins; blank lines and lines starting with ``#`` are ignored:
                                   EC2 query request)
     delay <seconds>               sleep, then forward
     drop                          close the connection without answering
+
+    A last word ``x<N>`` (e.g. ``x3``) makes a rule fire for its first N matching requests
+    only, then let them through (a transient fault); the counts start again whenever the
+    rules file changes.
 
 Example:  ``GET .*server\\.key status 403 AccessDenied``
           ``POST ^/$ delay 5``   (KMS/EC2 requests all go to ``/``)
@@ -73,6 +79,13 @@ class Rule:
     action: str
     args: list[str]
     text: str
+    times: int | None = None  # fire only this often (``x<N>``), None: always
+
+
+# Hits per rule text for ``x<N>`` rules, cleared when the rules file's text changes.
+HITS: dict[str, int] = {}
+HITS_FOR: list[str] = [""]
+HITS_LOCK = threading.Lock()
 
 
 def load_rules(path: Path | None) -> list[Rule]:
@@ -85,6 +98,11 @@ def load_rules(path: Path | None) -> list[Rule]:
     except OSError as e:
         log(f"cannot read rules file: {e}")
         return []
+    with HITS_LOCK:
+        text = "\n".join(lines)
+        if HITS_FOR[0] != text:
+            HITS.clear()
+            HITS_FOR[0] = text
     rules = []
     for n, raw in enumerate(lines, 1):
         line = raw.strip()
@@ -95,6 +113,10 @@ def load_rules(path: Path | None) -> list[Rule]:
             log(f"rules line {n} ignored (need METHOD REGEX ACTION): {line!r}")
             continue
         method, regex, action, args = parts[0].upper(), parts[1], parts[2].lower(), parts[3:]
+        times = None
+        if args and re.fullmatch(r"x\d+", args[-1]):
+            times = int(args[-1][1:])
+            args = args[:-1]
         try:
             pattern = re.compile(regex)
         except re.error as e:
@@ -113,7 +135,7 @@ def load_rules(path: Path | None) -> list[Rule]:
         elif action != "drop":
             log(f"rules line {n} ignored (unknown action {action!r}): {line!r}")
             continue
-        rules.append(Rule(method, pattern, action, args, line))
+        rules.append(Rule(method, pattern, action, args, line, times))
     return rules
 
 
@@ -140,6 +162,12 @@ def classify(method: str, target: str, amz_target: str | None, body: bytes) -> t
 def match_rule(rules: list[Rule], method: str, target: str) -> Rule | None:
     for r in rules:
         if (r.method == "*" or r.method == method) and r.pattern.search(target):
+            if r.times is not None:
+                with HITS_LOCK:
+                    n = HITS.get(r.text, 0)
+                    if n >= r.times:
+                        continue  # spent: the next rule (or the upstream) answers
+                    HITS[r.text] = n + 1
             return r
     return None
 
@@ -327,6 +355,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         amz_target = self.headers.get("X-Amz-Target")
         match_on = f"{target}#{amz_target}" if amz_target else target
+        if not amz_target and target == "/" and b"Action=" in body:
+            match_on = f"{target}#{classify(self.command, target, None, body)[1]}"
         rule = match_rule(load_rules(self.server.rules_path), self.command, match_on)
         if rule is None:
             status = self._forward(target, body)
