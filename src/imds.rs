@@ -48,6 +48,11 @@ impl SdkImds {
                 // The SDK's own retries (3 attempts on 5xx) are kept short: the agent's
                 // outer loop owns the deadline and the logging.
                 .max_attempts(2)
+                // The SDK waits 1 s for an answer by default; the IMDS of an instance that is
+                // still booting (or of a loaded host) can take longer, and a timed-out token
+                // request looks like a refused token. 5 s per request; the agent's loop and
+                // `agent.imds_timeout_secs` bound the whole wait.
+                .read_timeout(Duration::from_secs(5))
                 .build(),
         }
     }
@@ -76,7 +81,10 @@ impl Metadata for SdkImds {
                     }),
                 }
             }
-            Err(ImdsError::FailedToLoadToken(_)) => Err(diagnose_token_failure().await),
+            Err(e @ ImdsError::FailedToLoadToken(_)) => Err(diagnose_token_failure(
+                aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+            )
+            .await),
             Err(e) => Err(Error::Imds {
                 what: format!("GET {full}"),
                 message: format!(
@@ -93,7 +101,7 @@ impl Metadata for SdkImds {
 }
 
 /// Names the real cause of a failed IMDSv2 token request with one plain `PUT`.
-async fn diagnose_token_failure() -> Error {
+async fn diagnose_token_failure(sdk_error: String) -> Error {
     let ep = endpoint();
     let url = format!("{}/latest/api/token", ep.trim_end_matches('/'));
     let what = "IMDSv2 token request (PUT /latest/api/token)".to_owned();
@@ -158,7 +166,7 @@ async fn diagnose_token_failure() -> Error {
                 },
                 s => Error::Imds {
                     what,
-                    message: format!("IMDS at {ep} answered HTTP {s}; the SDK refused its token"),
+                    message: format!("IMDS at {ep} answered HTTP {s} to a plain PUT, but the SDK's token request failed: {sdk_error}"),
                     retriable: true,
                     protocol: false,
                 },
