@@ -252,6 +252,17 @@ async fn five_agents_form_one_cluster_with_one_init() {
     }
 }
 
+/// Seven agents booting at once on 2 cores: the largest cluster the matrix covers.
+/// Full matrix only: `cargo test --test boot_cluster -- --ignored seven`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full fault matrix (7 servers on 2 cores take a while)"]
+async fn seven_agents_form_one_cluster_with_one_init() {
+    let (_tb, mut agents) = trial(26, 7).await;
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
     let (tb, agents) = form(25, 3, "").await;

@@ -165,3 +165,68 @@ async fn rejoin_refuses_when_two_of_three_nodes_are_down() {
         a.stop();
     }
 }
+
+/// A boot (systemd restarting the agent) racing an operator's rejoin on the same node: the
+/// node lock lets one change the node at a time, the other waits and says for whom; the
+/// node ends as a voter with its server started once and its old data kept aside once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
+    let (tb, mut agents) = form(43, 3, "[init]\nrevoke_root_token = false\n");
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 3).await;
+    let me = tb.instances[2].id.clone();
+    let (code, body) = tb
+        .api(0)
+        .put(
+            "sys/storage/raft/remove-peer",
+            Some(&root),
+            serde_json::json!({"server_id": me}),
+        )
+        .await;
+    assert!((200..300).contains(&code), "{body}");
+    agents[2].stop();
+
+    // Both at once.
+    let mut r = tb.spawn_agent_env(2, &["rejoin"], &[("VAULT_TOKEN", root.as_str())]);
+    let mut b = tb.spawn_agent(2, &["boot"]);
+    r.wait_log("rejoin complete", Duration::from_secs(180));
+    wait_voters(&tb, 0, &root, 3).await;
+    assert!(raft_servers(&tb, 0, &root)
+        .await
+        .contains(&(me.clone(), true)));
+
+    // The boot waited for the rejoin (it reached the lock second: the rejoin takes it
+    // before its first network call), then found the node settled and its port served:
+    // it stops with a clear cause and changes nothing.
+    let status = b.wait_exit(Duration::from_secs(60));
+    let blog = b.stderr();
+    assert!(
+        blog.contains("another vault-bootstrap command is changing this node")
+            && blog.contains("rejoin (pid"),
+        "the boot did not wait for the rejoin:\n{blog}"
+    );
+    match status.code() {
+        Some(69) => assert!(blog.contains("already in use"), "{blog}"),
+        Some(75) => assert!(blog.contains("did not finish within"), "{blog}"),
+        other => panic!("boot exited {other:?}:\n{blog}"),
+    }
+    assert!(
+        !blog.contains("spawned the server"),
+        "a second server was started:\n{blog}"
+    );
+    let aside = std::fs::read_dir(tb.node_dir(2))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("data.removed-"))
+        .count();
+    assert_eq!(aside, 1, "the old raft data is moved aside exactly once");
+    // Still a voter after the boot gave up (it did not disturb the rejoined server).
+    assert!(tb.api(2).health().await.is_some(), "node 2 still serves");
+    assert!(raft_servers(&tb, 0, &root)
+        .await
+        .contains(&(me.clone(), true)));
+    r.stop();
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
