@@ -1322,8 +1322,9 @@ def report(b: Bench, meta: dict) -> str:
              "dominate; `aws s3 sync` or one `aws s3 cp --recursive` would save two of them. Its S3 count "
              "is a HeadObject + GetObject per `aws s3 cp`.")
     L.append("- (e) A joiner's count depends on what it finds at its first look: if the cluster-initialized "
-             "marker is still missing it lists and reads the init lock (held by the initialiser) and checks "
-             "the holder is alive (DescribeInstances), then polls the marker until it appears; if the marker "
+             "marker is still missing it tries the init lock (a list, a read of the holder's lock object, and "
+             "a conditional PutObject answered 412 when it raced the initialiser), checks the holder is alive "
+             "(DescribeInstances), then polls the marker until it appears; if the marker "
              "is already there it reads it once and waits for retry_join "
              "to unseal its server: EC2 1 + S3 3 (TLS) + 1. Nothing per agent grows with N except the "
              "size of the one DescribeInstances page; the cluster's total grows by one joiner's count per node.")
