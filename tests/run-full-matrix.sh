@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole fault matrix, by hand (README "Evidence"): the default run's fast subset plus
+# every case that is too slow for CI. About 10 minutes on 2 cores.
+#
+#   bash tests/run-full-matrix.sh
+#
+#   - tests/faults.rs, every tier: config, IMDS, EC2, S3, TLS, Vault, KMS cases, and a
+#     sys/init slower than raft's timing;
+#   - crashes and faults around init/escrow (tests/init_escrow.rs);
+#   - concurrency: 3, 5 and 7 simultaneous boots (tests/boot_cluster.rs), a boot racing a
+#     rejoin (tests/rejoin.rs);
+#   - the secret-hygiene audit (tests/hygiene.rs).
+#
+# The 20-trial soak of simultaneous boots is separate (about 20 minutes):
+#   cargo test --test boot_cluster -- --ignored soak
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+export VB_TESTBED_VENV="${VB_TESTBED_VENV:-${HOME:-/root}/.cache/vault-bootstrap-testbed/venv}"
+bash tests/testbed/install.sh >/dev/null
+
+run() {
+    echo "== cargo test $*" >&2
+    cargo test "$@"
+}
+run --test faults -- --include-ignored --test-threads=1 --nocapture
+run --test init_escrow -- --test-threads=2
+run --test boot_cluster -- --include-ignored --skip soak --test-threads=1
+run --test rejoin -- --test-threads=2
+if [[ -f tests/hygiene.rs ]]; then
+    run --test hygiene
+fi
+echo "full fault matrix: passed" >&2
