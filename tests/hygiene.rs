@@ -631,6 +631,138 @@ fn secret_bearing_by_name(rel: &str) -> bool {
         || name.contains("secret")
 }
 
+/// Searches every file under the test-bed dir and checks the modes of secret-bearing ones;
+/// returns (files, bytes, raft db files) searched. `r` is the node that rejoined.
+fn audit_files(
+    tb: &Testbed,
+    sc: &Scanner,
+    r: usize,
+    leaks: &mut Vec<String>,
+) -> (usize, u64, usize) {
+    let me_uid = euid();
+    let files = walk(tb.path());
+    let mut bytes = 0u64;
+    let mut nfiles = 0usize;
+    let mut raft_files = 0usize;
+    let mut holding: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    for f in files.iter().filter(|f| !f.dir) {
+        let body = std::fs::read(tb.path().join(&f.rel)).expect("read a test-bed file");
+        bytes += body.len() as u64;
+        nfiles += 1;
+        if f.rel.ends_with("raft.db") || f.rel.ends_with("vault.db") {
+            raft_files += 1;
+        }
+        let is_node_key = (0..N).any(|i| f.rel == format!("node-{i}/tls/server.key"));
+        for n in sc.scan(&body) {
+            let allowed = match n.kind {
+                SERVER_KEY => is_node_key || f.rel == "seed/server.key",
+                // The test-bed's own CA key, written by seed.py; no agent reads it.
+                CA_KEY => f.rel == "seed/ca.key" && n.label.starts_with("test-bed"),
+                _ => false,
+            };
+            if allowed {
+                holding.entry(f.rel.clone()).or_default().insert(n.kind);
+            } else {
+                leaks.push(finding(&format!("file {}", f.rel), n));
+            }
+        }
+        let is_key = body
+            .windows(b"PRIVATE KEY-----".len())
+            .any(|w| w == b"PRIVATE KEY-----");
+        if is_key || secret_bearing_by_name(&f.rel) || holding.contains_key(&f.rel) {
+            if f.mode != 0o600 {
+                leaks.push(format!(
+                    "file {} is secret-bearing but mode {:04o}",
+                    f.rel, f.mode
+                ));
+            }
+            if f.uid != me_uid {
+                leaks.push(format!(
+                    "file {} is secret-bearing but owned by uid {}",
+                    f.rel, f.uid
+                ));
+            }
+        }
+    }
+    for i in 0..N {
+        let key = format!("node-{i}/tls/server.key");
+        assert!(
+            holding.get(&key).is_some_and(|k| k.contains(SERVER_KEY)),
+            "{key} does not hold the server key: the allowance is wrong"
+        );
+        assert!(
+            !tb.node_dir(i).join("state/pending-init.json").exists(),
+            "node {i}: the pending init file is left"
+        );
+        for (dir, want) in [("tls", 0o750), ("state", 0o700)] {
+            let f = files
+                .iter()
+                .find(|f| f.rel == format!("node-{i}/{dir}"))
+                .unwrap_or_else(|| panic!("node {i} has no {dir} dir"));
+            if f.mode & !want != 0 || f.mode & 0o007 != 0 {
+                leaks.push(format!(
+                    "dir node-{i}/{dir} is mode {:04o}, more open than {want:04o}",
+                    f.mode
+                ));
+            }
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.rel.starts_with(&format!("node-{r}/data.removed-"))),
+        "the raft data the rejoin moved aside is part of the search"
+    );
+    assert!(raft_files >= N, "raft.db/vault.db searched: {raft_files}");
+    let audit = std::fs::read_to_string(tb.path().join("audit/audit.log")).unwrap_or_default();
+    assert!(
+        audit.lines().count() > 10 && audit.contains("hmac-sha256:"),
+        "the audit log exists and HMACs what it records"
+    );
+
+    (nfiles, bytes, raft_files)
+}
+
+type Coverage = BTreeMap<&'static str, BTreeMap<String, BTreeSet<u32>>>;
+
+/// Searches every sampled argv and environment; returns the PIDs sampled and, per phase and
+/// role (`agent <command>`, `server`, ...), the PIDs seen.
+fn audit_processes(
+    samples: &Samples,
+    sc: &Scanner,
+    holders: &[u32],
+    leaks: &mut Vec<String>,
+) -> (BTreeSet<u32>, Coverage) {
+    let mut by_phase = Coverage::new();
+    let mut pids = BTreeSet::new();
+    for s in samples.procs.values() {
+        pids.insert(s.pid);
+        let role = role_of(&s.cmdline);
+        for p in &s.phases {
+            by_phase
+                .entry(p)
+                .or_default()
+                .entry(role.clone())
+                .or_default()
+                .insert(s.pid);
+        }
+        for n in sc.scan(&s.cmdline) {
+            leaks.push(finding(&format!("argv of pid {} ({role})", s.pid), n));
+        }
+        for n in sc.scan(&s.environ) {
+            // The test itself handed this token to exactly these agents as VAULT_TOKEN.
+            let handed = holders.contains(&s.pid) && n.kind == BREAK_GLASS;
+            if !handed {
+                leaks.push(finding(
+                    &format!("environment of pid {} ({role})", s.pid),
+                    n,
+                ));
+            }
+        }
+    }
+    (pids, by_phase)
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// The scanner finds what is planted, in files and in a process's argv and environment, in
@@ -931,85 +1063,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let me_uid = euid();
 
     // 1. Files: every one under the test-bed directory.
-    let files = walk(tb.path());
-    let mut bytes = 0u64;
-    let mut nfiles = 0usize;
-    let mut raft_files = 0usize;
-    let mut holding: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
-    for f in files.iter().filter(|f| !f.dir) {
-        let body = std::fs::read(tb.path().join(&f.rel)).expect("read a test-bed file");
-        bytes += body.len() as u64;
-        nfiles += 1;
-        if f.rel.ends_with("raft.db") || f.rel.ends_with("vault.db") {
-            raft_files += 1;
-        }
-        let is_node_key = (0..N).any(|i| f.rel == format!("node-{i}/tls/server.key"));
-        for n in sc.scan(&body) {
-            let allowed = match n.kind {
-                SERVER_KEY => is_node_key || f.rel == "seed/server.key",
-                // The test-bed's own CA key, written by seed.py; no agent reads it.
-                CA_KEY => f.rel == "seed/ca.key" && n.label.starts_with("test-bed"),
-                _ => false,
-            };
-            if allowed {
-                holding.entry(f.rel.clone()).or_default().insert(n.kind);
-            } else {
-                leaks.push(finding(&format!("file {}", f.rel), n));
-            }
-        }
-        let is_key = body
-            .windows(b"PRIVATE KEY-----".len())
-            .any(|w| w == b"PRIVATE KEY-----");
-        if is_key || secret_bearing_by_name(&f.rel) || holding.contains_key(&f.rel) {
-            if f.mode != 0o600 {
-                leaks.push(format!(
-                    "file {} is secret-bearing but mode {:04o}",
-                    f.rel, f.mode
-                ));
-            }
-            if f.uid != me_uid {
-                leaks.push(format!(
-                    "file {} is secret-bearing but owned by uid {}",
-                    f.rel, f.uid
-                ));
-            }
-        }
-    }
-    for i in 0..N {
-        let key = format!("node-{i}/tls/server.key");
-        assert!(
-            holding.get(&key).is_some_and(|k| k.contains(SERVER_KEY)),
-            "{key} does not hold the server key: the allowance is wrong"
-        );
-        assert!(
-            !tb.node_dir(i).join("state/pending-init.json").exists(),
-            "node {i}: the pending init file is left"
-        );
-        for (dir, want) in [("tls", 0o750), ("state", 0o700)] {
-            let f = files
-                .iter()
-                .find(|f| f.rel == format!("node-{i}/{dir}"))
-                .unwrap_or_else(|| panic!("node {i} has no {dir} dir"));
-            if f.mode & !want != 0 || f.mode & 0o007 != 0 {
-                leaks.push(format!(
-                    "dir node-{i}/{dir} is mode {:04o}, more open than {want:04o}",
-                    f.mode
-                ));
-            }
-        }
-    }
-    assert!(
-        files
-            .iter()
-            .any(|f| f.rel.starts_with(&format!("node-{r}/data.removed-"))),
-        "the raft data the rejoin moved aside is part of the search"
-    );
-    assert!(raft_files >= N, "raft.db/vault.db searched: {raft_files}");
-    let audit = std::fs::read_to_string(tb.path().join("audit/audit.log")).unwrap_or_default();
-    assert!(
-        audit.lines().count() > 10 && audit.contains("hmac-sha256:"),
-        "the audit log exists and HMACs what it records"
-    );
+    let (nfiles, bytes, raft_files) = audit_files(&tb, &sc, r, &mut leaks);
 
     // 2. Streams: every agent's stdout (break-glass's carried its token, as it must).
     let mut stream_bytes = 0;
@@ -1054,37 +1108,9 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
         }
     }
 
-    // 5. Processes: argv and environment of everything this test started.
-    let tokens_by_label: HashMap<&str, &str> = [("break-glass root token", bg.as_str())]
-        .into_iter()
-        .collect();
-    let mut by_phase: BTreeMap<&str, BTreeMap<String, BTreeSet<u32>>> = BTreeMap::new();
-    let mut pids = BTreeSet::new();
-    for s in samples.procs.values() {
-        pids.insert(s.pid);
-        let role = role_of(&s.cmdline);
-        for p in &s.phases {
-            by_phase
-                .entry(p)
-                .or_default()
-                .entry(role.clone())
-                .or_default()
-                .insert(s.pid);
-        }
-        for n in sc.scan(&s.cmdline) {
-            leaks.push(finding(&format!("argv of pid {} ({role})", s.pid), n));
-        }
-        for n in sc.scan(&s.environ) {
-            // The test itself handed this token to exactly these agents as VAULT_TOKEN.
-            let handed = holders.contains(&s.pid) && tokens_by_label.contains_key(n.label.as_str());
-            if !handed {
-                leaks.push(finding(
-                    &format!("environment of pid {} ({role})", s.pid),
-                    n,
-                ));
-            }
-        }
-    }
+    // 5. Processes: argv and environment of everything this test started. The test itself
+    // handed the break-glass token to exactly the `holders` as VAULT_TOKEN.
+    let (pids, by_phase) = audit_processes(&samples, &sc, &holders, &mut leaks);
     let seen = |phase: &str, role: &str| -> usize {
         by_phase
             .get(phase)
