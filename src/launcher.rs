@@ -45,13 +45,27 @@ pub fn check_binary(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Variables an operator sets for the agent (`rejoin`, `status`, `snapshot restore`) that
+/// the server binary must not inherit: a token in a long-lived server's environment is
+/// readable in `/proc/<pid>/environ` for as long as the server runs.
+pub const OPERATOR_ONLY_ENV: &[&str] = &["VAULT_TOKEN", "BAO_TOKEN"];
+
+/// A command running the server binary, without the operator's token in its environment.
+pub fn binary_command(binary: &Path) -> Command {
+    let mut c = Command::new(binary);
+    for v in OPERATOR_ONLY_ENV {
+        c.env_remove(v);
+    }
+    c
+}
+
 /// Resolves `vault.flavor = "auto"` by asking the binary for its version.
 pub async fn resolve_flavor(v: &VaultConfig) -> Flavor {
     match v.flavor {
         Flavor::Auto => {}
         f => return f,
     }
-    let out = Command::new(&v.binary)
+    let out = binary_command(&v.binary)
         .arg("version")
         .stdin(Stdio::null())
         .output()
@@ -145,7 +159,7 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
         }
         LauncherKind::Exec => {
             check_ports_free(bind, v.api_port, v.cluster_port)?;
-            let child = Command::new(&v.binary)
+            let child = binary_command(&v.binary)
                 .arg("server")
                 .arg(format!("-config={}", v.config_file.display()))
                 .stdin(Stdio::null())
@@ -300,6 +314,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not executable"));
+    }
+
+    #[test]
+    fn the_server_never_inherits_the_operator_token() {
+        let c = binary_command(Path::new("/usr/local/bin/vault"));
+        let removed: Vec<_> = c
+            .as_std()
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for v in OPERATOR_ONLY_ENV {
+            assert!(removed.iter().any(|r| r == v), "{v} is passed on");
+        }
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     match crate::launcher::check_binary(&cfg.vault.binary) {
         Err(e) => r.line(false, "vault binary", e),
         Ok(()) => {
-            let out = tokio::process::Command::new(&cfg.vault.binary)
+            let out = crate::launcher::binary_command(&cfg.vault.binary)
                 .arg("version")
                 .output()
                 .await;
