@@ -43,7 +43,8 @@ async fn wait_voters(tb: &Testbed, i: usize, root: &str, want: usize) {
 fn snapshot_tree(tb: &Testbed, i: usize) -> Vec<String> {
     tree(&tb.node_dir(i))
         .into_iter()
-        .filter(|f| !f.ends_with(".log") && !f.starts_with("data/"))
+        // node.lock names whoever held it last: bookkeeping of the lock, not node state.
+        .filter(|f| !f.ends_with(".log") && !f.starts_with("data/") && f != "state/node.lock")
         .map(|f| {
             let p = tb.node_dir(i).join(&f);
             let len = std::fs::metadata(&p)
