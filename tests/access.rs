@@ -4,64 +4,7 @@
 
 mod common;
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use std::time::Duration;
-
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let pem = params.self_signed(&key).unwrap().pem();
-    Ca { params, key, pem }
-}
-
-/// A client certificate + key (one PEM) signed by `ca`.
-fn operator(ca: &Ca, who: &str) -> String {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, who);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().unwrap();
-    let cert = params
-        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
-        .unwrap();
-    format!("{}{}", cert.pem(), key.serialize_pem())
-}
-
-/// Logs in through cert auth with `identity`; returns the HTTP status and the token.
-async fn cert_login(tb: &Testbed, identity: &str) -> (u16, Option<String>) {
-    let ca_pem = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
-    let http = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca_pem).unwrap())
-        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .unwrap();
-    let r = http
-        .post(format!(
-            "https://{}:8200/v1/auth/cert/login",
-            tb.instances[0].ip
-        ))
-        .json(&serde_json::json!({"name": "operators"}))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let body: serde_json::Value = r.json().await.unwrap_or_default();
-    (
-        status,
-        body["auth"]["client_token"].as_str().map(str::to_owned),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token() {
@@ -103,7 +46,10 @@ async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token()
     assert_eq!(code, 403, "root must be revoked");
 
     // An operator's certificate logs in; the token administers the cluster.
-    let (code, token) = cert_login(&tb, &operator(&operators, "alice")).await;
+    let (code, token) = {
+        let (c, k) = operator(&operators, "alice");
+        cert_login(&tb, &c, &k).await
+    };
     assert_eq!(code, 200);
     let token = token.expect("client token");
     let (code, body) = api
@@ -122,7 +68,10 @@ async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token()
 
     // A certificate from another CA is refused.
     let stranger = ca("someone else's CA");
-    let (code, token) = cert_login(&tb, &operator(&stranger, "mallory")).await;
+    let (code, token) = {
+        let (c, k) = operator(&stranger, "mallory");
+        cert_login(&tb, &c, &k).await
+    };
     assert!(token.is_none() && code >= 400, "{code}");
 
     // Break-glass with fewer than threshold keys: refused, no token.

@@ -35,9 +35,6 @@ mod common;
 use aho_corasick::AhoCorasick;
 use base64::Engine;
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -479,93 +476,6 @@ fn run_cmd(
     (status.code().unwrap_or(-1), out, a.stderr())
 }
 
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let pem = params.self_signed(&key).unwrap().pem();
-    Ca { params, key, pem }
-}
-
-/// (client certificate PEM, its private key PEM), signed by `ca`.
-fn operator(ca: &Ca, who: &str) -> (String, String) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, who);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().unwrap();
-    let cert = params
-        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
-        .unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-async fn cert_login(tb: &Testbed, cert: &str, key: &str) -> String {
-    let ca_pem = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
-    let http = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca_pem).unwrap())
-        .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .unwrap();
-    let r = http
-        .post(format!(
-            "https://{}:8200/v1/auth/cert/login",
-            tb.instances[0].ip
-        ))
-        .json(&serde_json::json!({"name": "operators"}))
-        .send()
-        .await
-        .expect("cert login");
-    assert_eq!(r.status().as_u16(), 200, "operator cert login");
-    let body: serde_json::Value = r.json().await.unwrap();
-    body["auth"]["client_token"]
-        .as_str()
-        .expect("client token")
-        .to_owned()
-}
-
-async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Vec<(String, bool)> {
-    let (code, body) = tb
-        .api(i)
-        .get("sys/storage/raft/configuration", Some(token))
-        .await
-        .expect("raft configuration");
-    assert_eq!(code, 200, "raft configuration: {code}");
-    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["node_id"].as_str().unwrap().to_string(),
-                s["voter"] == true,
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) {
-    poll(
-        &format!("{want} voters"),
-        Duration::from_secs(120),
-        || async move {
-            let v = raft_servers(tb, i, token).await;
-            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
-        },
-    )
-    .await;
-}
-
 async fn s3_objects(tb: &Testbed) -> Vec<(String, Vec<u8>)> {
     let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
     let mut out = Vec::new();
@@ -773,7 +683,7 @@ fn the_scanner_finds_planted_secrets() {
     let mut s = Secrets::default();
     s.add_share(1, share);
     s.add(ROOT, "planted token", "s.PlantedTokenNotARealOne1234");
-    let key = KeyPair::generate().unwrap().serialize_pem();
+    let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
     s.add_pem(SERVER_KEY, "planted key", &key);
     let sc = Scanner::new(&s);
 
@@ -892,7 +802,9 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let (op_cert, op_key) = operator(&operators, "hygiene-operator");
     secrets.add_pem(OPERATOR_KEY, "operator client key", &op_key);
     secrets.add_pem(CA_KEY, "operator CA key", &operators.key.serialize_pem());
-    let op_token = cert_login(&tb, &op_cert, &op_key).await;
+    let (code, op_token) = cert_login(&tb, &op_cert, &op_key).await;
+    assert_eq!(code, 200, "operator cert login");
+    let op_token = op_token.expect("client token");
     secrets.add(OPERATOR_TOKEN, "operator cert-login token", &op_token);
 
     // Break-glass from the escrow: a root token printed once, on stdout only.

@@ -5,38 +5,17 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-async fn raft_servers(tb: &Testbed, i: usize, root: &str) -> Vec<(String, bool)> {
+/// The cluster (through node 0) removes server `id` from its raft configuration.
+async fn forget(tb: &Testbed, root: &str, id: &str) {
     let (code, body) = tb
-        .api(i)
-        .get("sys/storage/raft/configuration", Some(root))
-        .await
-        .unwrap();
-    assert_eq!(code, 200, "{body}");
-    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["node_id"].as_str().unwrap().to_string(),
-                s["voter"] == true,
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-async fn wait_voters(tb: &Testbed, i: usize, root: &str, want: usize) {
-    poll(
-        &format!("{want} voters"),
-        Duration::from_secs(120),
-        || async move {
-            let v = raft_servers(tb, i, root).await;
-            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
-        },
-    )
-    .await;
+        .api(0)
+        .put(
+            "sys/storage/raft/remove-peer",
+            Some(root),
+            serde_json::json!({"server_id": id}),
+        )
+        .await;
+    assert!((200..300).contains(&code), "{body}");
 }
 
 /// Files under node `i` (logs aside) with their contents' lengths: what `--dry-run` must keep.
@@ -72,15 +51,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     let me = tb.instances[2].id.clone();
 
     // The cluster forgets node 2.
-    let (code, body) = tb
-        .api(0)
-        .put(
-            "sys/storage/raft/remove-peer",
-            Some(&root),
-            serde_json::json!({"server_id": me}),
-        )
-        .await;
-    assert!((200..300).contains(&code), "{body}");
+    forget(&tb, &root, &me).await;
     assert!(!raft_servers(&tb, 0, &root)
         .await
         .iter()
@@ -176,15 +147,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     let root = tb.escrowed("test-vault", "root-token").await;
     wait_voters(&tb, 0, &root, 3).await;
     let me = tb.instances[2].id.clone();
-    let (code, body) = tb
-        .api(0)
-        .put(
-            "sys/storage/raft/remove-peer",
-            Some(&root),
-            serde_json::json!({"server_id": me}),
-        )
-        .await;
-    assert!((200..300).contains(&code), "{body}");
+    forget(&tb, &root, &me).await;
     agents[2].stop();
 
     // Both at once.

@@ -931,3 +931,97 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Node `i`'s view of the raft configuration: (node id, voter), sorted.
+pub async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Vec<(String, bool)> {
+    let (code, body) = tb
+        .api(i)
+        .get("sys/storage/raft/configuration", Some(token))
+        .await
+        .expect("raft configuration");
+    assert_eq!(code, 200, "raft configuration: {body}");
+    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["node_id"].as_str().unwrap().to_string(),
+                s["voter"] == true,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits (bounded) until node `i` sees exactly `want` servers, all voters.
+pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) {
+    poll(
+        &format!("{want} voters"),
+        Duration::from_secs(120),
+        || async move {
+            let v = raft_servers(tb, i, token).await;
+            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// An operator CA made by the test (the agent binds `cert` auth to its PEM in S3).
+pub struct Ca {
+    pub params: rcgen::CertificateParams,
+    pub key: rcgen::KeyPair,
+    pub pem: String,
+}
+
+pub fn ca(name: &str) -> Ca {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    Ca { params, key, pem }
+}
+
+/// (client certificate PEM, its private key PEM) for `who`, signed by `ca`.
+pub fn operator(ca: &Ca, who: &str) -> (String, String) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, who);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Logs in on node 0 through cert auth (role `operators`); returns the HTTP status and the
+/// token.
+pub async fn cert_login(tb: &Testbed, cert: &str, key: &str) -> (u16, Option<String>) {
+    let ca_pem = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca_pem).unwrap())
+        .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!(
+            "https://{}:8200/v1/auth/cert/login",
+            tb.instances[0].ip
+        ))
+        .json(&serde_json::json!({"name": "operators"}))
+        .send()
+        .await
+        .expect("cert login");
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    (
+        status,
+        body["auth"]["client_token"].as_str().map(str::to_owned),
+    )
+}
