@@ -1109,8 +1109,8 @@ def report(b: Bench, meta: dict) -> str:
     L.append(f"- baseline tools: {meta['awscli_version']}; {meta['openssl_version']}; {meta['curl_version']}; "
              f"bash {meta['bash_version']}")
     L.append(f"- load average (1/5/15 min) at start: {' '.join(b.load_start)}, at end: {meta['load_end']}. "
-             "2 cores, shared: another engineer's `cargo test` runs were going on during the run, so "
-             "every time here carries that noise; compare sides measured in the same run, not runs.")
+             "On 2 cores every time carries the noise of whatever else runs (the load average says how "
+             "much); compare sides measured in the same run, not runs.")
     L.append("")
     L.extend(summary(b, meta))
 
