@@ -52,7 +52,12 @@ pub const OPERATOR_ONLY_ENV: &[&str] = &["VAULT_TOKEN", "BAO_TOKEN"];
 
 /// A command running the server binary, without the operator's token in its environment.
 pub fn binary_command(binary: &Path) -> Command {
-    let mut c = Command::new(binary);
+    without_operator_env(binary)
+}
+
+/// Any command the agent runs: the operator's token stays with the agent.
+fn without_operator_env(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
     for v in OPERATOR_ONLY_ENV {
         c.env_remove(v);
     }
@@ -105,19 +110,34 @@ pub fn check_ports_free(ip: IpAddr, api_port: u16, cluster_port: u16) -> Result<
     Ok(())
 }
 
-/// Runs `systemctl ARGS`, returning its stdout; failures carry its stderr.
-pub async fn systemctl(args: &[&str]) -> Result<std::process::Output> {
-    let command = format!("systemctl {}", args.join(" "));
-    let out = Command::new("systemctl")
+/// Runs `systemctl ARGS` and returns its exit status, whatever it is (for queries such as
+/// `is-active`, whose answer is the status).
+pub async fn systemctl_status(args: &[&str]) -> Result<std::process::ExitStatus> {
+    Ok(systemctl_output(args).await?.status)
+}
+
+/// Runs `systemctl ARGS`; a non-zero exit is an error carrying systemctl's stderr.
+pub async fn systemctl(args: &[&str]) -> Result<()> {
+    let out = systemctl_output(args).await?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Command {
+        command: format!("systemctl {}", args.join(" ")),
+        message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+async fn systemctl_output(args: &[&str]) -> Result<std::process::Output> {
+    without_operator_env("systemctl")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|e| Error::Command {
-            command: command.clone(),
+            command: format!("systemctl {}", args.join(" ")),
             message: e.to_string(),
-        })?;
-    Ok(out)
+        })
 }
 
 /// Starts (or, when its configuration changed, restarts) the server.
@@ -129,9 +149,8 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
     check_binary(&v.binary)?;
     match v.launcher {
         LauncherKind::Systemd => {
-            let active = systemctl(&["is-active", "--quiet", &v.unit])
+            let active = systemctl_status(&["is-active", "--quiet", &v.unit])
                 .await?
-                .status
                 .success();
             let verb = match (active, config_changed) {
                 (true, true) => "restart",
@@ -144,13 +163,7 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
                 }
                 (false, _) => "start",
             };
-            let out = systemctl(&[verb, "--no-block", &v.unit]).await?;
-            if !out.status.success() {
-                return Err(Error::Command {
-                    command: format!("systemctl {verb} --no-block {}", v.unit),
-                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                });
-            }
+            systemctl(&[verb, "--no-block", &v.unit]).await?;
             tracing::info!(unit = %v.unit, verb, "asked systemd to start the server");
             Ok(Running::Unit {
                 unit: v.unit.clone(),
@@ -218,13 +231,16 @@ pub fn reloader_for(v: &VaultConfig, state_dir: &Path) -> Result<Reloader> {
 pub enum Reloader {
     Pid(u32),
     Unit(String),
+    /// The child has exited (tokio no longer knows its PID). Never a PID of 0: kill(0, ..)
+    /// would signal the agent's whole process group.
+    Gone,
 }
 
 impl Reloader {
     pub fn of(running: &Running) -> Reloader {
         match running {
             Running::Unit { unit, .. } => Reloader::Unit(unit.clone()),
-            Running::Child(c) => Reloader::Pid(c.id().unwrap_or(0)),
+            Running::Child(c) => c.id().map_or(Reloader::Gone, Reloader::Pid),
         }
     }
 
@@ -238,17 +254,10 @@ impl Reloader {
                 command: format!("kill -HUP {pid}"),
                 message: e.to_string(),
             }),
-            Reloader::Unit(unit) => {
-                let out = systemctl(&["reload", unit]).await?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(Error::Command {
-                        command: format!("systemctl reload {unit}"),
-                        message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    })
-                }
-            }
+            Reloader::Unit(unit) => systemctl(&["reload", unit]).await,
+            Reloader::Gone => Err(Error::ServerExited {
+                status: "it had already exited when asked to reload".into(),
+            }),
         }
     }
 }

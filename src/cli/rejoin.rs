@@ -337,14 +337,7 @@ fn aside_path(data_dir: &std::path::Path) -> PathBuf {
 async fn stop_server(cfg: &Config) -> Result<()> {
     match cfg.vault.launcher {
         LauncherKind::Systemd => {
-            let out = launcher::systemctl(&["stop", &cfg.vault.unit]).await?;
-            if !out.status.success() {
-                return Err(Error::Command {
-                    command: format!("systemctl stop {}", cfg.vault.unit),
-                    message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                });
-            }
-            Ok(())
+            launcher::systemctl(&["stop", &cfg.vault.unit]).await
         }
         LauncherKind::Exec => {
             let Ok(Reloader::Pid(pid)) = launcher::reloader_for(&cfg.vault, &cfg.agent.state_dir)
