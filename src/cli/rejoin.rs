@@ -336,9 +336,7 @@ fn aside_path(data_dir: &std::path::Path) -> PathBuf {
 
 async fn stop_server(cfg: &Config) -> Result<()> {
     match cfg.vault.launcher {
-        LauncherKind::Systemd => {
-            launcher::systemctl(&["stop", &cfg.vault.unit]).await
-        }
+        LauncherKind::Systemd => launcher::systemctl(&["stop", &cfg.vault.unit]).await,
         LauncherKind::Exec => {
             let Ok(Reloader::Pid(pid)) = launcher::reloader_for(&cfg.vault, &cfg.agent.state_dir)
             else {

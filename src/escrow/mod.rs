@@ -137,20 +137,10 @@ pub async fn escrow<S: ObjectStore, K: Kms>(
 ) -> Result<Marker> {
     let items = secrets.items();
     for (name, secret) in &items {
-        let key = layout.object(name);
-        let ctx = layout.context(name);
-        let ct = retry::retry("encrypt escrow item", deadline, || {
-            kms.encrypt(&layout.kms_key_id, secret.expose().as_bytes(), &ctx)
-        })
-        .await?;
-        let put = retry::retry("upload escrow item", deadline, || {
-            s3.put_if_absent(&layout.bucket, &key, ct.clone(), Some(&layout.kms_key_id))
-        })
-        .await?;
-        if put == PutOutcome::Exists {
-            // A previous run (crashed) wrote it; accept it only if it is the same secret.
-            check_item(s3, kms, layout, name, secret, deadline).await?;
-            tracing::info!(item = %name, "escrow item already present and verified (resumed)");
+        if put_item(s3, kms, layout, name, secret, deadline).await? == PutOutcome::Exists {
+            // A previous run (crashed) wrote it: the read-back below accepts it only if it
+            // is the same secret.
+            tracing::info!(item = %name, "escrow item already present (resumed)");
         }
         crash_point(&format!("uploaded-{name}"));
     }

@@ -83,6 +83,8 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     let start = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(3));
     let mut said_waiting = false;
+    // Once seen initialized, a cluster stays so: stop asking peers and S3 every round.
+    let mut initialized_elsewhere = false;
     loop {
         match d.local.health().await {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
@@ -91,7 +93,9 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
                 return Ok(Outcome::Joined);
             }
             Ok(Health::Uninitialized) if cfg.init.enabled => {
-                if !cluster_initialized(d, &layout, aws).await? {
+                initialized_elsewhere =
+                    initialized_elsewhere || cluster_initialized(d, &layout, aws).await?;
+                if !initialized_elsewhere {
                     match lock::acquire(d.s3, &layout, me.instance_id, aws).await? {
                         lock::Lock::Mine(g) => {
                             tracing::info!(generation = g, lock = %layout.url(&layout.lock_dir()), "won the init lock");
@@ -271,10 +275,13 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
     layout: &Layout,
 ) -> Result<()> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    let Some(marker) = escrow::read_marker(d.s3, layout, aws).await? else {
-        return Ok(());
-    };
-    if let Some(done) = d.s3.get_opt(&layout.bucket, &post_init_key(layout)).await? {
+    // The usual case on every later boot: post-init is recorded done; one GET answers it.
+    let done_key = post_init_key(layout);
+    let done = retry::retry("read the post-init record", aws, || {
+        d.s3.get_opt(&layout.bucket, &done_key)
+    })
+    .await?;
+    if let Some(done) = done {
         // Keep saying it on every boot while the root token is alive.
         if let Ok(p) = serde_json::from_slice::<PostInit>(&done) {
             if !p.root_revoked {
@@ -286,6 +293,9 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         }
         return Ok(());
     }
+    let Some(marker) = escrow::read_marker(d.s3, layout, aws).await? else {
+        return Ok(());
+    };
     if marker.instance_id != me.instance_id {
         return Ok(());
     }
