@@ -153,6 +153,14 @@ pub enum Error {
     #[error("refused: {message}")]
     Refused { message: String },
 
+    /// An operator command's guard is missing (e.g. `--yes` when stdout is not a terminal).
+    #[error("{message}")]
+    Usage { message: String },
+
+    /// Something a command needs locally does not exist (e.g. the CA before any boot).
+    #[error("{message}")]
+    NoInput { message: String },
+
     /// Another vault-bootstrap command holds this node's lock (see `node_lock`).
     #[error("another vault-bootstrap command ({holder}) is changing this node and did not finish within {waited_secs} s: nothing was changed; run this again when it is done")]
     NodeBusy { holder: String, waited_secs: u64 },
@@ -193,9 +201,13 @@ impl Error {
             Error::Init {
                 retriable: true, ..
             } => exit::TEMPFAIL,
-            Error::Init { .. } => exit::ESCROW,
+            // Not an escrow failure (those are `Error::Escrow`): a Vault API step after
+            // init refused, or an S3 object that is not what the agent wrote.
+            Error::Init { .. } => exit::UNAVAILABLE,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Refused { .. } => exit::TEMPFAIL,
+            Error::Usage { .. } => exit::USAGE,
+            Error::NoInput { .. } => exit::NOINPUT,
             Error::NodeBusy { .. } => exit::TEMPFAIL,
             Error::Snapshot { exit, .. } => *exit,
             Error::Internal(_) => exit::SOFTWARE,

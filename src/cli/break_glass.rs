@@ -11,26 +11,24 @@ use crate::escrow::{self, Layout};
 use crate::secret::Secret;
 use crate::vault_api::VaultClient;
 use crate::{access, node, render, tls};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
-    if !yes && !std::io::stdout().is_terminal() {
-        return Err(Error::Escrow {
-            message: "refusing to print a root token to something that is not a terminal; pass --yes if you mean it".into(),
-        });
-    }
+    super::refuse_unless_terminal(yes, "a root token")?;
     let id = node::identity(cfg).await?;
     let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let shares: Vec<Secret> = if from_escrow {
         let layout = Layout::new(cfg, &id.tag_value);
         let s3 = SdkS3::new(&id.sdk);
         let kms = SdkKms::new(&id.sdk);
-        let marker = escrow::read_marker(&s3, &layout, deadline)
-            .await?
-            .ok_or_else(|| Error::Escrow {
-                message: format!("no escrow marker at {}", layout.url(&layout.marker())),
-            })?;
+        let marker = escrow::require_marker(&s3, &layout, deadline).await?;
+        if marker.pgp {
+            // Then each escrowed share is a PGP message only its holder can open.
+            return Err(Error::Usage {
+                message: "the escrowed recovery keys are PGP-encrypted to their holders: have threshold-many holders decrypt theirs (`escrow reveal` + gpg) and type them into `break-glass` without --from-escrow".into(),
+            });
+        }
         let mut v = Vec::new();
         for n in 1..=marker.recovery_threshold as usize {
             v.push(
@@ -49,7 +47,7 @@ pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
             .map(Secret::new)
             .collect()
     };
-    let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).map_err(|e| Error::Escrow {
+    let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).map_err(|e| Error::NoInput {
         message: format!(
             "cannot read the cluster CA in {}: {e}; run boot first",
             cfg.vault.tls_dir.display()

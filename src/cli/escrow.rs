@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::{self, Layout};
 use crate::node;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::Duration;
 
 /// Exit 0 only when the marker and every share are present and decrypt. Prints counts,
@@ -54,22 +54,14 @@ pub async fn verify(cfg: &Config) -> Result<i32> {
 
 /// Prints share `n` (from 1) alone on stdout, for a key holder.
 pub async fn reveal(cfg: &Config, n: usize, yes: bool) -> Result<i32> {
-    if !yes && !std::io::stdout().is_terminal() {
-        return Err(Error::Escrow {
-            message: "refusing to print a recovery key to something that is not a terminal; pass --yes if you mean it".into(),
-        });
-    }
+    super::refuse_unless_terminal(yes, "a recovery key")?;
     let id = node::identity(cfg).await?;
     let layout = Layout::new(cfg, &id.tag_value);
     let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::new(&id.sdk);
-    let marker = escrow::read_marker(&s3, &layout, deadline)
-        .await?
-        .ok_or_else(|| Error::Escrow {
-            message: format!("no escrow marker at {}", layout.url(&layout.marker())),
-        })?;
+    let marker = escrow::require_marker(&s3, &layout, deadline).await?;
     if n == 0 || n > marker.recovery_shares {
-        return Err(Error::Escrow {
+        return Err(Error::Usage {
             message: format!(
                 "--share {n} is out of range: this escrow has shares 1..={}",
                 marker.recovery_shares

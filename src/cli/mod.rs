@@ -142,3 +142,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Install(args) => install::run(&args),
     }
 }
+
+/// Refuses to print `what` (a secret) unless stdout is a terminal or the operator said `--yes`:
+/// a secret piped into a file or a log collector outlives the session.
+pub(crate) fn refuse_unless_terminal(yes: bool, what: &str) -> crate::error::Result<()> {
+    use std::io::IsTerminal;
+    if yes || std::io::stdout().is_terminal() {
+        return Ok(());
+    }
+    Err(crate::error::Error::Usage {
+        message: format!(
+            "refusing to print {what} to something that is not a terminal; pass --yes if you mean it"
+        ),
+    })
+}

@@ -276,6 +276,19 @@ pub async fn read_marker<S: ObjectStore>(
     }
 }
 
+/// The marker, or an error saying there is none (commands that need an escrow to exist).
+pub async fn require_marker<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    deadline: Duration,
+) -> Result<Marker> {
+    read_marker(s3, layout, deadline)
+        .await?
+        .ok_or_else(|| Error::Escrow {
+            message: format!("no escrow marker at {}", layout.url(&layout.marker())),
+        })
+}
+
 /// What `escrow verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
