@@ -29,18 +29,19 @@ pub async fn tag_value<M: Metadata, E: Ec2Api>(
     if let Some(v) = &cfg.cluster.tag_value {
         return Ok(v.clone());
     }
-    let deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
-    let found = match imds::tag_value(md, key, deadline).await? {
-        Some(TagLookup::Value(v)) => Some(v),
-        Some(TagLookup::Absent) => None,
-        None => {
-            tracing::info!("instance metadata tags are off; asking EC2 (DescribeTags)");
-            crate::retry::retry("DescribeTags", deadline, || {
-                ec2.tag_of(&facts.instance_id, key)
-            })
-            .await?
-        }
-    };
+    let found =
+        match imds::tag_value(md, key, Duration::from_secs(cfg.agent.imds_timeout_secs)).await? {
+            Some(TagLookup::Value(v)) => Some(v),
+            Some(TagLookup::Absent) => None,
+            None => {
+                tracing::info!("instance metadata tags are off; asking EC2 (DescribeTags)");
+                let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
+                crate::retry::retry("DescribeTags", deadline, || {
+                    ec2.tag_of(&facts.instance_id, key)
+                })
+                .await?
+            }
+        };
     found.ok_or_else(|| Error::Discovery {
         message: format!(
             "this instance ({}) has no tag {key:?}: launch it from the cluster's Auto Scaling group, tag it, or set cluster.tag_value",
@@ -59,15 +60,62 @@ pub struct Identity {
 
 /// IMDS facts and the cluster tag value (no warm-pool wait, no discovery).
 pub async fn identity(cfg: &Config) -> Result<Identity> {
-    let md = SdkImds::new();
-    let facts = imds::instance_facts(&md, Duration::from_secs(cfg.agent.imds_timeout_secs)).await?;
+    identity_with(cfg, &SdkImds::new(), false).await
+}
+
+/// Reads IMDS (waiting out a warm pool), resolves the tag value, discovers peers until
+/// `cluster.min_peers` are visible: the boot path (and `render`, `rejoin`, which mirror it).
+pub async fn identify(cfg: &Config) -> Result<Node> {
+    let id = identity_with(cfg, &SdkImds::new(), true).await?;
+    let peers = discover(
+        cfg,
+        &id,
+        cfg.cluster.min_peers,
+        cfg.cluster.discovery_timeout_secs,
+    )
+    .await?;
+    Ok(id.with_peers(peers))
+}
+
+/// The instances of this node's cluster as EC2 lists them now, for day-2 commands (`status`,
+/// `snapshot`, `refresh-tls`): one bounded look, no `min_peers` floor. A degraded cluster is
+/// exactly when an operator runs them, and a warm-pool wait has no place there either.
+pub async fn current(cfg: &Config, id: Identity) -> Result<Node> {
+    let peers = discover(cfg, &id, 1, cfg.agent.aws_timeout_secs).await?;
+    Ok(id.with_peers(peers))
+}
+
+impl Identity {
+    pub fn with_peers(self, peers: Vec<Peer>) -> Node {
+        Node {
+            facts: self.facts,
+            tag_value: self.tag_value,
+            peers,
+            sdk: self.sdk,
+        }
+    }
+}
+
+async fn identity_with(cfg: &Config, md: &SdkImds, wait_in_service: bool) -> Result<Identity> {
+    let imds_deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
+    let facts = imds::instance_facts(md, imds_deadline)
+        .instrument(tracing::info_span!("imds"))
+        .await?;
+    tracing::info!(instance_id = %facts.instance_id, region = %facts.region, az = %facts.availability_zone, local_ipv4 = %facts.local_ipv4, "instance facts");
+    if wait_in_service {
+        imds::wait_in_service(
+            md,
+            imds_deadline,
+            Duration::from_secs(cfg.agent.warm_pool_timeout_secs),
+        )
+        .await?;
+    }
     let sdk = crate::aws::sdk_config(
         &facts.region,
         Duration::from_secs(cfg.agent.aws_timeout_secs),
     )
     .await;
-    let ec2 = SdkEc2::new(&sdk);
-    let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
+    let tag_value = tag_value(cfg, md, &SdkEc2::new(&sdk), &facts).await?;
     Ok(Identity {
         facts,
         tag_value,
@@ -75,45 +123,18 @@ pub async fn identity(cfg: &Config) -> Result<Identity> {
     })
 }
 
-/// Reads IMDS (waiting out a warm pool), resolves the tag value, discovers peers.
-pub async fn identify(cfg: &Config) -> Result<Node> {
-    let md = SdkImds::new();
-    let imds_deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
-    let facts = imds::instance_facts(&md, imds_deadline)
-        .instrument(tracing::info_span!("imds"))
-        .await?;
-    tracing::info!(instance_id = %facts.instance_id, region = %facts.region, az = %facts.availability_zone, local_ipv4 = %facts.local_ipv4, "instance facts");
-    imds::wait_in_service(
-        &md,
-        imds_deadline,
-        Duration::from_secs(cfg.agent.warm_pool_timeout_secs),
-    )
-    .await?;
-
-    let sdk = crate::aws::sdk_config(
-        &facts.region,
-        Duration::from_secs(cfg.agent.aws_timeout_secs),
-    )
-    .await;
-    let ec2 = SdkEc2::new(&sdk);
-    let tag_value = tag_value(cfg, &md, &ec2, &facts).await?;
-    let peers = discovery::discover(
-        &ec2,
+async fn discover(cfg: &Config, id: &Identity, min_peers: usize, secs: u64) -> Result<Vec<Peer>> {
+    discovery::discover(
+        &SdkEc2::new(&id.sdk),
         &discovery::Query {
             tag_key: &cfg.cluster.tag_key,
-            tag_value: &tag_value,
-            self_id: &facts.instance_id,
-            min_peers: cfg.cluster.min_peers,
-            deadline: Duration::from_secs(cfg.cluster.discovery_timeout_secs),
+            tag_value: &id.tag_value,
+            self_id: &id.facts.instance_id,
+            min_peers,
+            deadline: Duration::from_secs(secs),
         },
     )
-    .await?;
-    Ok(Node {
-        facts,
-        tag_value,
-        peers,
-        sdk,
-    })
+    .await
 }
 
 #[cfg(test)]

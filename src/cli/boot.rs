@@ -12,6 +12,7 @@ use crate::aws::s3::SdkS3;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, FileSpec, Outcome, Owner};
+use crate::imds::InstanceFacts;
 use crate::launcher::{self, Running};
 use crate::node_lock::{self, NodeLock};
 use crate::vault_api::{self, Liveness, VaultClient};
@@ -165,17 +166,27 @@ pub(crate) async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Res
     Ok(running)
 }
 
-/// The local node's API client (the cluster CA is the only trust anchor).
-pub(crate) fn local_client(cfg: &Config, node: &node::Node, ca_pem: &[u8]) -> Result<VaultClient> {
-    let bind = render::bind_ip(cfg, &node.facts);
+/// The local node's API client (the cluster CA is the only trust anchor): at the bind
+/// address, or the private IP when the server binds to every address.
+pub(crate) fn local_client(
+    cfg: &Config,
+    facts: &InstanceFacts,
+    ca_pem: &[u8],
+) -> Result<VaultClient> {
+    let bind = render::bind_ip(cfg, facts);
     let connect_ip: IpAddr = if bind.is_unspecified() {
-        node.facts.local_ipv4
+        facts.local_ipv4
     } else {
         bind
     };
+    peer_client(cfg, ca_pem, connect_ip)
+}
+
+/// The API client of the node at `ip`.
+pub(crate) fn peer_client(cfg: &Config, ca_pem: &[u8], ip: IpAddr) -> Result<VaultClient> {
     VaultClient::new(
         ca_pem,
-        connect_ip,
+        ip,
         cfg.vault.api_port,
         cfg.tls.server_name.as_deref(),
     )
@@ -193,7 +204,7 @@ pub(crate) async fn serve(
     started: Instant,
 ) -> Result<i32> {
     let Launched { running, lock } = launched;
-    let client = local_client(cfg, node, &material.ca_pem)?;
+    let client = local_client(cfg, &node.facts, &material.ca_pem)?;
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let ready = Ready {
         node,
@@ -267,14 +278,7 @@ pub(crate) async fn initialize_or_join(
         .peers
         .iter()
         .filter(|p| !p.is_self)
-        .map(|p| {
-            VaultClient::new(
-                ca_pem,
-                p.ip,
-                cfg.vault.api_port,
-                cfg.tls.server_name.as_deref(),
-            )
-        })
+        .map(|p| peer_client(cfg, ca_pem, p.ip))
         .collect::<Result<Vec<_>>>()?;
     let s3 = SdkS3::new(&node.sdk);
     let kms = SdkKms::new(&node.sdk);

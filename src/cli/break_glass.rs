@@ -9,8 +9,7 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::{self, Layout};
 use crate::secret::Secret;
-use crate::vault_api::VaultClient;
-use crate::{access, node, render, tls};
+use crate::{access, node, tls};
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
@@ -53,11 +52,7 @@ pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
             cfg.vault.tls_dir.display()
         ),
     })?;
-    let ip = match render::bind_ip(cfg, &id.facts) {
-        ip if ip.is_unspecified() => id.facts.local_ipv4,
-        ip => ip,
-    };
-    let local = VaultClient::new(&ca, ip, cfg.vault.api_port, cfg.tls.server_name.as_deref())?;
+    let local = super::boot::local_client(cfg, &id.facts, &ca)?;
     let token = access::generate_root(&local, &shares).await?;
     tracing::warn!(
         shares = shares.len(),

@@ -9,7 +9,7 @@ use crate::aws::s3::SdkS3;
 use crate::cli::boot::vault_owner;
 use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
-use crate::vault_api::{Health, VaultClient};
+use crate::vault_api::Health;
 use crate::{launcher, node, tls};
 use std::time::{Duration, SystemTime};
 
@@ -58,16 +58,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                 message: "the CA changed, which needs a server restart; with launcher = \"exec\" restart the `boot` process".into(),
             });
         }
-        let n = node::identify(cfg).await?;
+        // Who is in the cluster now (the identity read above is reused: no second IMDS pass).
+        let n = node::current(cfg, id.clone()).await?;
         let ca = std::fs::read(&ca_p).unwrap_or_default();
         let mut down = Vec::new();
         for p in n.peers.iter().filter(|p| !p.is_self) {
-            let c = VaultClient::new(
-                &ca,
-                p.ip,
-                cfg.vault.api_port,
-                cfg.tls.server_name.as_deref(),
-            )?;
+            let c = crate::cli::boot::peer_client(cfg, &ca, p.ip)?;
             if !matches!(
                 c.health().await,
                 Ok(Health::Active | Health::Standby | Health::PerfStandby)

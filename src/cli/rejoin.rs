@@ -97,18 +97,13 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     ));
 
     // Health of the peers and the cluster's view.
-    let local = boot::local_client(cfg, &node, &material.ca_pem)?;
+    let local = boot::local_client(cfg, &node.facts, &material.ca_pem)?;
     let mut healthy = 0usize;
     let mut cluster_id = None;
     let mut leader = None;
     let mut healthy_peers: Vec<VaultClient> = Vec::new();
     for p in node.peers.iter().filter(|p| !p.is_self) {
-        let c = VaultClient::new(
-            &material.ca_pem,
-            p.ip,
-            cfg.vault.api_port,
-            cfg.tls.server_name.as_deref(),
-        )?;
+        let c = boot::peer_client(cfg, &material.ca_pem, p.ip)?;
         if let Some((200 | 429, h)) = get(&c, "sys/health", None).await {
             healthy += 1;
             cluster_id = h["cluster_id"].as_str().map(str::to_owned).or(cluster_id);

@@ -4,52 +4,57 @@
 
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
+use crate::cli::boot;
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
 use crate::secret::Secret;
 use crate::vault_api::VaultClient;
-use crate::{node, render, snapshot, tls};
+use crate::{node, snapshot, tls};
 use std::io::Write;
 use std::time::Duration;
 
-/// This node first, then its peers: the clients [`snapshot::find_active`] tries.
-async fn nodes(cfg: &Config) -> Result<(node::Node, Vec<VaultClient>)> {
-    let n = node::identify(cfg).await?;
+/// The cluster CA `boot` wrote: the only trust anchor for the API calls.
+fn cluster_ca(cfg: &Config) -> Result<Vec<u8>> {
     let ca_path = tls::paths(&cfg.vault.tls_dir).2;
-    let ca = std::fs::read(&ca_path).map_err(|e| Error::Snapshot {
+    std::fs::read(&ca_path).map_err(|e| Error::Snapshot {
         message: format!(
             "cannot read the cluster CA {} ({e}); `boot` writes it: run on a cluster node",
             ca_path.display()
         ),
         exit: exit::NOINPUT,
-    })?;
-    let name = cfg.tls.server_name.as_deref();
-    let ip = match render::bind_ip(cfg, &n.facts) {
-        ip if ip.is_unspecified() => n.facts.local_ipv4,
-        ip => ip,
-    };
-    let mut clients = vec![VaultClient::new(&ca, ip, cfg.vault.api_port, name)?];
+    })
+}
+
+/// This node first, then its peers as EC2 lists them now: the clients
+/// [`snapshot::find_active`] tries.
+async fn nodes(
+    cfg: &Config,
+    id: node::Identity,
+    ca: &[u8],
+    local: VaultClient,
+) -> Result<(node::Node, Vec<VaultClient>)> {
+    let n = node::current(cfg, id).await?;
+    let mut clients = vec![local];
     for p in n.peers.iter().filter(|p| !p.is_self) {
-        clients.push(VaultClient::new(&ca, p.ip, cfg.vault.api_port, name)?);
+        clients.push(boot::peer_client(cfg, ca, p.ip)?);
     }
     Ok((n, clients))
 }
 
 /// Takes one snapshot and stores it (see [`snapshot::take`]); prints its URL, size, sha256.
 pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
-    let (n, clients) = nodes(cfg).await?;
-    if only_if_active
-        && !matches!(
-            clients[0].health().await,
-            Ok(crate::vault_api::Health::Active)
-        )
-    {
+    let id = node::identity(cfg).await?;
+    let ca = cluster_ca(cfg)?;
+    let local = boot::local_client(cfg, &id.facts, &ca)?;
+    // The hourly timer runs on every node: a standby stops here, before any EC2 call.
+    if only_if_active && !matches!(local.health().await, Ok(crate::vault_api::Health::Active)) {
         tracing::info!(
             "this node is not the active one: the active node's timer takes the snapshot"
         );
         return Ok(exit::OK);
     }
+    let (n, clients) = nodes(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::for_streams(&n.sdk);
@@ -105,7 +110,10 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
             "restore needs an operator token in VAULT_TOKEN (the admin login, or a token from `break-glass`); the snapshot AppRole deliberately cannot restore: its policy only reads sys/storage/raft/snapshot".into(),
         )),
     };
-    let (n, clients) = nodes(cfg).await?;
+    let id = node::identity(cfg).await?;
+    let ca = cluster_ca(cfg)?;
+    let local = boot::local_client(cfg, &id.facts, &ca)?;
+    let (n, clients) = nodes(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let size = snapshot::restore(
         cfg,

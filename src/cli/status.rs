@@ -7,14 +7,13 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::{self, Layout};
 use crate::secret::Secret;
-use crate::vault_api::VaultClient;
-use crate::{init, node, render, tls};
+use crate::{init, node, tls};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::time::Duration;
 
 pub async fn run(cfg: &Config) -> Result<i32> {
-    let n = node::identify(cfg).await?;
+    let n = node::current(cfg, node::identity(cfg).await?).await?;
     let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let layout = Layout::new(cfg, &n.tag_value);
     let marker = escrow::read_marker(&SdkS3::new(&n.sdk), &layout, deadline)
@@ -23,18 +22,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         .flatten();
 
     let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).ok();
-    let ip = match render::bind_ip(cfg, &n.facts) {
-        ip if ip.is_unspecified() => n.facts.local_ipv4,
-        ip => ip,
-    };
     let (health, raft) = match &ca {
         None => (
             json!("unknown: no CA in vault.tls_dir (boot has not run)"),
             Value::Null,
         ),
         Some(ca) => {
-            let local =
-                VaultClient::new(ca, ip, cfg.vault.api_port, cfg.tls.server_name.as_deref())?;
+            let local = crate::cli::boot::local_client(cfg, &n.facts, ca)?;
             let health = match local.health().await {
                 Ok(h) => json!(h.to_string()),
                 Err(e) => json!(format!("not answering: {e}")),
