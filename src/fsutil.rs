@@ -8,9 +8,9 @@
 
 use crate::error::{Error, Result};
 use nix::unistd::{Gid, Uid};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Owner and group to give a file; `None` keeps the writer's.
@@ -236,15 +236,6 @@ pub fn ensure_dir(dir: &Path, mode: u32, owner: Owner) -> Result<()> {
             .map_err(|e| Error::write(dir, format!("chown: {e}")))?;
     }
     Ok(())
-}
-
-/// Opens a file for exclusive creation with `mode` (for small state files).
-pub fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
 }
 
 #[cfg(test)]

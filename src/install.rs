@@ -231,7 +231,8 @@ pub fn parse_sha256(s: &str) -> std::result::Result<String, String> {
     Ok(s.to_ascii_lowercase())
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (SHA-256 digests in checksums and S3 metadata).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

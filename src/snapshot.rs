@@ -23,7 +23,7 @@ use aws_lc_rs::digest;
 use reqwest::Method;
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Policy and AppRole role name (stable: operators revoke by them).
 pub const NAME: &str = "vault-bootstrap-snapshot";
@@ -237,17 +237,6 @@ pub fn to_prune(keys: &[String], prefix: &str, cluster: &str, keep: usize) -> Ve
     ours.into_iter().skip(keep).cloned().collect()
 }
 
-/// `s3://bucket/key` -> (bucket, key).
-pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("s3://")?;
-    let (b, k) = rest.split_once('/')?;
-    (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), k.to_owned()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The first node answering `sys/health` 200 (active). The error lists what each said.
 pub async fn find_active(nodes: &[VaultClient]) -> Result<&VaultClient> {
     let mut seen = Vec::new();
@@ -363,7 +352,7 @@ pub async fn take(
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::write(tmp.path(), e.to_string()))?;
-    let sha256 = hex(ctx.finish().as_ref());
+    let sha256 = crate::install::hex(ctx.finish().as_ref());
     if size == 0 {
         return Err(Error::Snapshot {
             message: format!("{} returned an empty snapshot", active.base()),
@@ -373,10 +362,7 @@ pub async fn take(
     tracing::info!(size, sha256 = %sha256, from = %active.base(), "raft snapshot taken");
 
     // 2. Upload write-once. PutObject is atomic: a failed one leaves no object.
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::clock::now_unix();
     let key = object_key(&cfg.snapshot.prefix, cluster, now);
     let url = format!("s3://{bucket}/{key}");
     let meta = [(META_SHA256, sha256.clone()), (META_SIZE, size.to_string())];
@@ -488,7 +474,7 @@ pub async fn restore(
             .map_err(|e| Error::write(&tmp_path, e.to_string()))?;
         meta
     };
-    let sha256 = hex(ctx.finish().as_ref());
+    let sha256 = crate::install::hex(ctx.finish().as_ref());
     match meta.get(META_SHA256) {
         Some(want) if *want == sha256 => {}
         Some(want) => {
@@ -574,12 +560,12 @@ mod tests {
     #[test]
     fn s3_urls_parse() {
         assert_eq!(
-            parse_s3_url("s3://b/p/c/c-x.snap"),
+            crate::aws::s3::parse_url("s3://b/p/c/c-x.snap"),
             Some(("b".into(), "p/c/c-x.snap".into()))
         );
-        assert_eq!(parse_s3_url("s3://b/"), None);
-        assert_eq!(parse_s3_url("https://b/k"), None);
-        assert_eq!(parse_s3_url("s3:///k"), None);
+        assert_eq!(crate::aws::s3::parse_url("s3://b/"), None);
+        assert_eq!(crate::aws::s3::parse_url("https://b/k"), None);
+        assert_eq!(crate::aws::s3::parse_url("s3:///k"), None);
     }
 
     #[test]

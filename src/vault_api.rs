@@ -193,17 +193,6 @@ impl VaultClient {
         Ok((status, resp.json().await.unwrap_or(serde_json::Value::Null)))
     }
 
-    /// `GET sys/init`: whether the node's cluster is initialized (`None` if it did not answer).
-    pub async fn initialized(&self) -> Option<bool> {
-        let (status, body) = self
-            .call(reqwest::Method::GET, "sys/init", None, None)
-            .await
-            .ok()?;
-        (status == 200)
-            .then(|| body["initialized"].as_bool())
-            .flatten()
-    }
-
     /// `PUT sys/init` with recovery shares (auto-unseal). The response holds the only copy
     /// of the keys: the timeout is long, the call is never retried, and neither the body
     /// nor any part of it reaches an error message.

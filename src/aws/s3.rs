@@ -60,6 +60,13 @@ pub struct ObjectInfo {
     pub metadata: std::collections::HashMap<String, String>,
 }
 
+/// `s3://bucket/key` -> (bucket, key); both must be non-empty.
+pub fn parse_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("s3://")?;
+    let (b, k) = rest.split_once('/')?;
+    (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), k.to_owned()))
+}
+
 pub struct SdkS3 {
     client: aws_sdk_s3::Client,
 }

@@ -260,9 +260,6 @@ async fn clock_skew(sdk: &aws_config::SdkConfig, region: &str) -> std::result::R
     let theirs =
         aws_smithy_types::DateTime::from_str(date, aws_smithy_types::date_time::Format::HttpDate)
             .map_err(|e| format!("Date {date:?}: {e}"))?;
-    let ours = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let ours = crate::clock::now_unix() as i64;
     Ok(ours - theirs.secs())
 }

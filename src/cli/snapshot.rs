@@ -99,7 +99,7 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
             "restoring {from} replaces ALL of the cluster's data with the snapshot's (force restore); pass --yes if you mean it"
         )));
     }
-    let Some((bucket, key)) = snapshot::parse_s3_url(from) else {
+    let Some((bucket, key)) = crate::aws::s3::parse_url(from) else {
         return Err(usage(format!(
             "--from {from:?} is not an s3://bucket/key URL"
         )));

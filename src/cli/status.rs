@@ -99,9 +99,6 @@ fn cert_days_left(tls_dir: &std::path::Path) -> Option<i64> {
         .next()?
         .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
+    let now = crate::clock::now_unix() as i64;
     Some((cert.validity().not_after.timestamp() - now).div_euclid(86_400))
 }

@@ -117,12 +117,7 @@ pub fn crash_point(point: &str) {
     }
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::clock::now_unix;
 
 /// Uploads every item write-once, verifies each by reading it back and decrypting it, then
 /// writes the marker. Safe to run again after a crash at any point: an item already

@@ -222,9 +222,7 @@ pub fn remove(state_dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::write(&p, format!("remove: {e}"))),
     }
-    std::fs::File::open(state_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::write(state_dir, format!("fsync: {e}")))
+    crate::fsutil::sync_dir(state_dir)
 }
 
 #[cfg(test)]

@@ -66,10 +66,7 @@ async fn try_create<S: ObjectStore>(
 ) -> Result<Lock> {
     let body = LockBody {
         instance_id: me.to_owned(),
-        acquired_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        acquired_unix: crate::clock::now_unix(),
         cluster: layout.cluster.clone(),
         generation,
     };

@@ -17,20 +17,20 @@ pub async fn load_all<S: ObjectStore>(
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(sources.len());
     for src in sources {
-        let bytes = match src.strip_prefix("s3://") {
-            Some(rest) => {
-                let (bucket, key) = rest.split_once('/').ok_or_else(|| Error::ConfigInvalid {
+        let bytes = if src.starts_with("s3://") {
+            let (bucket, key) =
+                crate::aws::s3::parse_url(src).ok_or_else(|| Error::ConfigInvalid {
                     path: "config".into(),
                     key: "init.recovery_pgp_keys".into(),
                     message: format!("{src:?} is not s3://bucket/key"),
                 })?;
-                retry::retry("fetch a PGP public key", deadline, || s3.get(bucket, key)).await?
-            }
-            None => std::fs::read(src).map_err(|e| Error::ConfigInvalid {
+            retry::retry("fetch a PGP public key", deadline, || s3.get(&bucket, &key)).await?
+        } else {
+            std::fs::read(src).map_err(|e| Error::ConfigInvalid {
                 path: "config".into(),
                 key: "init.recovery_pgp_keys".into(),
                 message: format!("cannot read {src}: {e}"),
-            })?,
+            })?
         };
         out.push(normalize(&bytes).ok_or_else(|| Error::ConfigInvalid {
             path: "config".into(),
