@@ -67,6 +67,27 @@ pub fn parse_url(url: &str) -> Option<(String, String)> {
     (!b.is_empty() && !k.is_empty()).then(|| (b.to_owned(), k.to_owned()))
 }
 
+/// Sends a write-once (`If-None-Match: *`) PutObject: `Exists` when the key already holds
+/// an object (412 / PreconditionFailed), whatever the body.
+async fn put_once(
+    req: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
+    url: String,
+) -> Result<PutOutcome> {
+    match req.send().await {
+        Ok(_) => Ok(PutOutcome::Created),
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let code = aws_smithy_types::error::metadata::ProvideErrorMetadata::code(&e)
+                .map(str::to_owned);
+            if status == Some(412) || code.as_deref() == Some("PreconditionFailed") {
+                Ok(PutOutcome::Exists)
+            } else {
+                Err(sdk_error("PutObject", url, e))
+            }
+        }
+    }
+}
+
 pub struct SdkS3 {
     client: aws_sdk_s3::Client,
 }
@@ -122,17 +143,7 @@ impl SdkS3 {
         for (k, v) in metadata {
             req = req.metadata(*k, v);
         }
-        match req.send().await {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(e) => {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                if status == Some(412) {
-                    Ok(PutOutcome::Exists)
-                } else {
-                    Err(sdk_error("PutObject", url, e))
-                }
-            }
-        }
+        put_once(req, url).await
     }
 
     /// `HeadObject`: size and user metadata, `Ok(None)` when the object does not exist.
@@ -232,19 +243,7 @@ impl ObjectStore for SdkS3 {
                 .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
                 .ssekms_key_id(k);
         }
-        match req.send().await {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(e) => {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                let code = aws_smithy_types::error::metadata::ProvideErrorMetadata::code(&e)
-                    .map(str::to_owned);
-                if status == Some(412) || code.as_deref() == Some("PreconditionFailed") {
-                    Ok(PutOutcome::Exists)
-                } else {
-                    Err(sdk_error("PutObject", url, e))
-                }
-            }
-        }
+        put_once(req, url).await
     }
 
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
