@@ -276,6 +276,55 @@ pub async fn stop_child(child: &mut Child, grace: std::time::Duration) {
     }
 }
 
+/// Stops the server at `pid`, started by another agent process (SIGTERM, up to `grace`,
+/// then SIGKILL): its ports would keep a new server from starting. Raft's log is
+/// crash-safe, so a SIGKILL loses nothing a SIGTERM would have kept.
+pub async fn stop_pid(pid: u32, grace: std::time::Duration) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    let target = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = kill(target, Signal::SIGTERM);
+    if wait_gone(pid, grace).await {
+        return Ok(());
+    }
+    tracing::warn!(
+        pid,
+        grace_secs = grace.as_secs(),
+        "the server did not stop after SIGTERM; sending SIGKILL"
+    );
+    let _ = kill(target, Signal::SIGKILL);
+    if wait_gone(pid, std::time::Duration::from_secs(10)).await {
+        return Ok(());
+    }
+    Err(Error::Command {
+        command: format!("stop the server (pid {pid})"),
+        message: "it is still running 10 s after SIGKILL".into(),
+    })
+}
+
+/// Waits (bounded) until process `pid` is gone or a zombie (its parent, the other agent,
+/// reaps it); true if it is.
+async fn wait_gone(pid: u32, bound: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        if stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+        {
+            return true;
+        }
+        if start.elapsed() >= bound {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Stays with the child until it exits, forwarding SIGTERM/SIGINT (stop) and SIGHUP
 /// (reload) to it; returns the exit code to leave with (128 + signal when it was killed).
 pub async fn supervise(mut child: Child) -> Result<i32> {

@@ -337,50 +337,9 @@ async fn stop_server(cfg: &Config) -> Result<()> {
             else {
                 return Ok(()); // nothing of ours is running
             };
-            let target = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
             // A raft server shuts down in well under a second; 30 s covers a slow disk.
-            if !wait_gone(pid, Duration::from_secs(30)).await {
-                // Still there: its ports would keep the new server from starting. Raft's
-                // log is crash-safe, so a SIGKILL loses nothing a SIGTERM would have kept.
-                tracing::warn!(
-                    pid,
-                    "the server did not stop within 30 s of SIGTERM; sending SIGKILL"
-                );
-                let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
-                if !wait_gone(pid, Duration::from_secs(10)).await {
-                    return Err(Error::Command {
-                        command: format!("stop the server (pid {pid})"),
-                        message: "it is still running 10 s after SIGKILL".into(),
-                    });
-                }
-            }
-            Ok(())
+            launcher::stop_pid(pid, Duration::from_secs(30)).await
         }
-    }
-}
-
-/// Waits (bounded) until process `pid` is gone or a zombie; true if it is.
-async fn wait_gone(pid: u32, bound: Duration) -> bool {
-    let start = Instant::now();
-    loop {
-        let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => s,
-            Err(_) => return true,
-        };
-        if stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-        {
-            return true;
-        }
-        if start.elapsed() >= bound {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
