@@ -58,12 +58,20 @@ pub fn write_atomic(spec: &FileSpec<'_>) -> Result<Outcome> {
     Ok(write_files(std::slice::from_ref(spec))?[0])
 }
 
+/// Whether `path` already holds exactly `contents` (a missing or unreadable file does not).
+/// The bytes read are zeroed when dropped: the file may be a private key.
+pub fn holds(path: &Path, contents: &[u8]) -> bool {
+    fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .is_ok_and(|on_disk| on_disk.as_slice() == contents)
+}
+
 /// Writes a set of files: all temp files are written and synced first, then renamed in
 /// order, so a failure while writing leaves every target as it was.
 pub fn write_files(specs: &[FileSpec<'_>]) -> Result<Vec<Outcome>> {
     let mut staged: Vec<(Option<tempfile::TempPath>, &FileSpec<'_>)> = Vec::new();
     for spec in specs {
-        if fs::read(spec.path).ok().as_deref() == Some(spec.contents) {
+        if holds(spec.path, spec.contents) {
             fix_owner_mode(spec)?;
             staged.push((None, spec));
             continue;

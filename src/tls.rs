@@ -280,6 +280,24 @@ pub fn paths(tls_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// How fetched material differs from what `tls_dir` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// The CA differs: peers verify each other with it, so the server needs a restart.
+    pub ca: bool,
+    /// Any of the three files differs.
+    pub any: bool,
+}
+
+pub fn changes(m: &Material, tls_dir: &Path) -> Changes {
+    let (cert, key, ca) = paths(tls_dir);
+    let ca = !fsutil::holds(&ca, &m.ca_pem);
+    Changes {
+        ca,
+        any: ca || !fsutil::holds(&cert, &m.cert_pem) || !fsutil::holds(&key, &m.key_pem),
+    }
+}
+
 /// Writes checked material into `tls_dir`: key 0600, certificates 0644, all owned by the
 /// Vault user. Returns whether anything changed.
 pub fn write(m: &Material, tls_dir: &Path, owner: Owner) -> Result<bool> {

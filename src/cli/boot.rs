@@ -45,7 +45,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: imds+discovery"
     );
-    let material = fetch_tls(cfg, &node).await?;
+    let (material, _) = fetch_tls(cfg, &node.sdk, node.facts.local_ipv4).await?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: tls"
@@ -79,9 +79,14 @@ pub(crate) struct Launched {
     pub lock: NodeLock,
 }
 
-/// Step 3: fetch the TLS objects and check them; nothing is written here.
-pub(crate) async fn fetch_tls(cfg: &Config, node: &node::Node) -> Result<tls::Material> {
-    let s3 = SdkS3::new(&node.sdk);
+/// Step 3: fetch the TLS objects and check them for the node at `ip`; nothing is written
+/// here. Also `rejoin` and `refresh-tls`.
+pub(crate) async fn fetch_tls(
+    cfg: &Config,
+    sdk: &aws_config::SdkConfig,
+    ip: IpAddr,
+) -> Result<(tls::Material, tls::Checked)> {
+    let s3 = SdkS3::new(sdk);
     let m = tls::fetch(
         &s3,
         &cfg.tls,
@@ -93,7 +98,7 @@ pub(crate) async fn fetch_tls(cfg: &Config, node: &node::Node) -> Result<tls::Ma
         &m,
         &tls::Sources::from_config(&cfg.tls),
         &tls::Expect {
-            ip: node.facts.local_ipv4,
+            ip,
             server_name: cfg.tls.server_name.as_deref(),
         },
         SystemTime::now(),
@@ -104,7 +109,7 @@ pub(crate) async fn fetch_tls(cfg: &Config, node: &node::Node) -> Result<tls::Ma
     } else {
         tracing::info!(serial = %checked.serial_hex, days_left, "TLS material checked");
     }
-    Ok(m)
+    Ok((m, checked))
 }
 
 /// Step 4's input: the configuration file's text.

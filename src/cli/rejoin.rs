@@ -67,18 +67,11 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         node.peers.len(),
         node.tag_value
     ));
-    let material = boot::fetch_tls(cfg, &node).await?;
+    let (material, _) = boot::fetch_tls(cfg, &node.sdk, node.facts.local_ipv4).await?;
     let flavor = launcher::resolve_flavor(&cfg.vault).await;
     let hcl = boot::render_config(cfg, &node, flavor);
-    let hcl_changes = std::fs::read_to_string(&cfg.vault.config_file)
-        .ok()
-        .as_deref()
-        != Some(hcl.as_str());
-    let tls_changes = {
-        let (c, k, a) = crate::tls::paths(&cfg.vault.tls_dir);
-        let same = |p: &std::path::Path, b: &[u8]| std::fs::read(p).ok().as_deref() == Some(b);
-        !(same(&c, &material.cert_pem) && same(&k, &material.key_pem) && same(&a, &material.ca_pem))
-    };
+    let hcl_changes = !crate::fsutil::holds(&cfg.vault.config_file, hcl.as_bytes());
+    let tls_changes = crate::tls::changes(&material, &cfg.vault.tls_dir).any;
     say(format!(
         "TLS material checked; {}",
         if tls_changes {
