@@ -49,6 +49,12 @@ struct AppRole {
     secret_id: String,
 }
 
+impl Drop for AppRole {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret_id);
+    }
+}
+
 fn init_err(call: &str, status: u16, body: &serde_json::Value) -> Error {
     Error::Init {
         message: format!(
@@ -161,12 +167,7 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         .await;
         return Ok(());
     }
-    let back = escrow::decrypt_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, aws).await?;
-    if back.expose() != item.expose() {
-        return Err(Error::Escrow {
-            message: format!("{} does not read back as written", layout.url(&key)),
-        });
-    }
+    escrow::check_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
     tracing::info!(item = %layout.url(&key), role = NAME, "snapshot AppRole created and its credentials escrowed");
     Ok(())
 }

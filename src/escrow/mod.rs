@@ -185,7 +185,8 @@ pub async fn escrow<S: ObjectStore, K: Kms>(
     Ok(marker)
 }
 
-async fn check_item<S: ObjectStore, K: Kms>(
+/// Reads item `name` back and decrypts it; an error unless it is `secret`.
+pub(crate) async fn check_item<S: ObjectStore, K: Kms>(
     s3: &S,
     kms: &K,
     layout: &Layout,
