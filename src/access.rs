@@ -47,8 +47,8 @@ fn call(method: Method, path: impl Into<String>, body: Value) -> Call {
     }
 }
 
-/// Writes the admin policy (both login paths attach it).
-fn admin_policy_call(policy: &str) -> Call {
+/// Writes the admin policy: both login paths attach it, [`configure`] writes it once.
+pub fn admin_policy_call(policy: &str) -> Call {
     call(
         Method::PUT,
         format!("sys/policies/acl/{policy}"),
@@ -56,11 +56,10 @@ fn admin_policy_call(policy: &str) -> Call {
     )
 }
 
-/// Policy + cert auth mount + the operators' role bound to the operator CA.
+/// Cert auth mount + the operators' role bound to the operator CA (and the admin policy).
 pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
     let policy = access.policy_name();
     vec![
-        admin_policy_call(policy),
         call(
             Method::POST,
             format!("sys/auth/{CERT_MOUNT}"),
@@ -114,7 +113,6 @@ pub fn aws_calls(access: &AccessConfig) -> Vec<Call> {
         ));
     }
     calls.extend([
-        admin_policy_call(policy),
         call(
             Method::POST,
             format!("sys/auth/{AWS_MOUNT}"),
@@ -211,6 +209,9 @@ pub async fn configure(
 ) -> Result<Vec<String>> {
     let access = &cfg.access;
     let mut ready = Vec::new();
+    if operator_ca_pem.is_some() || !access.aws_role_arns.is_empty() {
+        run(local, root, &[admin_policy_call(access.policy_name())]).await?;
+    }
     if let Some(ca) = operator_ca_pem {
         run(local, root, &cert_calls(access, ca)).await?;
         if cert_reads_back(local, root, access, ca).await? {
@@ -426,6 +427,18 @@ mod tests {
                 "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
             )),
         );
+    }
+
+    #[test]
+    fn golden_admin_policy_call() {
+        let calls = [admin_policy_call(AccessConfig::default().policy_name())];
+        golden("admin-policy-call.txt", &render(&calls));
+        // The login paths attach it but do not write it again.
+        let cert = cert_calls(&AccessConfig::default(), "pem");
+        assert!(cert
+            .iter()
+            .chain(aws_calls(&access()).iter())
+            .all(|c| !c.path.starts_with("sys/policies/")));
     }
 
     #[test]
