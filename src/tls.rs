@@ -81,18 +81,24 @@ pub fn days_left(c: &Checked, now: SystemTime) -> i64 {
     (c.not_after_unix - unix(now)).div_euclid(86_400)
 }
 
-/// Fetches the three objects, retrying transient S3 failures until `deadline`.
+/// Fetches the three objects together, retrying transient S3 failures until `deadline`
+/// (one bound for the step, not one per object).
 pub async fn fetch<S: ObjectStore>(s3: &S, c: &TlsConfig, deadline: Duration) -> Result<Material> {
-    let get = |key: String| async move {
-        retry::retry("fetch TLS material from S3", deadline, || {
-            s3.get(&c.bucket, &key)
-        })
-        .await
+    let get = |key: &'_ str| {
+        let key = key.to_owned();
+        async move {
+            retry::retry("fetch TLS material from S3", deadline, || {
+                s3.get(&c.bucket, &key)
+            })
+            .await
+        }
     };
+    let (cert_pem, key_pem, ca_pem) =
+        tokio::try_join!(get(&c.cert_key), get(&c.key_key), get(&c.ca_key))?;
     Ok(Material {
-        cert_pem: get(c.cert_key.clone()).await?,
-        key_pem: Zeroizing::new(get(c.key_key.clone()).await?),
-        ca_pem: get(c.ca_key.clone()).await?,
+        cert_pem,
+        key_pem: Zeroizing::new(key_pem),
+        ca_pem,
     })
 }
 
