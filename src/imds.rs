@@ -216,15 +216,15 @@ pub async fn tag_value<M: Metadata>(
     deadline: Duration,
 ) -> Result<Option<TagLookup>> {
     retry::retry("read instance tags from IMDS", deadline, || async {
-        if md.get("meta-data/tags/instance").await?.is_none() {
-            return Ok(None);
+        // The usual case is one GET. Only a 404 needs the listing, to tell "no such tag"
+        // from "instance metadata tags are off".
+        if let Some(v) = md.get(&format!("meta-data/tags/instance/{key}")).await? {
+            return Ok(Some(TagLookup::Value(v)));
         }
-        Ok(Some(
-            match md.get(&format!("meta-data/tags/instance/{key}")).await? {
-                Some(v) => TagLookup::Value(v),
-                None => TagLookup::Absent,
-            },
-        ))
+        Ok(md
+            .get("meta-data/tags/instance")
+            .await?
+            .map(|_| TagLookup::Absent))
     })
     .await
 }
@@ -338,6 +338,16 @@ pub(crate) mod fake {
                 }
             } {
                 return Err(e);
+            }
+            // As the real IMDS: with instance metadata tags off, nothing under them answers.
+            if path.starts_with("meta-data/tags/instance/")
+                && !self
+                    .values
+                    .lock()
+                    .unwrap()
+                    .contains_key("meta-data/tags/instance")
+            {
+                return Ok(None);
             }
             if path == "meta-data/autoscaling/target-lifecycle-state" {
                 let mut l = self.lifecycle.lock().unwrap();
