@@ -96,9 +96,7 @@ pub fn write_files(specs: &[FileSpec<'_>]) -> Result<Vec<Outcome>> {
     }
     for dir in dirs {
         // The rename is durable only once the directory entry is.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::write(&dir, format!("fsync of directory: {e}")))?;
+        sync_dir(&dir)?;
     }
     Ok(outcomes)
 }
@@ -166,12 +164,19 @@ pub fn write_atomic_from(
 /// Corrects the mode and owner of an existing file, as [`write_files`] does for a file
 /// whose contents are unchanged.
 pub fn set_owner_mode(path: &Path, mode: u32, owner: Owner) -> Result<()> {
-    fix_owner_mode(&FileSpec {
-        path,
-        contents: &[],
-        mode,
-        owner,
-    })
+    let meta = fs::metadata(path).map_err(|e| Error::write(path, e))?;
+    let want_uid = owner.uid.unwrap_or(meta.uid());
+    let want_gid = owner.gid.unwrap_or(meta.gid());
+    if meta.uid() != want_uid || meta.gid() != want_gid {
+        std::os::unix::fs::chown(path, Some(want_uid), Some(want_gid))
+            .map_err(|e| Error::write(path, format!("chown: {e}")))?;
+    }
+    // After chown, which may clear set-id bits.
+    if meta.mode() & 0o7777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::write(path, format!("chmod: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Points the symlink `link` at `target` atomically (a temp link renamed over it), as
@@ -215,35 +220,13 @@ fn chown_fd(file: &File, owner: Owner) -> nix::Result<()> {
 }
 
 fn fix_owner_mode(spec: &FileSpec<'_>) -> Result<()> {
-    let meta = fs::metadata(spec.path).map_err(|e| Error::write(spec.path, e))?;
-    let want_uid = spec.owner.uid.unwrap_or(meta.uid());
-    let want_gid = spec.owner.gid.unwrap_or(meta.gid());
-    if meta.uid() != want_uid || meta.gid() != want_gid {
-        std::os::unix::fs::chown(spec.path, Some(want_uid), Some(want_gid))
-            .map_err(|e| Error::write(spec.path, format!("chown: {e}")))?;
-    }
-    if meta.mode() & 0o7777 != spec.mode {
-        fs::set_permissions(spec.path, fs::Permissions::from_mode(spec.mode))
-            .map_err(|e| Error::write(spec.path, format!("chmod: {e}")))?;
-    }
-    Ok(())
+    set_owner_mode(spec.path, spec.mode, spec.owner)
 }
 
 /// Creates `dir` (and parents) if missing, then sets its mode and owner.
 pub fn ensure_dir(dir: &Path, mode: u32, owner: Owner) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::write(dir, format!("mkdir: {e}")))?;
-    let meta = fs::metadata(dir).map_err(|e| Error::write(dir, e))?;
-    if meta.mode() & 0o7777 != mode {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::write(dir, format!("chmod: {e}")))?;
-    }
-    let want_uid = owner.uid.unwrap_or(meta.uid());
-    let want_gid = owner.gid.unwrap_or(meta.gid());
-    if meta.uid() != want_uid || meta.gid() != want_gid {
-        std::os::unix::fs::chown(dir, Some(want_uid), Some(want_gid))
-            .map_err(|e| Error::write(dir, format!("chown: {e}")))?;
-    }
-    Ok(())
+    set_owner_mode(dir, mode, owner)
 }
 
 #[cfg(test)]

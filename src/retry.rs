@@ -58,7 +58,7 @@ where
 }
 
 /// Like [`retry`], with the caller deciding which errors are worth another attempt.
-pub async fn retry_when<T, F, Fut>(
+async fn retry_when<T, F, Fut>(
     what: &str,
     deadline: Duration,
     op: &mut F,
