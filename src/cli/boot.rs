@@ -69,14 +69,17 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: server started"
     );
-    let launched = Launched { running, lock };
+    let launched = Launched {
+        running,
+        lock: Some(lock),
+    };
     serve(cfg, &node, &material, owner, flavor, launched, started).await
 }
 
-/// The started server and the node lock held until it is settled.
+/// The started server and the node lock held until it is settled (`None`: no lock taken).
 pub(crate) struct Launched {
     pub running: Running,
-    pub lock: NodeLock,
+    pub lock: Option<NodeLock>,
 }
 
 /// Step 3: fetch the TLS objects and check them for the node at `ip`; nothing is written
@@ -208,52 +211,66 @@ pub(crate) async fn serve(
     launched: Launched,
     started: Instant,
 ) -> Result<i32> {
-    let Launched { running, lock } = launched;
     let client = local_client(cfg, &node.facts, &material.ca_pem)?;
-    let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
-    let ready = Ready {
+    let ready = &Ready {
         node,
         local: &client,
         ca_pem: &material.ca_pem,
         owner,
-        reloader: launcher::Reloader::of(&running),
+        reloader: launcher::Reloader::of(&launched.running),
         flavor,
     };
+    let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
+    settle(&client, deadline, launched, |health, untouched| async move {
+        report(&health, started);
+        if untouched && health == vault_api::Health::Sealed {
+            // Auto-unseal never leaves a running server sealed: an operator sealed it on
+            // purpose. Not ours to undo; a restart (or `rejoin`) unseals it.
+            tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
+            return Ok(());
+        }
+        initialize_or_join(cfg, ready, started).await
+    })
+    .await
+}
+
+/// Waits until the started server answers, then runs `then` (init or join, and whatever
+/// the command adds; `untouched`: systemd found the unit running and left it). Then the node
+/// is settled: the node lock is released, and with the exec launcher the agent stays with
+/// the server and exits with it. A failure stops the exec launcher's server: never an
+/// orphan behind a failed command (keys are escrowed or sealed in the pending file by then).
+pub(crate) async fn settle<F, Fut>(
+    client: &VaultClient,
+    deadline: Duration,
+    launched: Launched,
+    then: F,
+) -> Result<i32>
+where
+    F: FnOnce(vault_api::Health, bool) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let Launched { running, lock } = launched;
     match running {
         Running::Unit { untouched, .. } => {
-            let health = vault_api::wait_answering(&client, deadline, None).await?;
-            report(&health, started);
-            if untouched && health == vault_api::Health::Sealed {
-                // Auto-unseal never leaves a running server sealed: an operator sealed it on
-                // purpose. Not ours to undo; a restart (or `rejoin`) unseals it.
-                tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
-                return Ok(crate::error::exit::OK);
-            }
-            initialize_or_join(cfg, &ready, started).await?;
+            let health = vault_api::wait_answering(client, deadline, None).await?;
+            then(health, untouched).await?;
             drop(lock);
             Ok(crate::error::exit::OK)
         }
         Running::Child(mut child) => {
             let waited = async {
-                let health = vault_api::wait_answering(
-                    &client,
-                    deadline,
-                    Some(&mut child as &mut dyn Liveness),
-                )
-                .await?;
-                report(&health, started);
-                initialize_or_join(cfg, &ready, started).await
+                let liveness = Some(&mut child as &mut dyn Liveness);
+                let health = vault_api::wait_answering(client, deadline, liveness).await?;
+                then(health, false).await
             }
             .await;
             match waited {
                 Ok(()) => {
-                    // Settled: from now on we only supervise, and a `rejoin` may take over.
+                    // From now on we only supervise, and a `rejoin` may take over.
                     drop(lock);
                     launcher::supervise(child).await
                 }
                 Err(e) => {
-                    // Never leave an orphaned server behind a failed boot. Keys are not at
-                    // risk here: they are escrowed or sealed in the pending file by now.
                     launcher::stop_child(&mut child, Duration::from_secs(5)).await;
                     Err(e)
                 }

@@ -12,11 +12,11 @@
 use crate::cli::boot::{self, Ready};
 use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
-use crate::launcher::{self, Reloader, Running};
+use crate::launcher::{self, Reloader};
 use crate::node;
 use crate::node_lock;
 use crate::secret::Secret;
-use crate::vault_api::{self, Health, Liveness, VaultClient};
+use crate::vault_api::{Health, VaultClient};
 use reqwest::Method;
 use serde_json::Value;
 use std::io::Write;
@@ -187,7 +187,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     let running = boot::start(cfg, &node, true).await?;
     say("server started");
 
-    let ready = Ready {
+    let ready = &Ready {
         node: &node,
         local: &local,
         ca_pem: &material.ca_pem,
@@ -197,40 +197,18 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     };
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
-    match running {
-        Running::Unit { .. } => {
-            vault_api::wait_answering(&local, deadline, None).await?;
-            boot::initialize_or_join(cfg, &ready, started).await?;
-            wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
-            say(format!(
-                "done in {:.1} s: an unsealed member again",
-                started.elapsed().as_secs_f64()
-            ));
-            tracing::info!("rejoin complete");
-            Ok(exit::OK)
-        }
-        Running::Child(mut child) => {
-            let waited = async {
-                vault_api::wait_answering(&local, deadline, Some(&mut child as &mut dyn Liveness))
-                    .await?;
-                boot::initialize_or_join(cfg, &ready, started).await?;
-                wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await
-            }
-            .await;
-            match waited {
-                Ok(()) => {
-                    drop(lock);
-                    say(format!("done in {:.1} s: an unsealed member again; staying with the server (exec launcher)", started.elapsed().as_secs_f64()));
-                    tracing::info!("rejoin complete");
-                    launcher::supervise(child).await
-                }
-                Err(e) => {
-                    launcher::stop_child(&mut child, Duration::from_secs(5)).await;
-                    Err(e)
-                }
-            }
-        }
-    }
+    let launched = boot::Launched { running, lock };
+    boot::settle(&local, deadline, launched, |_, _| async {
+        boot::initialize_or_join(cfg, ready, started).await?;
+        wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
+        say(format!(
+            "done in {:.1} s: an unsealed member again",
+            started.elapsed().as_secs_f64()
+        ));
+        tracing::info!("rejoin complete");
+        Ok(())
+    })
+    .await
 }
 
 async fn assess(
