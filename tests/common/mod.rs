@@ -116,6 +116,12 @@ pub fn signal(pid: u32, sig: i32) {
         .status();
 }
 
+/// Whether `/proc/<pid>/cmdline` contains `needle` (false once the process is gone).
+fn cmdline_has(pid: u32, needle: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+}
+
 fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie (state Z) is dead for our purposes.
@@ -153,12 +159,37 @@ impl Agent {
     /// itself was killed and left its child running.
     pub fn kill_servers(&mut self) {
         self.track_children();
-        for p in self.server_pids.drain(..) {
-            if pid_alive(p) {
-                signal(p, 9);
-            }
+        let killed = self.kill_recorded();
+        wait_for(
+            &format!("agent {}'s server processes {killed:?} to die", self.index),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || killed.iter().all(|p| !pid_alive(*p)).then_some(()),
+        );
+    }
+
+    /// The node directory this agent runs in (its logs are written there).
+    fn node_dir(&self) -> &Path {
+        self.stderr_path.parent().expect("agent log in a node dir")
+    }
+
+    /// Whether `pid` is still one of this agent's processes: its command line names the
+    /// agent's node directory (the server's `-config=<node>/etc/vault.hcl`). A recorded PID
+    /// that exited may have been reused by a process this test never started.
+    fn is_ours(&self, pid: u32) -> bool {
+        let mut needle = self.node_dir().as_os_str().as_encoded_bytes().to_vec();
+        needle.push(b'/');
+        pid_alive(pid) && cmdline_has(pid, &needle)
+    }
+
+    /// SIGKILLs every recorded PID that is still ours; returns those it signalled.
+    fn kill_recorded(&mut self) -> Vec<u32> {
+        let pids: Vec<u32> = std::mem::take(&mut self.server_pids);
+        let ours: Vec<u32> = pids.into_iter().filter(|p| self.is_ours(*p)).collect();
+        for p in &ours {
+            signal(*p, 9);
         }
-        std::thread::sleep(Duration::from_millis(300));
+        ours
     }
 
     /// Waits (bounded) until the agent's log contains `needle`; panics with the log if it
@@ -188,9 +219,11 @@ impl Agent {
     }
 
     /// Remembers the server child's PID so it can be killed even if the agent is gone.
+    /// Short-lived children (`<bao> version`, a stub `systemctl`) do not name the node
+    /// directory and are not recorded; `kill_recorded` checks again before signalling.
     pub fn track_children(&mut self) {
         for p in children_of(self.pid()) {
-            if !self.server_pids.contains(&p) {
+            if !self.server_pids.contains(&p) && self.is_ours(p) {
                 self.server_pids.push(p);
             }
         }
@@ -235,11 +268,7 @@ impl Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        for p in self.server_pids.drain(..) {
-            if pid_alive(p) {
-                signal(p, 9);
-            }
-        }
+        self.kill_recorded();
     }
 }
 
