@@ -154,14 +154,13 @@ async fn three_agents_form_one_cluster_with_one_init() {
     );
 
     // status: facts, peers, health, raft role and voters, escrow state.
-    let mut st = tb.spawn_agent_env(1, &["status"], &[("VAULT_TOKEN", root.as_str())]);
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut st.child.stdout.take().unwrap(), &mut out).unwrap();
-    assert!(
-        st.wait_exit(Duration::from_secs(60)).success(),
-        "{}",
-        st.stderr()
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["status"],
+        &[("VAULT_TOKEN", root.as_str())],
+        Duration::from_secs(60),
     );
+    assert_eq!(code, 0, "{err}");
     let doc: serde_json::Value = serde_json::from_str(&out).expect("status prints JSON");
     assert_eq!(doc["instance"]["id"], tb.instances[1].id.as_str());
     assert_eq!(doc["peers"].as_array().unwrap().len(), 3, "{doc}");

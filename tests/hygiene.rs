@@ -36,7 +36,6 @@ use aho_corasick::AhoCorasick;
 use base64::Engine;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -433,28 +432,6 @@ impl Drop for Sampler {
 
 // ---------------------------------------------------------------------------------------
 // Driving the life cycle
-
-/// Reads a child's stdout to the end on a thread; `get` waits for it, bounded.
-struct Drain(std::sync::mpsc::Receiver<Vec<u8>>);
-
-impl Drain {
-    fn of(a: &mut Agent) -> Drain {
-        let mut out = a.child.stdout.take().expect("stdout piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            let _ = tx.send(v);
-        });
-        Drain(rx)
-    }
-
-    fn get(self, what: &str) -> Vec<u8> {
-        self.0
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{what}: stdout not closed within 20 s"))
-    }
-}
 
 /// Runs one agent command to its end (bounded); returns (exit code, stdout, stderr) and
 /// records, when `token` is given, the PID it was handed to as VAULT_TOKEN.

@@ -59,15 +59,13 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
 
     // --dry-run: shows the plan, changes nothing (files, raft state).
     let before = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
-    let mut d = tb.spawn_agent_env(
+    let (code, out, err) = tb.run_agent_env(
         2,
         &["rejoin", "--dry-run"],
         &[("VAULT_TOKEN", root.as_str())],
+        Duration::from_secs(60),
     );
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut d.child.stdout.take().unwrap(), &mut out).unwrap();
-    let status = d.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{out}\n{}", d.stderr());
+    assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("not in the cluster's raft configuration"),
         "{out}"
@@ -84,12 +82,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
 
     // rejoin: data aside, restart, back as a voter.
     let mut r = tb.spawn_agent_env(2, &["rejoin"], &[("VAULT_TOKEN", root.as_str())]);
-    let mut stdout = r.child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
+    let stdout = Drain::of(&mut r);
     r.wait_log("rejoin complete", Duration::from_secs(180));
     wait_voters(&tb, 0, &root, 3).await;
     assert!(raft_servers(&tb, 0, &root)
@@ -105,7 +98,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     let kept = tree(&tb.node_dir(2).join(&aside[0]));
     assert!(!kept.is_empty(), "the aside dir holds the old data");
     r.stop();
-    let out = reader.join().unwrap();
+    let out = String::from_utf8_lossy(&stdout.get("rejoin")).into_owned();
     assert!(
         out.contains("raft data moved aside") && out.contains("done in"),
         "{out}"

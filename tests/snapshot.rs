@@ -67,21 +67,8 @@ fn temp_files(tb: &Testbed, i: usize) -> Vec<String> {
         .collect()
 }
 
-fn run_env(tb: &Testbed, i: usize, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut a = tb.spawn_agent_env(i, args, env);
-    let mut stdout = a.child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let status = a.wait_exit(Duration::from_secs(120));
-    let out = reader.join().unwrap_or_default();
-    (
-        status.code().unwrap_or(-1),
-        format!("{out}\n{}", a.stderr()),
-    )
-}
+/// Bound for one agent command run to its end.
+const RUN: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_follower_down_s3_down_and_keep() {
@@ -132,8 +119,9 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
 
     // 1. Snapshot as node 0.
     let t = Instant::now();
-    let (code, out) = run_env(&tb, 0, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(0, &["snapshot"], &[], RUN);
     let took = t.elapsed();
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let keys = snaps(&tb).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -191,27 +179,30 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     assert!(r.status().is_success(), "{}", r.status());
     assert_eq!(api.get("secret/probe", Some(&root)).await.unwrap().0, 404);
 
-    let (code, out) = run_env(&tb, 1, &["snapshot", "restore", "--from", &url], &[]);
+    let (code, out, err) = tb.run_agent_env(1, &["snapshot", "restore", "--from", &url], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 64, "refuses without --yes: {out}");
     assert!(out.contains("--yes"), "{out}");
-    let (code, out) = run_env(
-        &tb,
+    let (code, out, err) = tb.run_agent_env(
         1,
         &["snapshot", "restore", "--from", &url, "--yes"],
         &[],
+        RUN,
     );
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 64, "refuses without VAULT_TOKEN: {out}");
     assert!(
         out.contains("VAULT_TOKEN") && out.contains("AppRole"),
         "{out}"
     );
     let t = Instant::now();
-    let (code, out) = run_env(
-        &tb,
+    let (code, out, err) = tb.run_agent_env(
         1,
         &["snapshot", "restore", "--from", &url, "--yes"],
         &[("VAULT_TOKEN", &root)],
+        RUN,
     );
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let value = poll(
         "the secret back after restore",
@@ -259,7 +250,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     // Run it on the node whose server is down, when that is not the leader's: the agent
     // must find the active node among its peers.
     let runner = if down != a { down } else { (a + 1) % n };
-    let (code, out) = run_env(&tb, runner, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "follower {down} down, run on {runner}: {out}");
     let before_fault = snaps(&tb).await;
     assert_eq!(before_fault.len(), 2, "{before_fault:?}");
@@ -275,7 +267,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
             ..Default::default()
         },
     );
-    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(ok_runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_ne!(code, 0, "{out}");
     assert_eq!(code, 75, "{out}");
     if let Some(line) = out.lines().find(|l| l.contains("nothing was stored")) {
@@ -294,7 +287,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
 
     // 5. keep = 2: a third good snapshot leaves the two newest.
     tb.proxy_rules("");
-    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(ok_runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let after = snaps(&tb).await;
     assert_eq!(after.len(), 2, "{after:?}");

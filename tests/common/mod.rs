@@ -272,6 +272,56 @@ impl Agent {
     }
 }
 
+/// How long an agent's stdout may stay open after the agent exited.
+pub const DRAIN_BOUND: Duration = Duration::from_secs(20);
+
+/// Reads a child's stdout to the end on a thread; `get` waits for it, bounded.
+pub struct Drain(std::sync::mpsc::Receiver<Vec<u8>>);
+
+impl Drain {
+    pub fn of(a: &mut Agent) -> Drain {
+        let mut out = a.child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            let _ = tx.send(v);
+        });
+        Drain(rx)
+    }
+
+    /// Everything written to stdout, once it is closed; None if it is still open after
+    /// `bound`.
+    pub fn try_get(self, bound: Duration) -> Option<Vec<u8>> {
+        self.0.recv_timeout(bound).ok()
+    }
+
+    /// Everything written to stdout; panics if it is not closed within [`DRAIN_BOUND`].
+    pub fn get(self, what: &str) -> Vec<u8> {
+        self.try_get(DRAIN_BOUND)
+            .unwrap_or_else(|| panic!("{what}: stdout not closed within {DRAIN_BOUND:?}"))
+    }
+}
+
+/// Waits (bounded) for `a` to exit and its stdout to close; returns (code, stdout, stderr).
+fn finish(a: &mut Agent, args: &[&str], bound: Duration) -> (i32, String, String) {
+    let out = Drain::of(a);
+    let status = a.wait_exit(bound);
+    let out = out.try_get(DRAIN_BOUND).unwrap_or_else(|| {
+        panic!(
+            "agent {} {args:?} exited ({status}) but its stdout stayed open {DRAIN_BOUND:?}; \
+             stderr:\n{}",
+            a.index,
+            a.stderr()
+        )
+    });
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out).into_owned(),
+        a.stderr(),
+    )
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
@@ -651,6 +701,17 @@ join_timeout_secs = 120
     }
 
     pub fn spawn_agent_env(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
+        self.spawn_agent_stdin(i, args, extra_env, Stdio::null())
+    }
+
+    /// Starts the agent with `stdin`; stdout piped, stderr to `node-<i>/agent-<args>.log`.
+    fn spawn_agent_stdin(
+        &self,
+        i: usize,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        stdin: Stdio,
+    ) -> Agent {
         let stderr_path = self.node_dir(i).join(log_name(args));
         let f = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(AGENT);
@@ -666,7 +727,7 @@ join_timeout_secs = 120
             .arg("--config")
             .arg(self.config_path(i))
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(f);
         let child = cmd.spawn().expect("spawn agent");
@@ -680,19 +741,25 @@ join_timeout_secs = 120
 
     /// Runs the agent to completion (bounded); returns (exit code, stdout, stderr).
     pub fn run_agent(&self, i: usize, args: &[&str], bound: Duration) -> (i32, String, String) {
-        let mut a = self.spawn_agent(i, args);
-        let mut stdout = a.child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let status = a.wait_exit(bound);
-        let out = reader.join().unwrap_or_default();
-        (status.code().unwrap_or(-1), out, a.stderr())
+        self.run_agent_env(i, args, &[], bound)
     }
 
-    /// Runs the agent with `input` on its stdin (bounded); returns (exit code, stdout, stderr).
+    /// Runs the agent with `extra_env` to completion: its exit within `bound`, then its
+    /// stdout closed within [`DRAIN_BOUND`] (a server child inherits stdout and could keep it
+    /// open). Returns (exit code, stdout, stderr).
+    pub fn run_agent_env(
+        &self,
+        i: usize,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        bound: Duration,
+    ) -> (i32, String, String) {
+        let mut a = self.spawn_agent_env(i, args, extra_env);
+        finish(&mut a, args, bound)
+    }
+
+    /// Runs the agent with `input` on its stdin (bounded, as `run_agent_env`); returns (exit
+    /// code, stdout, stderr).
     pub fn run_agent_input(
         &self,
         i: usize,
@@ -700,43 +767,15 @@ join_timeout_secs = 120
         input: &str,
         bound: Duration,
     ) -> (i32, String, String) {
-        let stderr_path = self.node_dir(i).join(log_name(args));
-        let mut child = Command::new(AGENT)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", self.node_dir(i))
-            .envs(self.agent_env(i))
-            .arg("--config")
-            .arg(self.config_path(i))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .expect("spawn agent");
-        {
+        let mut a = self.spawn_agent_stdin(i, args, &[], Stdio::piped());
+        let mut stdin = a.child.stdin.take().expect("stdin piped");
+        let input = input.as_bytes().to_vec();
+        // On a thread: an agent that never reads its stdin must not block the test.
+        std::thread::spawn(move || {
             use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            let _ = stdin.write_all(input.as_bytes());
-        }
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
+            let _ = stdin.write_all(&input);
         });
-        let mut a = Agent {
-            index: i,
-            child,
-            stderr_path,
-            server_pids: Vec::new(),
-        };
-        let status = a.wait_exit(bound);
-        (
-            status.code().unwrap_or(-1),
-            reader.join().unwrap_or_default(),
-            a.stderr(),
-        )
+        finish(&mut a, args, bound)
     }
 
     /// Uploads `body` to `s3://vault-resources/<key>`.
