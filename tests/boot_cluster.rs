@@ -6,44 +6,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Starts `n` agents together on block `block`; returns the test-bed and the agents once
-/// every node reported ready.
-async fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
-    common::form(
-        block,
-        n,
-        &format!("[init]\nexpected_size = {}\n{extra_toml}", n.max(3)),
-    )
-}
-
-/// Root token from the escrow (only in tests that keep it).
-async fn voters(tb: &Testbed, token: &str, want: usize) -> Vec<String> {
-    let api0 = tb.api(0);
-    poll(
-        &format!("{want} raft voters"),
-        Duration::from_secs(120),
-        || {
-            let api0 = &api0;
-            async move {
-                let (code, body) = api0
-                    .get("sys/storage/raft/configuration", Some(token))
-                    .await?;
-                if code != 200 {
-                    return None;
-                }
-                let servers = body["data"]["config"]["servers"].as_array()?.clone();
-                let v: Vec<String> = servers
-                    .iter()
-                    .filter(|s| s["voter"].as_bool() == Some(true))
-                    .map(|s| s["node_id"].as_str().unwrap_or("").to_string())
-                    .collect();
-                (v.len() == want).then_some(v)
-            }
-        },
-    )
-    .await
-}
-
 async fn cluster_ids(tb: &Testbed, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
@@ -67,14 +29,20 @@ fn init_count(agents: &[Agent]) -> usize {
 
 /// One trial: n agents together -> one init, one cluster, n voters, escrow verified.
 async fn trial(block: u8, n: usize) -> (Testbed, Vec<Agent>) {
-    let (tb, agents) = form(block, n, "revoke_root_token = false\n").await;
+    let (tb, agents) = form(
+        block,
+        n,
+        &format!(
+            "[init]\nexpected_size = {}\nrevoke_root_token = false\n",
+            n.max(3)
+        ),
+    );
     assert_eq!(init_count(&agents), 1, "exactly one sys/init must succeed");
     let ids = cluster_ids(&tb, n).await;
     assert!(!ids[0].is_empty());
     assert!(ids.iter().all(|c| c == &ids[0]), "one cluster id: {ids:?}");
     let root = tb.escrowed("test-vault", "root-token").await;
-    let mut got = voters(&tb, &root, n).await;
-    got.sort();
+    let got = wait_voters(&tb, 0, &root, n).await;
     let mut want: Vec<String> = tb.instances.iter().map(|i| i.id.clone()).collect();
     want.sort();
     assert_eq!(got, want, "voters are the instances, by id");
@@ -264,7 +232,7 @@ async fn seven_agents_form_one_cluster_with_one_init() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
-    let (tb, agents) = form(25, 3, "").await;
+    let (tb, agents) = form(25, 3, "[init]\nexpected_size = 3\n");
     assert_eq!(init_count(&agents), 1);
     let root = tb.escrowed("test-vault", "root-token").await;
     let api = tb.api(0);

@@ -26,7 +26,7 @@ async fn leader_killed_then_replaced_by_a_new_instance() {
     }
     let root = tb.escrowed("test-vault", "root-token").await;
     // A healthy cluster first: joiners are promoted to voters by autopilot (~20 s).
-    voters(&tb, 0, &root, 3, None).await;
+    wait_voters(&tb, 0, &root, 3).await;
 
     // Which node is active?
     let mut leader = None;
@@ -101,7 +101,9 @@ async fn leader_killed_then_replaced_by_a_new_instance() {
         .collect();
     want.push(tb.instances[new].id.clone());
     want.sort();
-    let got = voters(&tb, new_leader, &root, 3, Some(&dead_id)).await;
+    // Exactly 3 servers, all voters: the replacement is a member since its "node ready"
+    // (unsealed means joined), so the dead peer is gone, and `want` says it is not one of them.
+    let got = wait_voters(&tb, new_leader, &root, 3).await;
     assert_eq!(got, want);
     let tolerance = poll("failure tolerance 1", Duration::from_secs(60), || {
         let api = &api;
@@ -123,43 +125,11 @@ async fn leader_killed_then_replaced_by_a_new_instance() {
     }
 }
 
-/// Waits (bounded) for `want` voters on node `i`'s view, none of them `absent`; sorted ids.
-async fn voters(
-    tb: &Testbed,
-    i: usize,
-    root: &str,
-    want: usize,
-    absent: Option<&str>,
-) -> Vec<String> {
-    let api = tb.api(i);
-    poll(&format!("{want} voters"), Duration::from_secs(180), || {
-        let api = &api;
-        async move {
-            let (code, body) = api
-                .get("sys/storage/raft/configuration", Some(root))
-                .await?;
-            if code != 200 {
-                return None;
-            }
-            let servers = body["data"]["config"]["servers"].as_array()?.clone();
-            let mut v: Vec<String> = servers
-                .iter()
-                .filter(|s| s["voter"] == true)
-                .map(|s| s["node_id"].as_str().unwrap_or("").to_string())
-                .collect();
-            v.sort();
-            let gone = absent.is_none_or(|a| !servers.iter().any(|s| s["node_id"] == a));
-            (v.len() == want && gone).then_some(v)
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_sealed_on_purpose_is_left_sealed() {
     let (tb, mut agents) = form(42, 3, "[init]\nrevoke_root_token = false\n");
     let root = tb.escrowed("test-vault", "root-token").await;
-    voters(&tb, 0, &root, 3, None).await;
+    wait_voters(&tb, 0, &root, 3).await;
     let (code, body) = tb
         .api(2)
         .put("sys/seal", Some(&root), serde_json::json!({}))

@@ -849,6 +849,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     }
     assert!(raft_servers(&tb, leader, &bg)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
 
     // A snapshot (the agent logs in with the escrowed AppRole).

@@ -54,11 +54,17 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     forget(&tb, &root, &me).await;
     assert!(!raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .iter()
         .any(|(id, _)| id == &me));
 
     // --dry-run: shows the plan, changes nothing (files, raft state).
-    let before = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
+    let before = (
+        snapshot_tree(&tb, 2),
+        raft_servers(&tb, 0, &root)
+            .await
+            .expect("raft configuration"),
+    );
     let (code, out, err) = tb.run_agent_env(
         2,
         &["rejoin", "--dry-run"],
@@ -74,7 +80,12 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
         out.contains("would move") && out.contains("dry run: nothing changed"),
         "{out}"
     );
-    let after = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
+    let after = (
+        snapshot_tree(&tb, 2),
+        raft_servers(&tb, 0, &root)
+            .await
+            .expect("raft configuration"),
+    );
     assert_eq!(before, after, "--dry-run changed something");
     assert!(tree(&tb.node_dir(2))
         .iter()
@@ -87,6 +98,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     wait_voters(&tb, 0, &root, 3).await;
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
     let aside: Vec<String> = std::fs::read_dir(tb.node_dir(2))
         .unwrap()
@@ -150,6 +162,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     wait_voters(&tb, 0, &root, 3).await;
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
 
     // The boot waited for the rejoin (it reached the lock second: the rejoin takes it
@@ -181,6 +194,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     assert!(tb.api(2).health().await.is_some(), "node 2 still serves");
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
     r.stop();
     for a in agents.iter_mut() {

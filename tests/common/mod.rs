@@ -1000,40 +1000,39 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Node `i`'s view of the raft configuration: (node id, voter), sorted.
-pub async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Vec<(String, bool)> {
+/// Node `i`'s view of the raft configuration: (node id, voter), sorted; None when the
+/// request fails or does not answer 200 (e.g. no leader yet), so that polls retry.
+pub async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Option<Vec<(String, bool)>> {
     let (code, body) = tb
         .api(i)
         .get("sys/storage/raft/configuration", Some(token))
-        .await
-        .expect("raft configuration");
-    assert_eq!(code, 200, "raft configuration: {body}");
-    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
-        .as_array()
-        .unwrap()
+        .await?;
+    if code != 200 {
+        return None;
+    }
+    let mut v = body["data"]["config"]["servers"]
+        .as_array()?
         .iter()
-        .map(|s| {
-            (
-                s["node_id"].as_str().unwrap().to_string(),
-                s["voter"] == true,
-            )
-        })
-        .collect();
+        .map(|s| Some((s["node_id"].as_str()?.to_string(), s["voter"] == true)))
+        .collect::<Option<Vec<(String, bool)>>>()?;
     v.sort();
-    v
+    Some(v)
 }
 
-/// Waits (bounded) until node `i` sees exactly `want` servers, all voters.
-pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) {
+/// Waits (bounded) until node `i` sees exactly `want` servers, all voters; returns their
+/// ids, sorted. The bound covers autopilot's promotion of a joiner (10 s stabilization)
+/// and its removal of a dead server (`dead_server_last_contact_threshold`, 1 m in day2).
+pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) -> Vec<String> {
     poll(
-        &format!("{want} voters"),
-        Duration::from_secs(120),
+        &format!("{want} servers, all voters, as node {i} sees them"),
+        Duration::from_secs(180),
         || async move {
-            let v = raft_servers(tb, i, token).await;
-            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
+            let v = raft_servers(tb, i, token).await?;
+            (v.len() == want && v.iter().all(|(_, voter)| *voter))
+                .then(|| v.into_iter().map(|(id, _)| id).collect())
         },
     )
-    .await;
+    .await
 }
 
 /// An operator CA made by the test (the agent binds `cert` auth to its PEM in S3).
