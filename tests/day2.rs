@@ -9,21 +9,8 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_then_replaced_by_a_new_instance() {
-    let mut tb = Testbed::start(38, 3);
     let extra = "[init]\nrevoke_root_token = false\ndead_server_last_contact_threshold = \"1m\"\n";
-    for i in 0..3 {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: extra.into(),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..3).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (mut tb, mut agents) = form(38, 3, extra);
     let root = tb.escrowed("test-vault", "root-token").await;
     // A healthy cluster first: joiners are promoted to voters by autopilot (~20 s).
     wait_voters(&tb, 0, &root, 3).await;

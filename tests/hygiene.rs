@@ -729,21 +729,15 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let operators = ca("hygiene operators CA");
     tb.put_object("tls/operator-ca.pem", operators.pem.as_bytes())
         .await;
-    for i in 0..N {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n".into(),
-                ..Default::default()
-            },
-        );
-    }
     let mut sampler = Sampler::start(tb.path().to_path_buf(), "boot");
-    let mut agents: Vec<Agent> = (0..N).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    let mut agents = boot_all(
+        &tb,
+        N,
+        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n",
+    );
+    // Read from now on; what the boots wrote so far waits in the pipes (a boot blocked on a
+    // full pipe would not have reported ready).
     let mut boot_out: Vec<Drain> = agents.iter_mut().map(Drain::of).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
     sampler.phase("after-init");
     let formed = started.elapsed();
     let boot_log: String = agents.iter().map(|a| a.stderr()).collect();

@@ -73,21 +73,8 @@ const RUN: Duration = Duration::from_secs(120);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_follower_down_s3_down_and_keep() {
     let n = 3;
-    let mut tb = Testbed::start(36, n);
     let extra = "[init]\nrevoke_root_token = false\n[snapshot]\nkeep = 2\n";
-    for i in 0..n {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: extra.into(),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (mut tb, mut agents) = form(36, n, extra);
     let init_log: String = agents.iter().map(|a| a.stderr()).collect();
     assert!(
         init_log.contains("snapshot AppRole created and its credentials escrowed"),

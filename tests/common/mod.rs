@@ -857,11 +857,17 @@ impl Testbed {
     }
 }
 
-/// Starts a test-bed of `n` instances on block `127.0.<block>`, writes every node's config
-/// with `extra_toml`, starts the `n` agents together and waits (bounded) until each reports
-/// its node ready.
+/// Starts a test-bed of `n` instances on block `127.0.<block>` and boots a cluster on it
+/// ([`boot_all`]).
 pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
     let tb = Testbed::start(block, n);
+    let agents = boot_all(&tb, n, extra_toml);
+    (tb, agents)
+}
+
+/// Writes the config of nodes `0..n` with `extra_toml`, starts their `n` agents together
+/// (`boot`) and waits (bounded) until each reports its node ready.
+pub fn boot_all(tb: &Testbed, n: usize, extra_toml: &str) -> Vec<Agent> {
     for i in 0..n {
         tb.write_config(
             i,
@@ -875,7 +881,7 @@ pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
     for a in agents.iter_mut() {
         a.wait_log("node ready", Duration::from_secs(180));
     }
-    (tb, agents)
+    agents
 }
 
 /// Overlays `extra` on `base` table by table (keys in `extra` win), both TOML text.
