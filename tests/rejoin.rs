@@ -5,19 +5,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// The cluster (through node 0) removes server `id` from its raft configuration.
-async fn forget(tb: &Testbed, root: &str, id: &str) {
-    let (code, body) = tb
-        .api(0)
-        .put(
-            "sys/storage/raft/remove-peer",
-            Some(root),
-            serde_json::json!({"server_id": id}),
-        )
-        .await;
-    assert!((200..300).contains(&code), "{body}");
-}
-
 /// Files under node `i` (logs aside) with their contents' lengths: what `--dry-run` must keep.
 fn snapshot_tree(tb: &Testbed, i: usize) -> Vec<String> {
     tree(&tb.node_dir(i))
@@ -51,7 +38,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     let me = tb.instances[2].id.clone();
 
     // The cluster forgets node 2.
-    forget(&tb, &root, &me).await;
+    forget(&tb, 0, &root, &me).await;
     assert!(!raft_servers(&tb, 0, &root)
         .await
         .expect("raft configuration")
@@ -152,7 +139,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     let root = tb.escrowed("test-vault", "root-token").await;
     wait_voters(&tb, 0, &root, 3).await;
     let me = tb.instances[2].id.clone();
-    forget(&tb, &root, &me).await;
+    forget(&tb, 0, &root, &me).await;
     agents[2].stop();
 
     // Both at once.

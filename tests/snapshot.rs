@@ -39,27 +39,6 @@ async fn snaps(tb: &Testbed) -> Vec<String> {
     keys
 }
 
-/// Index of the node answering 200, and of one answering 429.
-async fn roles(tb: &Testbed, n: usize) -> (Option<usize>, Vec<usize>) {
-    let mut active = None;
-    let mut standby = Vec::new();
-    for i in 0..n {
-        match tb.api(i).health().await {
-            Some((200, _)) => active = Some(i),
-            Some((429, _)) => standby.push(i),
-            _ => {}
-        }
-    }
-    (active, standby)
-}
-
-async fn active(tb: &Testbed, n: usize) -> usize {
-    poll("an active node", Duration::from_secs(60), || async {
-        roles(tb, n).await.0
-    })
-    .await
-}
-
 fn temp_files(tb: &Testbed, i: usize) -> Vec<String> {
     tree(&tb.node_dir(i).join("state"))
         .into_iter()
@@ -87,22 +66,18 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     // A secret to lose and get back.
     let a = active(&tb, n).await;
     let api = tb.api(a);
-    let (s, b) = api
-        .put(
-            "sys/mounts/secret",
-            Some(&root),
-            serde_json::json!({"type": "kv"}),
-        )
-        .await;
-    assert!((200..300).contains(&s), "enable kv: {s} {b}");
-    let (s, b) = api
-        .put(
-            "secret/probe",
-            Some(&root),
-            serde_json::json!({"value": "before-snapshot"}),
-        )
-        .await;
-    assert!((200..300).contains(&s), "write secret: {s} {b}");
+    api.put_ok(
+        "sys/mounts/secret",
+        &root,
+        serde_json::json!({"type": "kv"}),
+    )
+    .await;
+    api.put_ok(
+        "secret/probe",
+        &root,
+        serde_json::json!({"value": "before-snapshot"}),
+    )
+    .await;
 
     // 1. Snapshot as node 0.
     let t = Instant::now();

@@ -955,6 +955,22 @@ impl Api {
         (s, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// PUT with `token`, asserting a 2xx answer; returns its body.
+    pub async fn put_ok(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let (code, body) = self.put(path, Some(token), body).await;
+        assert!(
+            (200..300).contains(&code),
+            "PUT {} {path}: {code} {body}",
+            self.base
+        );
+        body
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Option<(u16, serde_json::Value)> {
         let mut req = self.http.get(format!("{}/v1/{path}", self.base));
         if let Some(t) = token {
@@ -1038,6 +1054,40 @@ pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) -> Ve
                 .then(|| v.into_iter().map(|(id, _)| id).collect())
         },
     )
+    .await
+}
+
+/// The cluster, through node `via`, removes server `id` from its raft configuration.
+pub async fn forget(tb: &Testbed, via: usize, token: &str, id: &str) {
+    tb.api(via)
+        .put_ok(
+            "sys/storage/raft/remove-peer",
+            token,
+            serde_json::json!({"server_id": id}),
+        )
+        .await;
+}
+
+/// Which of nodes `0..n` answers health 200 (active), and which answer 429 (standby).
+/// One look, no retry: see [`active`].
+pub async fn roles(tb: &Testbed, n: usize) -> (Option<usize>, Vec<usize>) {
+    let mut active = None;
+    let mut standby = Vec::new();
+    for i in 0..n {
+        match tb.api(i).health().await {
+            Some((200, _)) => active = Some(i),
+            Some((429, _)) => standby.push(i),
+            _ => {}
+        }
+    }
+    (active, standby)
+}
+
+/// Waits (bounded) until one of nodes `0..n` is active; returns its index.
+pub async fn active(tb: &Testbed, n: usize) -> usize {
+    poll("an active node", Duration::from_secs(60), || async {
+        roles(tb, n).await.0
+    })
     .await
 }
 
