@@ -78,7 +78,7 @@ async fn leader_killed_then_replaced_by_a_new_instance() {
     // (unsealed means joined), so the dead peer is gone, and `want` says it is not one of them.
     let got = wait_voters(&tb, new_leader, &root, 3).await;
     assert_eq!(got, want);
-    let tolerance = poll("failure tolerance 1", Duration::from_secs(60), || {
+    poll("failure tolerance 1", Duration::from_secs(60), || {
         let api = &api;
         let root = &root;
         async move {
@@ -86,11 +86,10 @@ async fn leader_killed_then_replaced_by_a_new_instance() {
                 .get("sys/storage/raft/autopilot/state", Some(root))
                 .await?;
             let t = body["data"]["failure_tolerance"].as_u64()?;
-            (code == 200 && t == 1).then_some(t)
+            (code == 200 && t == 1).then_some(())
         }
     })
     .await;
-    assert_eq!(tolerance, 1);
 
     replacement.stop();
     for a in agents.iter_mut() {

@@ -231,7 +231,6 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     );
     let (code, out, err) = tb.run_agent_env(ok_runner, &["snapshot"], &[], RUN);
     let out = format!("{out}\n{err}");
-    assert_ne!(code, 0, "{out}");
     assert_eq!(code, 75, "{out}");
     if let Some(line) = out.lines().find(|l| l.contains("nothing was stored")) {
         eprintln!("S3 DOWN, the agent said: {line}");
