@@ -79,12 +79,6 @@ pub struct Owned {
     pub child: Child,
 }
 
-impl Owned {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 impl Drop for Owned {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -221,7 +215,7 @@ impl Agent {
     /// Remembers the server child's PID so it can be killed even if the agent is gone.
     /// Short-lived children (`<bao> version`, a stub `systemctl`) do not name the node
     /// directory and are not recorded; `kill_recorded` checks again before signalling.
-    pub fn track_children(&mut self) {
+    fn track_children(&mut self) {
         for p in children_of(self.pid()) {
             if !self.server_pids.contains(&p) && self.is_ours(p) {
                 self.server_pids.push(p);
@@ -352,11 +346,13 @@ pub struct Testbed {
     proxy: Option<Owned>,
 }
 
-fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Owned {
+/// Starts a test-bed service, stderr to `log`; `stdout` piped for a READY line
+/// ([`wait_ready`]) or null.
+fn spawn_logged(name: &str, cmd: &mut Command, log: &Path, stdout: Stdio) -> Owned {
     let f = std::fs::File::create(log).expect("log file");
     let child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(f)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -410,7 +406,8 @@ impl Testbed {
             .expect("tempdir");
         let moto_url = format!("http://{block}.1:5000");
         let moto_log = dir.path().join("moto.log");
-        let mut moto = spawn_logged(
+        // Readiness is its port accepting connections (it prints no READY line).
+        let moto = spawn_logged(
             "moto_server",
             Command::new(venv().join("bin/moto_server")).args([
                 "-H",
@@ -419,8 +416,8 @@ impl Testbed {
                 "5000",
             ]),
             &moto_log,
+            Stdio::null(),
         );
-        moto.child.stdout.take();
         wait_for(
             "moto to listen",
             Duration::from_secs(30),
@@ -506,7 +503,7 @@ impl Testbed {
         for i in &self.instances {
             cmd.args(["--listen", &i.ip]);
         }
-        let mut o = spawn_logged("imds.py", &mut cmd, &log);
+        let mut o = spawn_logged("imds.py", &mut cmd, &log, Stdio::piped());
         wait_ready(&mut o, Duration::from_secs(30), &log);
         self.imds = Some(o);
     }
@@ -544,11 +541,6 @@ impl Testbed {
         self.instances.len() - 1
     }
 
-    /// Stops the IMDS (connections are then refused).
-    pub fn stop_imds(&mut self) {
-        self.imds = None;
-    }
-
     /// Writes an IMDS fault directive for one instance (empty = healthy).
     pub fn imds_fault(&self, ip: &str, directives: &str) {
         std::fs::write(self.control_dir().join(ip), directives).unwrap();
@@ -571,6 +563,7 @@ impl Testbed {
                 ])
                 .arg(self.path().join("proxy.rules")),
             &log,
+            Stdio::piped(),
         );
         wait_ready(&mut o, Duration::from_secs(20), &log);
         self.proxy = Some(o);
