@@ -110,10 +110,14 @@ pub fn signal(pid: u32, sig: i32) {
         .status();
 }
 
+/// Whether `hay` contains the (non-empty) byte string `needle`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Whether `/proc/<pid>/cmdline` contains `needle` (false once the process is gone).
 fn cmdline_has(pid: u32, needle: &[u8]) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| contains(&c, needle))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -1013,6 +1017,33 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// Asserts that no file under `dir` (a node dir; its raft data in `data/` aside) holds any
+/// of `secrets` in plain text. Failures name the file and the secret's index, never the
+/// secret.
+pub fn assert_no_plain(dir: &Path, secrets: &[String]) {
+    assert!(!secrets.is_empty(), "no secrets to search for");
+    for (n, s) in secrets.iter().enumerate() {
+        assert!(!s.is_empty(), "secret #{n} is empty");
+    }
+    let mut scanned = 0;
+    for f in tree(dir) {
+        if f.starts_with("data/") || f.ends_with('/') {
+            continue;
+        }
+        let p = dir.join(&f);
+        let body = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        for (n, s) in secrets.iter().enumerate() {
+            assert!(
+                !contains(&body, s.as_bytes()),
+                "secret #{n} found in {}",
+                p.display()
+            );
+        }
+        scanned += 1;
+    }
+    assert!(scanned > 0, "no file under {} to search", dir.display());
 }
 
 /// Node `i`'s view of the raft configuration: (node id, voter), sorted; None when the
