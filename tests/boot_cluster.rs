@@ -6,44 +6,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Starts `n` agents together on block `block`; returns the test-bed and the agents once
-/// every node reported ready.
-async fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
-    common::form(
-        block,
-        n,
-        &format!("[init]\nexpected_size = {}\n{extra_toml}", n.max(3)),
-    )
-}
-
-/// Root token from the escrow (only in tests that keep it).
-async fn voters(tb: &Testbed, token: &str, want: usize) -> Vec<String> {
-    let api0 = tb.api(0);
-    poll(
-        &format!("{want} raft voters"),
-        Duration::from_secs(120),
-        || {
-            let api0 = &api0;
-            async move {
-                let (code, body) = api0
-                    .get("sys/storage/raft/configuration", Some(token))
-                    .await?;
-                if code != 200 {
-                    return None;
-                }
-                let servers = body["data"]["config"]["servers"].as_array()?.clone();
-                let v: Vec<String> = servers
-                    .iter()
-                    .filter(|s| s["voter"].as_bool() == Some(true))
-                    .map(|s| s["node_id"].as_str().unwrap_or("").to_string())
-                    .collect();
-                (v.len() == want).then_some(v)
-            }
-        },
-    )
-    .await
-}
-
 async fn cluster_ids(tb: &Testbed, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
@@ -67,14 +29,20 @@ fn init_count(agents: &[Agent]) -> usize {
 
 /// One trial: n agents together -> one init, one cluster, n voters, escrow verified.
 async fn trial(block: u8, n: usize) -> (Testbed, Vec<Agent>) {
-    let (tb, agents) = form(block, n, "revoke_root_token = false\n").await;
+    let (tb, agents) = form(
+        block,
+        n,
+        &format!(
+            "[init]\nexpected_size = {}\nrevoke_root_token = false\n",
+            n.max(3)
+        ),
+    );
     assert_eq!(init_count(&agents), 1, "exactly one sys/init must succeed");
     let ids = cluster_ids(&tb, n).await;
     assert!(!ids[0].is_empty());
     assert!(ids.iter().all(|c| c == &ids[0]), "one cluster id: {ids:?}");
     let root = tb.escrowed("test-vault", "root-token").await;
-    let mut got = voters(&tb, &root, n).await;
-    got.sort();
+    let got = wait_voters(&tb, 0, &root, n).await;
     let mut want: Vec<String> = tb.instances.iter().map(|i| i.id.clone()).collect();
     want.sort();
     assert_eq!(got, want, "voters are the instances, by id");
@@ -154,14 +122,13 @@ async fn three_agents_form_one_cluster_with_one_init() {
     );
 
     // status: facts, peers, health, raft role and voters, escrow state.
-    let mut st = tb.spawn_agent_env(1, &["status"], &[("VAULT_TOKEN", root.as_str())]);
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut st.child.stdout.take().unwrap(), &mut out).unwrap();
-    assert!(
-        st.wait_exit(Duration::from_secs(60)).success(),
-        "{}",
-        st.stderr()
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["status"],
+        &[("VAULT_TOKEN", root.as_str())],
+        Duration::from_secs(60),
     );
+    assert_eq!(code, 0, "{err}");
     let doc: serde_json::Value = serde_json::from_str(&out).expect("status prints JSON");
     assert_eq!(doc["instance"]["id"], tb.instances[1].id.as_str());
     assert_eq!(doc["peers"].as_array().unwrap().len(), 3, "{doc}");
@@ -206,22 +173,9 @@ async fn three_agents_form_one_cluster_with_one_init() {
     for a in agents.iter_mut() {
         a.stop();
     }
+    // reveal's own stdout is not a file; logs and files must not hold secrets.
     for i in 0..3 {
-        for f in tree(&tb.node_dir(i)) {
-            if f.starts_with("data/") || f.ends_with('/') {
-                continue;
-            }
-            let p = tb.node_dir(i).join(&f);
-            let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).to_string();
-            for s in &secrets {
-                // reveal's own stdout is not a file; logs and files must not hold secrets.
-                assert!(
-                    !text.contains(s.as_str()),
-                    "secret found in {}",
-                    p.display()
-                );
-            }
-        }
+        assert_no_plain(&tb.node_dir(i), &secrets);
     }
     // The shared audit log HMACs secrets; none may appear in it in plain text.
     let audit = String::from_utf8_lossy(
@@ -265,7 +219,7 @@ async fn seven_agents_form_one_cluster_with_one_init() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
-    let (tb, agents) = form(25, 3, "").await;
+    let (tb, agents) = form(25, 3, "[init]\nexpected_size = 3\n");
     assert_eq!(init_count(&agents), 1);
     let root = tb.escrowed("test-vault", "root-token").await;
     let api = tb.api(0);

@@ -5,11 +5,8 @@ use common::*;
 use std::time::Duration;
 
 fn doctor(tb: &Testbed, env: &[(&str, &str)]) -> (i32, String) {
-    let mut a = tb.spawn_agent_env(0, &["doctor"], env);
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut a.child.stdout.take().unwrap(), &mut out).unwrap();
-    let code = a.wait_exit(Duration::from_secs(90)).code().unwrap_or(-1);
-    (code, format!("{out}\n--- stderr:\n{}", a.stderr()))
+    let (code, out, err) = tb.run_agent_env(0, &["doctor"], env, Duration::from_secs(90));
+    (code, format!("{out}\n--- stderr:\n{err}"))
 }
 
 fn line<'a>(out: &'a str, name: &str) -> &'a str {

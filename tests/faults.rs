@@ -86,20 +86,12 @@ impl Bed {
         code: i32,
         needles: &[&str],
     ) -> String {
-        let mut a = self.tb.spawn_agent_env(i, args, env);
         // The exec launcher's server inherits stdout: its own words about a failure are there.
-        let mut stdout = a.child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-            let _ = tx.send(s);
-        });
-        let status = a.wait_exit(Duration::from_secs(120));
-        // Bounded: a server outliving the agent would keep the pipe open.
-        let out = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-        let log = format!("{}{out}", a.stderr());
-        assert_eq!(status.code(), Some(code), "wrong exit code; stderr:\n{log}");
+        let (status, out, err) = self
+            .tb
+            .run_agent_env(i, args, env, Duration::from_secs(120));
+        let log = format!("{err}{out}");
+        assert_eq!(status, code, "wrong exit code; stderr:\n{log}");
         for n in needles {
             assert!(log.contains(n), "stderr lacks {n:?}:\n{log}");
         }

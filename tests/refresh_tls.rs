@@ -37,7 +37,6 @@ async fn rotated_certificate_is_served_without_a_restart_and_bad_ones_are_refuse
     tb.write_config(0, &NodeOpts::default());
     let mut a = tb.spawn_agent(0, &["boot"]);
     a.wait_log("node ready", Duration::from_secs(120));
-    a.track_children();
     let server_pid = children_of(a.pid()).first().copied().expect("server child");
     let before = served_serial(&tb).await;
 

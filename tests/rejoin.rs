@@ -5,19 +5,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// The cluster (through node 0) removes server `id` from its raft configuration.
-async fn forget(tb: &Testbed, root: &str, id: &str) {
-    let (code, body) = tb
-        .api(0)
-        .put(
-            "sys/storage/raft/remove-peer",
-            Some(root),
-            serde_json::json!({"server_id": id}),
-        )
-        .await;
-    assert!((200..300).contains(&code), "{body}");
-}
-
 /// Files under node `i` (logs aside) with their contents' lengths: what `--dry-run` must keep.
 fn snapshot_tree(tb: &Testbed, i: usize) -> Vec<String> {
     tree(&tb.node_dir(i))
@@ -51,23 +38,27 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     let me = tb.instances[2].id.clone();
 
     // The cluster forgets node 2.
-    forget(&tb, &root, &me).await;
+    forget(&tb, 0, &root, &me).await;
     assert!(!raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .iter()
         .any(|(id, _)| id == &me));
 
     // --dry-run: shows the plan, changes nothing (files, raft state).
-    let before = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
-    let mut d = tb.spawn_agent_env(
+    let before = (
+        snapshot_tree(&tb, 2),
+        raft_servers(&tb, 0, &root)
+            .await
+            .expect("raft configuration"),
+    );
+    let (code, out, err) = tb.run_agent_env(
         2,
         &["rejoin", "--dry-run"],
         &[("VAULT_TOKEN", root.as_str())],
+        Duration::from_secs(60),
     );
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut d.child.stdout.take().unwrap(), &mut out).unwrap();
-    let status = d.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{out}\n{}", d.stderr());
+    assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("not in the cluster's raft configuration"),
         "{out}"
@@ -76,7 +67,12 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
         out.contains("would move") && out.contains("dry run: nothing changed"),
         "{out}"
     );
-    let after = (snapshot_tree(&tb, 2), raft_servers(&tb, 0, &root).await);
+    let after = (
+        snapshot_tree(&tb, 2),
+        raft_servers(&tb, 0, &root)
+            .await
+            .expect("raft configuration"),
+    );
     assert_eq!(before, after, "--dry-run changed something");
     assert!(tree(&tb.node_dir(2))
         .iter()
@@ -84,16 +80,12 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
 
     // rejoin: data aside, restart, back as a voter.
     let mut r = tb.spawn_agent_env(2, &["rejoin"], &[("VAULT_TOKEN", root.as_str())]);
-    let mut stdout = r.child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
+    let stdout = Drain::of(&mut r);
     r.wait_log("rejoin complete", Duration::from_secs(180));
     wait_voters(&tb, 0, &root, 3).await;
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
     let aside: Vec<String> = std::fs::read_dir(tb.node_dir(2))
         .unwrap()
@@ -105,7 +97,7 @@ async fn a_removed_node_rejoins_as_a_voter_and_dry_run_changes_nothing() {
     let kept = tree(&tb.node_dir(2).join(&aside[0]));
     assert!(!kept.is_empty(), "the aside dir holds the old data");
     r.stop();
-    let out = reader.join().unwrap();
+    let out = String::from_utf8_lossy(&stdout.get("rejoin")).into_owned();
     assert!(
         out.contains("raft data moved aside") && out.contains("done in"),
         "{out}"
@@ -147,7 +139,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     let root = tb.escrowed("test-vault", "root-token").await;
     wait_voters(&tb, 0, &root, 3).await;
     let me = tb.instances[2].id.clone();
-    forget(&tb, &root, &me).await;
+    forget(&tb, 0, &root, &me).await;
     agents[2].stop();
 
     // Both at once.
@@ -157,6 +149,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     wait_voters(&tb, 0, &root, 3).await;
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
 
     // The boot waited for the rejoin (it reached the lock second: the rejoin takes it
@@ -188,6 +181,7 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
     assert!(tb.api(2).health().await.is_some(), "node 2 still serves");
     assert!(raft_servers(&tb, 0, &root)
         .await
+        .expect("raft configuration")
         .contains(&(me.clone(), true)));
     r.stop();
     for a in agents.iter_mut() {

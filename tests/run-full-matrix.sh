@@ -30,7 +30,5 @@ run --test faults -- --include-ignored --skip fault_matrix_fast --test-threads=1
 run --test init_escrow -- --test-threads=2
 run --test boot_cluster -- --include-ignored --skip soak --test-threads=1
 run --test rejoin -- --test-threads=2
-if [[ -f tests/hygiene.rs ]]; then
-    run --test hygiene
-fi
+run --test hygiene
 echo "full fault matrix: passed" >&2

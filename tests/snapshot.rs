@@ -39,27 +39,6 @@ async fn snaps(tb: &Testbed) -> Vec<String> {
     keys
 }
 
-/// Index of the node answering 200, and of one answering 429.
-async fn roles(tb: &Testbed, n: usize) -> (Option<usize>, Vec<usize>) {
-    let mut active = None;
-    let mut standby = Vec::new();
-    for i in 0..n {
-        match tb.api(i).health().await {
-            Some((200, _)) => active = Some(i),
-            Some((429, _)) => standby.push(i),
-            _ => {}
-        }
-    }
-    (active, standby)
-}
-
-async fn active(tb: &Testbed, n: usize) -> usize {
-    poll("an active node", Duration::from_secs(60), || async {
-        roles(tb, n).await.0
-    })
-    .await
-}
-
 fn temp_files(tb: &Testbed, i: usize) -> Vec<String> {
     tree(&tb.node_dir(i).join("state"))
         .into_iter()
@@ -67,40 +46,14 @@ fn temp_files(tb: &Testbed, i: usize) -> Vec<String> {
         .collect()
 }
 
-fn run_env(tb: &Testbed, i: usize, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut a = tb.spawn_agent_env(i, args, env);
-    let mut stdout = a.child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let status = a.wait_exit(Duration::from_secs(120));
-    let out = reader.join().unwrap_or_default();
-    (
-        status.code().unwrap_or(-1),
-        format!("{out}\n{}", a.stderr()),
-    )
-}
+/// Bound for one agent command run to its end.
+const RUN: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_follower_down_s3_down_and_keep() {
     let n = 3;
-    let mut tb = Testbed::start(36, n);
     let extra = "[init]\nrevoke_root_token = false\n[snapshot]\nkeep = 2\n";
-    for i in 0..n {
-        tb.write_config(
-            i,
-            &NodeOpts {
-                extra_toml: extra.into(),
-                ..Default::default()
-            },
-        );
-    }
-    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
-    for a in agents.iter_mut() {
-        a.wait_log("node ready", Duration::from_secs(180));
-    }
+    let (mut tb, mut agents) = form(36, n, extra);
     let init_log: String = agents.iter().map(|a| a.stderr()).collect();
     assert!(
         init_log.contains("snapshot AppRole created and its credentials escrowed"),
@@ -113,27 +66,24 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     // A secret to lose and get back.
     let a = active(&tb, n).await;
     let api = tb.api(a);
-    let (s, b) = api
-        .put(
-            "sys/mounts/secret",
-            Some(&root),
-            serde_json::json!({"type": "kv"}),
-        )
-        .await;
-    assert!((200..300).contains(&s), "enable kv: {s} {b}");
-    let (s, b) = api
-        .put(
-            "secret/probe",
-            Some(&root),
-            serde_json::json!({"value": "before-snapshot"}),
-        )
-        .await;
-    assert!((200..300).contains(&s), "write secret: {s} {b}");
+    api.put_ok(
+        "sys/mounts/secret",
+        &root,
+        serde_json::json!({"type": "kv"}),
+    )
+    .await;
+    api.put_ok(
+        "secret/probe",
+        &root,
+        serde_json::json!({"value": "before-snapshot"}),
+    )
+    .await;
 
     // 1. Snapshot as node 0.
     let t = Instant::now();
-    let (code, out) = run_env(&tb, 0, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(0, &["snapshot"], &[], RUN);
     let took = t.elapsed();
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let keys = snaps(&tb).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -191,27 +141,30 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     assert!(r.status().is_success(), "{}", r.status());
     assert_eq!(api.get("secret/probe", Some(&root)).await.unwrap().0, 404);
 
-    let (code, out) = run_env(&tb, 1, &["snapshot", "restore", "--from", &url], &[]);
+    let (code, out, err) = tb.run_agent_env(1, &["snapshot", "restore", "--from", &url], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 64, "refuses without --yes: {out}");
     assert!(out.contains("--yes"), "{out}");
-    let (code, out) = run_env(
-        &tb,
+    let (code, out, err) = tb.run_agent_env(
         1,
         &["snapshot", "restore", "--from", &url, "--yes"],
         &[],
+        RUN,
     );
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 64, "refuses without VAULT_TOKEN: {out}");
     assert!(
         out.contains("VAULT_TOKEN") && out.contains("AppRole"),
         "{out}"
     );
     let t = Instant::now();
-    let (code, out) = run_env(
-        &tb,
+    let (code, out, err) = tb.run_agent_env(
         1,
         &["snapshot", "restore", "--from", &url, "--yes"],
         &[("VAULT_TOKEN", &root)],
+        RUN,
     );
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let value = poll(
         "the secret back after restore",
@@ -259,7 +212,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
     // Run it on the node whose server is down, when that is not the leader's: the agent
     // must find the active node among its peers.
     let runner = if down != a { down } else { (a + 1) % n };
-    let (code, out) = run_env(&tb, runner, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "follower {down} down, run on {runner}: {out}");
     let before_fault = snaps(&tb).await;
     assert_eq!(before_fault.len(), 2, "{before_fault:?}");
@@ -275,8 +229,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
             ..Default::default()
         },
     );
-    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
-    assert_ne!(code, 0, "{out}");
+    let (code, out, err) = tb.run_agent_env(ok_runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 75, "{out}");
     if let Some(line) = out.lines().find(|l| l.contains("nothing was stored")) {
         eprintln!("S3 DOWN, the agent said: {line}");
@@ -294,7 +248,8 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
 
     // 5. keep = 2: a third good snapshot leaves the two newest.
     tb.proxy_rules("");
-    let (code, out) = run_env(&tb, ok_runner, &["snapshot"], &[]);
+    let (code, out, err) = tb.run_agent_env(ok_runner, &["snapshot"], &[], RUN);
+    let out = format!("{out}\n{err}");
     assert_eq!(code, 0, "{out}");
     let after = snaps(&tb).await;
     assert_eq!(after.len(), 2, "{after:?}");

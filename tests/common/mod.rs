@@ -79,12 +79,6 @@ pub struct Owned {
     pub child: Child,
 }
 
-impl Owned {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 impl Drop for Owned {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -114,6 +108,16 @@ pub fn signal(pid: u32, sig: i32) {
         .arg(pid.to_string())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Whether `hay` contains the (non-empty) byte string `needle`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether `/proc/<pid>/cmdline` contains `needle` (false once the process is gone).
+fn cmdline_has(pid: u32, needle: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| contains(&c, needle))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -153,12 +157,37 @@ impl Agent {
     /// itself was killed and left its child running.
     pub fn kill_servers(&mut self) {
         self.track_children();
-        for p in self.server_pids.drain(..) {
-            if pid_alive(p) {
-                signal(p, 9);
-            }
+        let killed = self.kill_recorded();
+        wait_for(
+            &format!("agent {}'s server processes {killed:?} to die", self.index),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || killed.iter().all(|p| !pid_alive(*p)).then_some(()),
+        );
+    }
+
+    /// The node directory this agent runs in (its logs are written there).
+    fn node_dir(&self) -> &Path {
+        self.stderr_path.parent().expect("agent log in a node dir")
+    }
+
+    /// Whether `pid` is still one of this agent's processes: its command line names the
+    /// agent's node directory (the server's `-config=<node>/etc/vault.hcl`). A recorded PID
+    /// that exited may have been reused by a process this test never started.
+    fn is_ours(&self, pid: u32) -> bool {
+        let mut needle = self.node_dir().as_os_str().as_encoded_bytes().to_vec();
+        needle.push(b'/');
+        pid_alive(pid) && cmdline_has(pid, &needle)
+    }
+
+    /// SIGKILLs every recorded PID that is still ours; returns those it signalled.
+    fn kill_recorded(&mut self) -> Vec<u32> {
+        let pids: Vec<u32> = std::mem::take(&mut self.server_pids);
+        let ours: Vec<u32> = pids.into_iter().filter(|p| self.is_ours(*p)).collect();
+        for p in &ours {
+            signal(*p, 9);
         }
-        std::thread::sleep(Duration::from_millis(300));
+        ours
     }
 
     /// Waits (bounded) until the agent's log contains `needle`; panics with the log if it
@@ -188,9 +217,11 @@ impl Agent {
     }
 
     /// Remembers the server child's PID so it can be killed even if the agent is gone.
-    pub fn track_children(&mut self) {
+    /// Short-lived children (`<bao> version`, a stub `systemctl`) do not name the node
+    /// directory and are not recorded; `kill_recorded` checks again before signalling.
+    fn track_children(&mut self) {
         for p in children_of(self.pid()) {
-            if !self.server_pids.contains(&p) {
+            if !self.server_pids.contains(&p) && self.is_ours(p) {
                 self.server_pids.push(p);
             }
         }
@@ -235,12 +266,58 @@ impl Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        for p in self.server_pids.drain(..) {
-            if pid_alive(p) {
-                signal(p, 9);
-            }
-        }
+        self.kill_recorded();
     }
+}
+
+/// How long an agent's stdout may stay open after the agent exited.
+pub const DRAIN_BOUND: Duration = Duration::from_secs(20);
+
+/// Reads a child's stdout to the end on a thread; `get` waits for it, bounded.
+pub struct Drain(std::sync::mpsc::Receiver<Vec<u8>>);
+
+impl Drain {
+    pub fn of(a: &mut Agent) -> Drain {
+        let mut out = a.child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            let _ = tx.send(v);
+        });
+        Drain(rx)
+    }
+
+    /// Everything written to stdout, once it is closed; None if it is still open after
+    /// `bound`.
+    pub fn try_get(self, bound: Duration) -> Option<Vec<u8>> {
+        self.0.recv_timeout(bound).ok()
+    }
+
+    /// Everything written to stdout; panics if it is not closed within [`DRAIN_BOUND`].
+    pub fn get(self, what: &str) -> Vec<u8> {
+        self.try_get(DRAIN_BOUND)
+            .unwrap_or_else(|| panic!("{what}: stdout not closed within {DRAIN_BOUND:?}"))
+    }
+}
+
+/// Waits (bounded) for `a` to exit and its stdout to close; returns (code, stdout, stderr).
+fn finish(a: &mut Agent, args: &[&str], bound: Duration) -> (i32, String, String) {
+    let out = Drain::of(a);
+    let status = a.wait_exit(bound);
+    let out = out.try_get(DRAIN_BOUND).unwrap_or_else(|| {
+        panic!(
+            "agent {} {args:?} exited ({status}) but its stdout stayed open {DRAIN_BOUND:?}; \
+             stderr:\n{}",
+            a.index,
+            a.stderr()
+        )
+    });
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out).into_owned(),
+        a.stderr(),
+    )
 }
 
 impl Drop for Agent {
@@ -273,11 +350,13 @@ pub struct Testbed {
     proxy: Option<Owned>,
 }
 
-fn spawn_logged(name: &str, cmd: &mut Command, log: &Path) -> Owned {
+/// Starts a test-bed service, stderr to `log`; `stdout` piped for a READY line
+/// ([`wait_ready`]) or null.
+fn spawn_logged(name: &str, cmd: &mut Command, log: &Path, stdout: Stdio) -> Owned {
     let f = std::fs::File::create(log).expect("log file");
     let child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(f)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -331,7 +410,8 @@ impl Testbed {
             .expect("tempdir");
         let moto_url = format!("http://{block}.1:5000");
         let moto_log = dir.path().join("moto.log");
-        let mut moto = spawn_logged(
+        // Readiness is its port accepting connections (it prints no READY line).
+        let moto = spawn_logged(
             "moto_server",
             Command::new(venv().join("bin/moto_server")).args([
                 "-H",
@@ -340,8 +420,8 @@ impl Testbed {
                 "5000",
             ]),
             &moto_log,
+            Stdio::null(),
         );
-        moto.child.stdout.take();
         wait_for(
             "moto to listen",
             Duration::from_secs(30),
@@ -427,7 +507,7 @@ impl Testbed {
         for i in &self.instances {
             cmd.args(["--listen", &i.ip]);
         }
-        let mut o = spawn_logged("imds.py", &mut cmd, &log);
+        let mut o = spawn_logged("imds.py", &mut cmd, &log, Stdio::piped());
         wait_ready(&mut o, Duration::from_secs(30), &log);
         self.imds = Some(o);
     }
@@ -465,11 +545,6 @@ impl Testbed {
         self.instances.len() - 1
     }
 
-    /// Stops the IMDS (connections are then refused).
-    pub fn stop_imds(&mut self) {
-        self.imds = None;
-    }
-
     /// Writes an IMDS fault directive for one instance (empty = healthy).
     pub fn imds_fault(&self, ip: &str, directives: &str) {
         std::fs::write(self.control_dir().join(ip), directives).unwrap();
@@ -492,6 +567,7 @@ impl Testbed {
                 ])
                 .arg(self.path().join("proxy.rules")),
             &log,
+            Stdio::piped(),
         );
         wait_ready(&mut o, Duration::from_secs(20), &log);
         self.proxy = Some(o);
@@ -622,6 +698,17 @@ join_timeout_secs = 120
     }
 
     pub fn spawn_agent_env(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
+        self.spawn_agent_stdin(i, args, extra_env, Stdio::null())
+    }
+
+    /// Starts the agent with `stdin`; stdout piped, stderr to `node-<i>/agent-<args>.log`.
+    fn spawn_agent_stdin(
+        &self,
+        i: usize,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        stdin: Stdio,
+    ) -> Agent {
         let stderr_path = self.node_dir(i).join(log_name(args));
         let f = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(AGENT);
@@ -637,7 +724,7 @@ join_timeout_secs = 120
             .arg("--config")
             .arg(self.config_path(i))
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(f);
         let child = cmd.spawn().expect("spawn agent");
@@ -651,19 +738,25 @@ join_timeout_secs = 120
 
     /// Runs the agent to completion (bounded); returns (exit code, stdout, stderr).
     pub fn run_agent(&self, i: usize, args: &[&str], bound: Duration) -> (i32, String, String) {
-        let mut a = self.spawn_agent(i, args);
-        let mut stdout = a.child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let status = a.wait_exit(bound);
-        let out = reader.join().unwrap_or_default();
-        (status.code().unwrap_or(-1), out, a.stderr())
+        self.run_agent_env(i, args, &[], bound)
     }
 
-    /// Runs the agent with `input` on its stdin (bounded); returns (exit code, stdout, stderr).
+    /// Runs the agent with `extra_env` to completion: its exit within `bound`, then its
+    /// stdout closed within [`DRAIN_BOUND`] (a server child inherits stdout and could keep it
+    /// open). Returns (exit code, stdout, stderr).
+    pub fn run_agent_env(
+        &self,
+        i: usize,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        bound: Duration,
+    ) -> (i32, String, String) {
+        let mut a = self.spawn_agent_env(i, args, extra_env);
+        finish(&mut a, args, bound)
+    }
+
+    /// Runs the agent with `input` on its stdin (bounded, as `run_agent_env`); returns (exit
+    /// code, stdout, stderr).
     pub fn run_agent_input(
         &self,
         i: usize,
@@ -671,43 +764,15 @@ join_timeout_secs = 120
         input: &str,
         bound: Duration,
     ) -> (i32, String, String) {
-        let stderr_path = self.node_dir(i).join(log_name(args));
-        let mut child = Command::new(AGENT)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", self.node_dir(i))
-            .envs(self.agent_env(i))
-            .arg("--config")
-            .arg(self.config_path(i))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .expect("spawn agent");
-        {
+        let mut a = self.spawn_agent_stdin(i, args, &[], Stdio::piped());
+        let mut stdin = a.child.stdin.take().expect("stdin piped");
+        let input = input.as_bytes().to_vec();
+        // On a thread: an agent that never reads its stdin must not block the test.
+        std::thread::spawn(move || {
             use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            let _ = stdin.write_all(input.as_bytes());
-        }
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
+            let _ = stdin.write_all(&input);
         });
-        let mut a = Agent {
-            index: i,
-            child,
-            stderr_path,
-            server_pids: Vec::new(),
-        };
-        let status = a.wait_exit(bound);
-        (
-            status.code().unwrap_or(-1),
-            reader.join().unwrap_or_default(),
-            a.stderr(),
-        )
+        finish(&mut a, args, bound)
     }
 
     /// Uploads `body` to `s3://vault-resources/<key>`.
@@ -789,11 +854,17 @@ impl Testbed {
     }
 }
 
-/// Starts a test-bed of `n` instances on block `127.0.<block>`, writes every node's config
-/// with `extra_toml`, starts the `n` agents together and waits (bounded) until each reports
-/// its node ready.
+/// Starts a test-bed of `n` instances on block `127.0.<block>` and boots a cluster on it
+/// ([`boot_all`]).
 pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
     let tb = Testbed::start(block, n);
+    let agents = boot_all(&tb, n, extra_toml);
+    (tb, agents)
+}
+
+/// Writes the config of nodes `0..n` with `extra_toml`, starts their `n` agents together
+/// (`boot`) and waits (bounded) until each reports its node ready.
+pub fn boot_all(tb: &Testbed, n: usize, extra_toml: &str) -> Vec<Agent> {
     for i in 0..n {
         tb.write_config(
             i,
@@ -807,7 +878,7 @@ pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
     for a in agents.iter_mut() {
         a.wait_log("node ready", Duration::from_secs(180));
     }
-    (tb, agents)
+    agents
 }
 
 /// Overlays `extra` on `base` table by table (keys in `extra` win), both TOML text.
@@ -881,6 +952,22 @@ impl Api {
         (s, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// PUT with `token`, asserting a 2xx answer; returns its body.
+    pub async fn put_ok(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let (code, body) = self.put(path, Some(token), body).await;
+        assert!(
+            (200..300).contains(&code),
+            "PUT {} {path}: {code} {body}",
+            self.base
+        );
+        body
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Option<(u16, serde_json::Value)> {
         let mut req = self.http.get(format!("{}/v1/{path}", self.base));
         if let Some(t) = token {
@@ -932,40 +1019,100 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Node `i`'s view of the raft configuration: (node id, voter), sorted.
-pub async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Vec<(String, bool)> {
+/// Asserts that no file under `dir` (a node dir; its raft data in `data/` aside) holds any
+/// of `secrets` in plain text. Failures name the file and the secret's index, never the
+/// secret.
+pub fn assert_no_plain(dir: &Path, secrets: &[String]) {
+    assert!(!secrets.is_empty(), "no secrets to search for");
+    for (n, s) in secrets.iter().enumerate() {
+        assert!(!s.is_empty(), "secret #{n} is empty");
+    }
+    let mut scanned = 0;
+    for f in tree(dir) {
+        if f.starts_with("data/") || f.ends_with('/') {
+            continue;
+        }
+        let p = dir.join(&f);
+        let body = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        for (n, s) in secrets.iter().enumerate() {
+            assert!(
+                !contains(&body, s.as_bytes()),
+                "secret #{n} found in {}",
+                p.display()
+            );
+        }
+        scanned += 1;
+    }
+    assert!(scanned > 0, "no file under {} to search", dir.display());
+}
+
+/// Node `i`'s view of the raft configuration: (node id, voter), sorted; None when the
+/// request fails or does not answer 200 (e.g. no leader yet), so that polls retry.
+pub async fn raft_servers(tb: &Testbed, i: usize, token: &str) -> Option<Vec<(String, bool)>> {
     let (code, body) = tb
         .api(i)
         .get("sys/storage/raft/configuration", Some(token))
-        .await
-        .expect("raft configuration");
-    assert_eq!(code, 200, "raft configuration: {body}");
-    let mut v: Vec<(String, bool)> = body["data"]["config"]["servers"]
-        .as_array()
-        .unwrap()
+        .await?;
+    if code != 200 {
+        return None;
+    }
+    let mut v = body["data"]["config"]["servers"]
+        .as_array()?
         .iter()
-        .map(|s| {
-            (
-                s["node_id"].as_str().unwrap().to_string(),
-                s["voter"] == true,
-            )
-        })
-        .collect();
+        .map(|s| Some((s["node_id"].as_str()?.to_string(), s["voter"] == true)))
+        .collect::<Option<Vec<(String, bool)>>>()?;
     v.sort();
-    v
+    Some(v)
 }
 
-/// Waits (bounded) until node `i` sees exactly `want` servers, all voters.
-pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) {
+/// Waits (bounded) until node `i` sees exactly `want` servers, all voters; returns their
+/// ids, sorted. The bound covers autopilot's promotion of a joiner (10 s stabilization)
+/// and its removal of a dead server (`dead_server_last_contact_threshold`, 1 m in day2).
+pub async fn wait_voters(tb: &Testbed, i: usize, token: &str, want: usize) -> Vec<String> {
     poll(
-        &format!("{want} voters"),
-        Duration::from_secs(120),
+        &format!("{want} servers, all voters, as node {i} sees them"),
+        Duration::from_secs(180),
         || async move {
-            let v = raft_servers(tb, i, token).await;
-            (v.iter().filter(|(_, voter)| *voter).count() == want && v.len() == want).then_some(())
+            let v = raft_servers(tb, i, token).await?;
+            (v.len() == want && v.iter().all(|(_, voter)| *voter))
+                .then(|| v.into_iter().map(|(id, _)| id).collect())
         },
     )
-    .await;
+    .await
+}
+
+/// The cluster, through node `via`, removes server `id` from its raft configuration.
+pub async fn forget(tb: &Testbed, via: usize, token: &str, id: &str) {
+    tb.api(via)
+        .put_ok(
+            "sys/storage/raft/remove-peer",
+            token,
+            serde_json::json!({"server_id": id}),
+        )
+        .await;
+}
+
+/// Which of nodes `0..n` answers health 200 (active), and which answer 429 (standby).
+/// One look, no retry: see [`active`].
+pub async fn roles(tb: &Testbed, n: usize) -> (Option<usize>, Vec<usize>) {
+    let mut active = None;
+    let mut standby = Vec::new();
+    for i in 0..n {
+        match tb.api(i).health().await {
+            Some((200, _)) => active = Some(i),
+            Some((429, _)) => standby.push(i),
+            _ => {}
+        }
+    }
+    (active, standby)
+}
+
+/// Waits (bounded) until one of nodes `0..n` is active; returns its index.
+pub async fn active(tb: &Testbed, n: usize) -> usize {
+    poll("an active node", Duration::from_secs(60), || async {
+        roles(tb, n).await.0
+    })
+    .await
 }
 
 /// An operator CA made by the test (the agent binds `cert` auth to its PEM in S3).

@@ -149,14 +149,15 @@ def instance_by_ip(ec2, ip: str) -> dict | None:
 
 
 def run_instance(ec2, ami: str, subnet_id: str, ip: str, asg: str, name: str) -> str:
-    holders = instances_by_ip(ec2, ip)
-    live = [i for i in holders if i["State"]["Name"] not in ("terminated", "shutting-down")]
+    live = instance_by_ip(ec2, ip)
     if live:
-        log(f"reusing instance {live[0]['InstanceId']} at {ip}")
-        return live[0]["InstanceId"]
+        log(f"reusing instance {live['InstanceId']} at {ip}")
+        return live["InstanceId"]
     subnets = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
     if subnets and ipaddress.ip_address(ip) not in ipaddress.ip_network(subnets[0]["CidrBlock"]):
         raise SeedError(f"{ip} is outside subnet {subnet_id} ({subnets[0]['CidrBlock']})")
+    # No live holder: any instance still listed at this IP is a terminated one.
+    holders = instances_by_ip(ec2, ip)
     if holders:
         raise SeedError(
             f"{ip} still belongs to terminated instance {holders[0]['InstanceId']}: moto never "
