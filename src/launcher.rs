@@ -301,21 +301,26 @@ pub async fn stop_pid(pid: u32, grace: std::time::Duration) -> Result<()> {
     })
 }
 
-/// Waits (bounded) until process `pid` is gone or a zombie (its parent, the other agent,
-/// reaps it); true if it is.
+/// Waits (bounded) until process `pid` is gone: no such process, or a zombie (its parent,
+/// the other agent, reaps it) none of whose threads still runs. A multi-threaded server's
+/// main thread shows `Z` while other threads are still exiting, and those keep its
+/// listening sockets open until the last one is done.
 async fn wait_gone(pid: u32, bound: std::time::Duration) -> bool {
     let start = std::time::Instant::now();
     loop {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return true;
         };
-        if stat
+        let zombie = stat
             .rsplit(')')
             .next()
             .unwrap_or("")
             .trim_start()
-            .starts_with('Z')
-        {
+            .starts_with('Z');
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if zombie && threads <= 1 {
             return true;
         }
         if start.elapsed() >= bound {
@@ -358,6 +363,32 @@ pub async fn supervise(mut child: Child) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stop_pid_kills_a_server_that_ignores_sigterm() {
+        // Another process's child, as a boot agent's server is for rejoin: spawned here but
+        // reaped by nobody until the end, so "gone" means a zombie with no live thread.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "trap '' TERM; while :; do sleep 1; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Let the shell install its trap before the signal arrives.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let t = std::time::Instant::now();
+        stop_pid(pid, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() >= std::time::Duration::from_secs(1),
+            "SIGTERM was ignored: the grace must pass"
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+    }
 
     #[test]
     fn missing_binary_is_named() {
