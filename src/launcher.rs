@@ -188,6 +188,22 @@ pub async fn start(v: &VaultConfig, bind: IpAddr, config_changed: bool) -> Resul
     }
 }
 
+/// Stops the server, whichever launcher started it: `systemctl stop` (it waits for the
+/// unit's own stop, `TimeoutStopSec=`), or the exec launcher's recorded PID when it is still
+/// that server (nothing of ours running is not an error).
+pub async fn stop_server(v: &VaultConfig, state_dir: &Path) -> Result<()> {
+    match v.launcher {
+        LauncherKind::Systemd => systemctl(&["stop", &v.unit]).await,
+        LauncherKind::Exec => {
+            let Ok(Reloader::Pid(pid)) = reloader_for(v, state_dir) else {
+                return Ok(());
+            };
+            // A raft server shuts down in well under a second; 30 s covers a slow disk.
+            stop_pid(pid, std::time::Duration::from_secs(30)).await
+        }
+    }
+}
+
 /// File in `agent.state_dir` holding the PID of a server the exec launcher started, so
 /// `refresh-tls` can reload it.
 pub const PID_FILE: &str = "server.pid";
