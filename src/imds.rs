@@ -27,7 +27,8 @@ pub trait Metadata: Send + Sync {
     fn get(&self, path: &str) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
-/// The SDK's IMDS client.
+/// The SDK's IMDS client (cloned with its cached session token).
+#[derive(Clone, Debug)]
 pub struct SdkImds {
     client: aws_config::imds::Client,
 }

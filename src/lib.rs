@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod aws;
+pub mod boot;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -17,8 +18,10 @@ pub mod init;
 pub mod install;
 pub mod launcher;
 pub mod logging;
+pub mod member;
 pub mod node;
 pub mod node_lock;
+pub mod raft_store;
 pub mod render;
 pub mod retry;
 pub mod secret;

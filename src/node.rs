@@ -58,28 +58,36 @@ pub struct Identity {
     pub sdk: aws_config::SdkConfig,
 }
 
+/// This instance as IMDS describes it, and the SDK configuration for its region: all a
+/// member needs to start its server again from its own disk (see `crate::member`).
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub facts: InstanceFacts,
+    pub sdk: aws_config::SdkConfig,
+    /// Kept for the tag lookup: one IMDS session token per boot.
+    imds: SdkImds,
+}
+
 /// IMDS facts and the cluster tag value (no warm-pool wait, no discovery).
 pub async fn identity(cfg: &Config) -> Result<Identity> {
-    identity_with(cfg, &SdkImds::new(), false).await
+    with_tag(cfg, instance_with(cfg, SdkImds::new(), false).await?).await
+}
+
+/// IMDS facts, after waiting out a warm pool: the boot path's first step. No AWS API call.
+pub async fn instance(cfg: &Config) -> Result<Instance> {
+    instance_with(cfg, SdkImds::new(), true).await
 }
 
 /// Reads IMDS (waiting out a warm pool), resolves the tag value, discovers peers until
 /// `cluster.min_peers` are visible: the boot path (and `render`, `rejoin`, which mirror it).
 pub async fn identify(cfg: &Config) -> Result<Node> {
-    let id = identity_with(cfg, &SdkImds::new(), true).await?;
-    let peers = discover(
-        cfg,
-        &id,
-        cfg.cluster.min_peers,
-        cfg.cluster.discovery_timeout_secs,
-    )
-    .await?;
-    Ok(id.with_peers(peers))
+    identify_instance(cfg, instance(cfg).await?).await
 }
 
 /// The instances of this node's cluster as EC2 lists them now, for day-2 commands (`status`,
-/// `snapshot`, `refresh-tls`): one bounded look, no `min_peers` floor. A degraded cluster is
-/// exactly when an operator runs them, and a warm-pool wait has no place there either.
+/// `snapshot`, `refresh-tls`) and the refresh after a member restarted from its disk: one
+/// bounded look, no `min_peers` floor. A degraded cluster is exactly when they run, and a
+/// warm-pool wait has no place there either.
 pub async fn current(cfg: &Config, id: Identity) -> Result<Node> {
     let peers = discover(cfg, &id, 1, cfg.agent.aws_timeout_secs).await?;
     Ok(id.with_peers(peers))
@@ -96,15 +104,26 @@ impl Identity {
     }
 }
 
-async fn identity_with(cfg: &Config, md: &SdkImds, wait_in_service: bool) -> Result<Identity> {
+impl Instance {
+    /// The identity of a member whose cluster tag value is known from its own disk.
+    pub fn known_as(self, tag_value: &str) -> Identity {
+        Identity {
+            facts: self.facts,
+            tag_value: tag_value.to_owned(),
+            sdk: self.sdk,
+        }
+    }
+}
+
+async fn instance_with(cfg: &Config, md: SdkImds, wait_in_service: bool) -> Result<Instance> {
     let imds_deadline = Duration::from_secs(cfg.agent.imds_timeout_secs);
-    let facts = imds::instance_facts(md, imds_deadline)
+    let facts = imds::instance_facts(&md, imds_deadline)
         .instrument(tracing::info_span!("imds"))
         .await?;
     tracing::info!(instance_id = %facts.instance_id, region = %facts.region, az = %facts.availability_zone, local_ipv4 = %facts.local_ipv4, "instance facts");
     if wait_in_service {
         imds::wait_in_service(
-            md,
+            &md,
             imds_deadline,
             Duration::from_secs(cfg.agent.warm_pool_timeout_secs),
         )
@@ -115,12 +134,29 @@ async fn identity_with(cfg: &Config, md: &SdkImds, wait_in_service: bool) -> Res
         Duration::from_secs(cfg.agent.aws_timeout_secs),
     )
     .await;
-    let tag_value = tag_value(cfg, md, &SdkEc2::new(&sdk), &facts).await?;
-    Ok(Identity {
+    Ok(Instance {
         facts,
-        tag_value,
         sdk,
+        imds: md,
     })
+}
+
+async fn with_tag(cfg: &Config, inst: Instance) -> Result<Identity> {
+    let tag_value = tag_value(cfg, &inst.imds, &SdkEc2::new(&inst.sdk), &inst.facts).await?;
+    Ok(inst.known_as(&tag_value))
+}
+
+/// The rest of [`identify`] for an instance already read: tag value and peers.
+pub async fn identify_instance(cfg: &Config, inst: Instance) -> Result<Node> {
+    let id = with_tag(cfg, inst).await?;
+    let peers = discover(
+        cfg,
+        &id,
+        cfg.cluster.min_peers,
+        cfg.cluster.discovery_timeout_secs,
+    )
+    .await?;
+    Ok(id.with_peers(peers))
 }
 
 async fn discover(cfg: &Config, id: &Identity, min_peers: usize, secs: u64) -> Result<Vec<Peer>> {

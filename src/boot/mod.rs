@@ -1,10 +1,18 @@
-//! `vault-bootstrap boot`: the boot path, top to bottom, in the product's order.
+//! The boot path (`vault-bootstrap boot`), top to bottom, in the product's order.
 //!
-//! 1. config (loaded by the caller)  2. IMDS facts, warm-pool wait  3. peers
-//! 4. TLS from S3, checked, written  5. vault.hcl rendered and written on change
-//! 6. server started; wait until `sys/health` answers; init or join.
+//! 1. config (loaded by the caller)  2. IMDS facts, warm-pool wait.
+//!
+//! A member that was healthy then starts its server from its own disk first ([`from_disk`],
+//! static stability), and refreshes peers and TLS afterwards. Every other node goes on:
+//!
+//! 3. peers  4. TLS from S3, checked, written  5. vault.hcl rendered and written on change
+//!    (after an interrupted init of this node's is cleaned up, see `init::attempt`)
+//! 6. server started; wait until `sys/health` answers; init or join; the membership is
+//!    recorded on disk ([`crate::member`]) for the next boot.
 //!
 //! With the exec launcher the agent then stays with the server and exits with it.
+
+pub mod from_disk;
 
 use crate::aws::ec2::SdkEc2;
 use crate::aws::kms::SdkKms;
@@ -16,7 +24,7 @@ use crate::imds::InstanceFacts;
 use crate::launcher::{self, Running};
 use crate::node_lock::{self, NodeLock};
 use crate::vault_api::{self, Liveness, VaultClient};
-use crate::{init, node, render, tls};
+use crate::{init, member, node, render, tls};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::Instrument;
@@ -40,7 +48,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     launcher::check_binary(&cfg.vault.binary)?;
     let owner = vault_owner(cfg)?;
 
-    let node = node::identify(cfg).await?;
+    let instance = node::instance(cfg).await?;
+    // Static stability: a member comes back from what is on its disk, not from the control
+    // plane. Everything below is for new nodes (and members whose files are gone).
+    if let Some(record) = member::last_known_good(cfg, &instance.facts)? {
+        return from_disk::run(cfg, instance, record, owner, started).await;
+    }
+    let node = node::identify_instance(cfg, instance).await?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: imds+discovery"
@@ -55,6 +69,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     // Everything above only read; from here on this node changes. A `rejoin` or
     // `refresh-tls` running now would interleave with us: wait for it (bounded).
     let lock = node_lock::acquire(&cfg.agent.state_dir, "boot", node_lock::DEFAULT_WAIT).await?;
+    if cfg.init.enabled {
+        // Before the server starts on it: a store from this node's own interrupted init,
+        // which nobody holds keys for, is moved aside here.
+        let layout = crate::escrow::Layout::new(cfg, &node.tag_value);
+        init::attempt::recover(cfg, &SdkS3::new(&node.sdk), &layout).await?;
+    }
     let (tls_changed, config_changed) = write_files(cfg, &material, &hcl, owner)?;
     tracing::info!(
         path = %cfg.vault.config_file.display(),
@@ -137,6 +157,11 @@ pub(crate) fn write_files(
     owner: Owner,
 ) -> Result<(bool, bool)> {
     let tls_changed = tls::write(material, &cfg.vault.tls_dir, owner)?;
+    Ok((tls_changed, write_config(cfg, hcl, owner)?))
+}
+
+/// Step 4 on disk: the directories the server writes into, and vault.hcl (true: changed).
+pub(crate) fn write_config(cfg: &Config, hcl: &str, owner: Owner) -> Result<bool> {
     // The server must be able to create its raft directory's contents, and nobody else
     // may read them.
     fsutil::ensure_dir(&cfg.vault.data_dir, 0o700, owner)?;
@@ -155,7 +180,7 @@ pub(crate) fn write_files(
             gid: owner.gid,
         },
     })? == Outcome::Written;
-    Ok((tls_changed, config_changed))
+    Ok(config_changed)
 }
 
 /// Step 5: start the server (recording its PID for the exec launcher).
@@ -305,7 +330,7 @@ pub(crate) async fn initialize_or_join(
     let s3 = SdkS3::new(&node.sdk);
     let kms = SdkKms::new(&node.sdk);
     let ec2 = SdkEc2::new(&node.sdk);
-    let outcome = init::run(
+    let settled = init::run(
         cfg,
         &init::Me {
             instance_id: &node.facts.instance_id,
@@ -324,15 +349,28 @@ pub(crate) async fn initialize_or_join(
     )
     .instrument(tracing::info_span!("init"))
     .await?;
+    // What the next boot needs to come back without EC2 or S3.
+    member::write(
+        &cfg.agent.state_dir,
+        &member::Member::new(
+            &node.facts,
+            &node.tag_value,
+            settled.cluster_id.clone(),
+            &node.peers,
+            settled.post_init_done,
+        ),
+    )?;
     tracing::info!(
-        outcome = ?outcome,
+        outcome = ?settled.outcome,
+        cluster_id = settled.cluster_id.as_deref().unwrap_or("?"),
+        post_init_done = settled.post_init_done,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "node ready: unsealed cluster member"
     );
     Ok(())
 }
 
-fn report(health: &vault_api::Health, started: Instant) {
+pub(crate) fn report(health: &vault_api::Health, started: Instant) {
     tracing::info!(
         state = %health,
         elapsed_ms = started.elapsed().as_millis() as u64,
