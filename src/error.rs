@@ -39,6 +39,9 @@ pub mod exit {
     /// Recovery keys could not be escrowed and verified. The KMS-encrypted copy stays in
     /// `agent.state_dir`; the next `boot` resumes. Never ignore this one.
     pub const ESCROW: i32 = 80;
+    /// This node's server serves another cluster than the one the escrow marker records
+    /// (raft data from a second initialization): never reported ready.
+    pub const FOREIGN_CLUSTER: i32 = 81;
 }
 
 /// How an AWS call failed, as far as the operator's next step is concerned.
@@ -143,6 +146,9 @@ pub enum Error {
     #[error("init: {message}")]
     Init { message: String, retriable: bool },
 
+    #[error("cluster identity: {message}")]
+    ForeignCluster { message: String },
+
     #[error("Vault API {call} at {url}: {message}")]
     VaultApi {
         call: String,
@@ -198,6 +204,7 @@ impl Error {
             Error::HealthTimeout { .. } => exit::TEMPFAIL,
             Error::Command { .. } => exit::OSERR,
             Error::Escrow { .. } => exit::ESCROW,
+            Error::ForeignCluster { .. } => exit::FOREIGN_CLUSTER,
             Error::Init {
                 retriable: true, ..
             } => exit::TEMPFAIL,

@@ -105,6 +105,17 @@ impl VaultClient {
 }
 
 impl VaultClient {
+    /// The `cluster_id` this node's `sys/health` reports (unsealed nodes, active or standby);
+    /// `None` while it is sealed, uninitialized or not answering.
+    pub async fn cluster_id(&self) -> Option<String> {
+        let url = format!("{}/v1/sys/health", self.base);
+        let body: serde_json::Value = self.http.get(&url).send().await.ok()?.json().await.ok()?;
+        body["cluster_id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+    }
+
     /// One API call with an optional token; returns (status, JSON body or Null).
     /// Never use for `sys/init`: its body is secret (see [`VaultClient::init`]).
     pub async fn call(

@@ -135,8 +135,21 @@ async fn a_lock_holder_that_dies_before_init_is_taken_over() {
     let mut b = tb.spawn_agent(1, &["boot"]);
     b.wait_log("another node holds the init lock", Duration::from_secs(60));
     assert!(!b.stderr().contains("sys/init succeeded"));
-    // The instance is terminated: node 1 takes over and initializes.
+    // Stopped is not gone: its volume keeps whatever it initialized, and a takeover could
+    // make a second cluster when it starts again. Node 1 keeps waiting (several rounds).
     let ec2 = aws_sdk_ec2::Client::new(&tb.sdk().await);
+    ec2.stop_instances()
+        .instance_ids(&tb.instances[0].id)
+        .send()
+        .await
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let log = b.stderr();
+    assert!(
+        !log.contains("taking the lock over") && !log.contains("sys/init succeeded"),
+        "a stopped holder's lock was taken over:\n{log}"
+    );
+    // The instance is terminated: node 1 takes over and initializes.
     ec2.terminate_instances()
         .instance_ids(&tb.instances[0].id)
         .send()
@@ -301,5 +314,198 @@ async fn pgp_recovery_keys_are_encrypted_by_the_server_and_escrowed() {
             share.len() >= 32 && share.chars().all(|c| c.is_ascii_hexdigit()),
             "share {n} decrypts to a hex key"
         );
+    }
+}
+
+/// Issue 12, item 1: the lock winner and its server lose power while `sys/init` runs. The
+/// server's raft store is then half-bootstrapped ("cluster already has state" on every later
+/// start) or initialized with keys nobody received. The next boot moves it aside (kept) and
+/// inits again: one cluster, escrow verified. Three kill delays, so that at least one hits
+/// the store mid-bootstrap (`sys/init` takes 1.5-3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_loss_during_sys_init_is_recovered_by_moving_the_store_aside() {
+    let delays_ms = [150u64, 700, 1400];
+    let tb = Testbed::start(62, delays_ms.len());
+    let mut moved = 0;
+    for (i, ms) in delays_ms.iter().enumerate() {
+        let cluster = format!("midinit-{i}");
+        tb.tag(i, "Cluster", &cluster).await;
+        solo_config(&tb, i, &cluster, "");
+        let mut a = tb.spawn_agent(i, &["boot"]);
+        a.wait_log("calling sys/init", Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(*ms));
+        a.power_off();
+        assert!(
+            tb.node_dir(i).join("state/init-attempt.json").exists(),
+            "{ms} ms: the attempt is on disk"
+        );
+        let (mut a, log) = restart(&tb, i);
+        if log.contains("was moved aside (kept, not deleted)") {
+            moved += 1;
+            let aside = tree(&tb.node_dir(i))
+                .into_iter()
+                .filter(|f| f.starts_with("data.removed-") && f.ends_with("vault.db"))
+                .count();
+            assert_eq!(aside, 1, "{ms} ms: the store is kept beside data/");
+        }
+        assert!(log.contains("sys/init succeeded"), "{ms} ms:\n{log}");
+        assert!(!tb.node_dir(i).join("state/init-attempt.json").exists());
+        let (code, out) = tb.escrow_verify(i);
+        assert_eq!(code, 0, "{ms} ms: {out}");
+        a.stop();
+    }
+    assert_eq!(
+        moved,
+        delays_ms.len(),
+        "every interrupted init was recovered by moving its store aside"
+    );
+}
+
+/// Issue 12, item 2: no init unless the state directory takes a write first; and once the
+/// keys exist, the agent never exits while they are only in its memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_never_only_in_memory_when_the_agent_can_exit() {
+    let mut tb = Testbed::start(63, 3);
+    tb.start_proxy();
+    let fast = "[agent]\naws_timeout_secs = 3\n";
+
+    // (a) The attempt record cannot be written: no sys/init at all, exit 73, nothing in S3.
+    tb.tag(0, "Cluster", "nowrite").await;
+    solo_config(&tb, 0, "nowrite", fast);
+    let (code, _, log) = tb.run_agent_env(
+        0,
+        &["boot"],
+        &[("VAULT_BOOTSTRAP_FAIL_AT", "attempt-write")],
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, 73, "{log}");
+    assert!(log.contains("init-attempt.json"), "{log}");
+    assert!(!log.contains("calling sys/init"), "{log}");
+    let objects = aws_sdk_s3::Client::new(&tb.sdk().await)
+        .list_objects_v2()
+        .bucket("vault-resources")
+        .prefix("vault-bootstrap/nowrite/")
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = objects.contents().iter().filter_map(|o| o.key()).collect();
+    assert!(keys.iter().all(|k| k.contains("init-lock/")), "{keys:?}");
+
+    // (b) The pending file cannot be written and S3 refuses the escrow: the agent keeps the
+    // keys and retries both, loudly, for as long as it takes; when S3 is back it escrows.
+    tb.tag(1, "Cluster", "inmemory").await;
+    solo_config(&tb, 1, "inmemory", fast);
+    tb.proxy_rules("PUT .*recovery-key-2\\.enc status 503 ServiceUnavailable\n");
+    let mut a = tb.spawn_agent_env(
+        1,
+        &["boot"],
+        &[("VAULT_BOOTSTRAP_FAIL_AT", "pending-write")],
+    );
+    a.wait_log(
+        "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS",
+        Duration::from_secs(60),
+    );
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        assert!(
+            a.exited().is_none(),
+            "exited with the keys only in memory:\n{}",
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        a.stderr()
+            .matches("THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS")
+            .count()
+            >= 2
+    );
+    tb.proxy_rules("");
+    let log = a.wait_log("node ready", Duration::from_secs(90));
+    assert!(
+        !log.contains("init response sealed to the local pending file"),
+        "{log}"
+    );
+    let (code, out) = tb.escrow_verify(1);
+    assert_eq!(code, 0, "{out}");
+    a.stop();
+    assert_no_plain_secrets(&tb, 1, "inmemory").await;
+
+    // (c) The lock holder's cluster is initialized, but neither a marker nor a pending file
+    // (nor an attempt record) exists: its keys are lost. Every boot fails with exit 80, never
+    // "ready", and `status` says so.
+    tb.tag(2, "Cluster", "lost").await;
+    solo_config(&tb, 2, "lost", fast);
+    let mut a = tb.spawn_agent_env(
+        2,
+        &["boot"],
+        &[("VAULT_BOOTSTRAP_CRASH_AT", "pending-written")],
+    );
+    a.wait_exit(Duration::from_secs(90));
+    a.kill_servers();
+    std::fs::remove_file(pending(&tb, 2)).unwrap();
+    for _ in 0..2 {
+        let (code, _, log) = tb.run_agent(2, &["boot"], Duration::from_secs(90));
+        assert_eq!(code, 80, "{log}");
+        assert!(
+            log.contains("were never escrowed") && !log.contains("node ready"),
+            "{log}"
+        );
+    }
+    // status reads the local server: start it as boot would have left it, from its files.
+    let server = std::process::Command::new(bao())
+        .arg("server")
+        .arg(format!(
+            "-config={}",
+            tb.node_dir(2).join("etc/vault.hcl").display()
+        ))
+        .envs(tb.agent_env(2))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Owned {
+        name: "bao".into(),
+        child: server,
+    };
+    poll("the server unsealed", Duration::from_secs(30), || async {
+        matches!(tb.api(2).health().await, Some((200 | 429, _))).then_some(())
+    })
+    .await;
+    let (code, out, _) = tb.run_agent(2, &["status"], Duration::from_secs(60));
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        doc["escrow"]["keys"]
+            .as_str()
+            .unwrap()
+            .starts_with("NOT ESCROWED"),
+        "{doc}"
+    );
+    drop(server);
+}
+
+/// Issue 12, item 4: a node whose raft data is another cluster's than the marker records
+/// never reports ready, and says why (exit 81).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serving_another_cluster_is_never_ready() {
+    let tb = Testbed::start(64, 2);
+    for (i, c) in ["alpha", "beta"].iter().enumerate() {
+        tb.tag(i, "Cluster", c).await;
+        solo_config(&tb, i, c, "");
+        let (mut a, _) = restart(&tb, i);
+        a.stop();
+    }
+    // Node 1 (cluster beta's data) is moved to alpha.
+    tb.tag(1, "Cluster", "alpha").await;
+    solo_config(&tb, 1, "alpha", "");
+    for _ in 0..2 {
+        let (code, _, log) = tb.run_agent(1, &["boot"], Duration::from_secs(120));
+        assert_eq!(code, 81, "{log}");
+        assert!(
+            log.contains("records cluster") && log.contains("cluster-initialized.json"),
+            "{log}"
+        );
+        assert!(!log.contains("node ready"), "{log}");
     }
 }

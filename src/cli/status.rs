@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::{self, Layout};
 use crate::secret::Secret;
+use crate::vault_api::Health;
 use crate::{init, node, tls};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -16,12 +17,26 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     let n = node::current(cfg, node::identity(cfg).await?).await?;
     let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let layout = Layout::new(cfg, &n.tag_value);
-    let marker = escrow::read_marker(&SdkS3::new(&n.sdk), &layout, deadline)
+    let s3 = SdkS3::new(&n.sdk);
+    let marker = escrow::read_marker(&s3, &layout, deadline)
         .await
         .ok()
         .flatten();
+    let post_init = match (
+        &marker,
+        init::post_init_record(&s3, &layout, deadline).await,
+    ) {
+        (_, Ok(Some(p))) => json!({"state": "done", "root_revoked": p.root_revoked}),
+        (Some(m), Ok(None)) => {
+            json!({"state": "UNFINISHED", "initialized_by": m.instance_id, "why": "audit device, autopilot and root-token revocation are not recorded done; they resume when the initializer boots as the active node"})
+        }
+        (None, Ok(None)) => json!({"state": "not initialized"}),
+        (_, Err(e)) => json!({"state": format!("unknown: {e}")}),
+    };
+    let member = crate::member::read(&cfg.agent.state_dir).ok().flatten();
 
     let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).ok();
+    let mut initialized = None;
     let (health, raft) = match &ca {
         None => (
             json!("unknown: no CA in vault.tls_dir (boot has not run)"),
@@ -29,10 +44,14 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         ),
         Some(ca) => {
             let local = crate::cli::boot::local_client(cfg, &n.facts, ca)?;
-            let health = match local.health().await {
+            let answer = local.health().await;
+            let health = match &answer {
                 Ok(h) => json!(h.to_string()),
                 Err(e) => json!(format!("not answering: {e}")),
             };
+            if let Ok(h @ (Health::Active | Health::Standby | Health::PerfStandby)) = answer {
+                initialized = Some(h);
+            }
             let raft = match std::env::var("VAULT_TOKEN").ok().filter(|t| !t.is_empty()) {
                 None => json!("set VAULT_TOKEN to read the raft configuration"),
                 Some(t) => {
@@ -68,6 +87,15 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             (health, raft)
         }
     };
+    let pending = init::has_pending(&cfg.agent.state_dir);
+    // An initialized cluster with no marker and no pending file here: on the lock holder,
+    // keys that were never escrowed (boot exits 80 then); elsewhere, maybe still in flight.
+    let keys = match (&marker, initialized, pending) {
+        (Some(_), _, _) => json!("escrowed"),
+        (None, _, true) => json!("in the local pending file: boot resumes the escrow"),
+        (None, Some(_), false) => json!("NOT ESCROWED: the cluster is initialized and no marker exists (see the lock holder's boot log; exit 80 there means the keys are lost)"),
+        (None, None, false) => json!("none yet"),
+    };
     let doc = json!({
         "instance": {
             "id": n.facts.instance_id,
@@ -83,8 +111,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         "escrow": {
             "location": layout.url(&layout.prefix),
             "marker": marker.as_ref().map(|m| json!({"initialized_by": m.instance_id, "recovery_shares": m.recovery_shares, "recovery_threshold": m.recovery_threshold, "pgp": m.pgp})),
-            "local_pending_init": init::has_pending(&cfg.agent.state_dir),
+            "local_pending_init": pending,
+            "local_init_attempt": init::attempt::path(&cfg.agent.state_dir).exists(),
+            "keys": keys,
+            "marker_cluster_id": marker.as_ref().and_then(|m| m.cluster_id.clone()),
         },
+        "post_init": post_init,
+        "member_record": member.map(|m| json!({"cluster": m.cluster, "cluster_id": m.cluster_id, "post_init_done": m.post_init_done, "recorded_unix": m.recorded_unix})),
     });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::Internal(e.to_string()))?;
     writeln!(std::io::stdout(), "{text}").map_err(|e| Error::Internal(format!("stdout: {e}")))?;

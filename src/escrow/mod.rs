@@ -105,6 +105,11 @@ pub struct Marker {
     pub recovery_threshold: u8,
     pub pgp: bool,
     pub kms_key_id: String,
+    /// The initialized cluster's `cluster_id` (`sys/health`): a node serving another id is
+    /// not a member of this cluster and never reports ready. Absent in markers written
+    /// before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// Test-only crash injection: `VAULT_BOOTSTRAP_CRASH_AT=<point>` kills the agent with
@@ -115,6 +120,18 @@ pub fn crash_point(point: &str) {
         tracing::warn!(point, "test hook: killing the agent with SIGKILL");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+/// Test-only fault injection: `VAULT_BOOTSTRAP_FAIL_AT=<point>` makes the step at that
+/// point fail as if the operating system refused it, so the tests can prove what the agent
+/// does when a write it cannot do without fails. Harmless in production: it can only make
+/// the agent itself fail.
+pub fn fault_point(point: &str) -> bool {
+    let hit = std::env::var("VAULT_BOOTSTRAP_FAIL_AT").ok().as_deref() == Some(point);
+    if hit {
+        tracing::warn!(point, "test hook: failing this step");
+    }
+    hit
 }
 
 use crate::clock::now_unix;
@@ -128,6 +145,7 @@ pub async fn escrow<S: ObjectStore, K: Kms>(
     layout: &Layout,
     secrets: &InitSecrets,
     instance_id: &str,
+    cluster_id: Option<&str>,
     deadline: Duration,
 ) -> Result<Marker> {
     let items = secrets.items();
@@ -156,6 +174,7 @@ pub async fn escrow<S: ObjectStore, K: Kms>(
         recovery_threshold: secrets.threshold,
         pgp: secrets.pgp,
         kms_key_id: layout.kms_key_id.clone(),
+        cluster_id: cluster_id.map(str::to_owned),
     };
     let body = serde_json::to_vec_pretty(&marker).map_err(|e| Error::Internal(e.to_string()))?;
     let key = layout.marker();
@@ -503,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn escrow_then_verify() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
-        let m = escrow(&s3, &kms, &layout(), &secrets(), "i-1", D)
+        let m = escrow(&s3, &kms, &layout(), &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
         assert_eq!(m.recovery_shares, 5);
@@ -534,10 +553,14 @@ mod tests {
         s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
             .await
             .unwrap();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap();
         assert!(verify(&s3, &kms, &l, D).await.unwrap().ok());
         // And running it all again is harmless.
-        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -551,7 +574,7 @@ mod tests {
         s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
             .await
             .unwrap();
-        let e = escrow(&s3, &kms, &l, &secrets(), "i-1", D)
+        let e = escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("different secret"), "{e}");
@@ -562,7 +585,9 @@ mod tests {
     async fn verify_reports_missing_pieces() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap();
         s3.objects
             .lock()
             .unwrap()
@@ -577,7 +602,9 @@ mod tests {
     async fn wrong_context_does_not_decrypt() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", D).await.unwrap();
+        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap();
         // Swap two objects: each decrypts only under its own item name.
         {
             let mut o = s3.objects.lock().unwrap();

@@ -123,6 +123,12 @@ impl Sealer {
         let text = serde_json::to_vec_pretty(&file).map_err(|e| Error::Internal(e.to_string()))?;
         fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
         let p = path(state_dir);
+        if super::fault_point("pending-write") {
+            return Err(Error::write(
+                &p,
+                "injected failure (VAULT_BOOTSTRAP_FAIL_AT)",
+            ));
+        }
         fsutil::write_atomic(&FileSpec {
             path: &p,
             contents: &text,

@@ -98,21 +98,27 @@ pub async fn acquire<S: ObjectStore>(
     me: &str,
     deadline: Duration,
 ) -> Result<Lock> {
+    Ok(match holder(s3, layout, deadline).await? {
+        None => return try_create(s3, layout, me, 0, deadline).await,
+        Some(h) if h.instance_id == me => Lock::Mine(h.generation),
+        Some(h) => Lock::Held(h),
+    })
+}
+
+/// The current holder, without taking anything (for checks after init).
+pub async fn holder<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    deadline: Duration,
+) -> Result<Option<LockBody>> {
     let dir = layout.lock_dir();
     let keys = retry::retry("list the init lock", deadline, || {
         s3.list(&layout.bucket, &dir)
     })
     .await?;
     match keys.iter().filter_map(|k| generation_of(layout, k)).max() {
-        None => try_create(s3, layout, me, 0, deadline).await,
-        Some(g) => {
-            let holder = read(s3, layout, g, deadline).await?;
-            Ok(if holder.instance_id == me {
-                Lock::Mine(g)
-            } else {
-                Lock::Held(holder)
-            })
-        }
+        None => Ok(None),
+        Some(g) => read(s3, layout, g, deadline).await.map(Some),
     }
 }
 

@@ -5,11 +5,15 @@
 //! 1. The local server is initialized -> nothing to init; wait until unsealed.
 //! 2. A peer answers initialized, or the escrow marker exists -> join via `retry_join`.
 //! 3. Otherwise take the init lock (see [`lock`]); losers wait to join. A lock whose holder
-//!    EC2 no longer shows pending/running, with no initialized cluster, is taken over.
-//! 4. The winner gets a KMS data key, calls `sys/init`, seals the response to the pending
-//!    file at once, escrows (see `escrow`), removes the pending file, then post-init:
-//!    audit device, autopilot, root token revoked unless configured otherwise.
+//!    EC2 shows `terminated` (or no longer lists), with no initialized cluster, is taken
+//!    over. A stopped holder is not gone: its volume still holds what it initialized.
+//! 4. The winner gets a KMS data key, records the attempt on disk (see [`attempt`]), calls
+//!    `sys/init`, seals the response to the pending file at once, escrows (see `escrow`),
+//!    removes the pending file, then post-init: audit device, autopilot, root token revoked
+//!    unless configured otherwise. The keys never exist only in memory when it can exit.
+//! 5. Every node then checks that it serves the cluster the escrow marker names.
 
+pub mod attempt;
 pub mod lock;
 pub mod pgp;
 
@@ -50,6 +54,15 @@ pub enum Outcome {
     Joined,
 }
 
+/// How a node settled: what `boot` records as its last known good membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub outcome: Outcome,
+    /// The cluster id the node serves (confirmed against the marker when it records one).
+    pub cluster_id: Option<String>,
+    pub post_init_done: bool,
+}
+
 /// This node's identity for init purposes.
 pub struct Me<'a> {
     pub instance_id: &'a str,
@@ -60,6 +73,56 @@ pub struct Me<'a> {
 }
 
 pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
+    cfg: &Config,
+    me: &Me<'_>,
+    d: &Deps<'_, S, K, E>,
+) -> Result<Settled> {
+    let outcome = init_or_join(cfg, me, d).await?;
+    let layout = Layout::new(cfg, me.cluster);
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let cluster_id = confirm_cluster(d, &layout, aws).await?;
+    let post_init_done = match outcome {
+        Outcome::Initialized | Outcome::Resumed => true,
+        Outcome::Joined => resume_post_init(cfg, me, d, &layout).await?,
+    };
+    Ok(Settled {
+        outcome,
+        cluster_id,
+        post_init_done,
+    })
+}
+
+/// Checks that this node serves the cluster the escrow marker names; returns its id.
+/// A node with raft data of another cluster (a second init, a stopped holder's own store)
+/// must never report ready: it would answer clients with another cluster's data.
+pub async fn confirm_cluster<S: ObjectStore, K, E>(
+    d: &Deps<'_, S, K, E>,
+    layout: &Layout,
+    aws: Duration,
+) -> Result<Option<String>> {
+    let local = d.local.cluster_id().await;
+    let marker = escrow::read_marker(d.s3, layout, aws).await?;
+    check_cluster_id(
+        local.as_deref(),
+        marker.as_ref().and_then(|m| m.cluster_id.as_deref()),
+        &layout.url(&layout.marker()),
+    )?;
+    Ok(local)
+}
+
+/// `Err` when both ids are known and differ.
+pub fn check_cluster_id(local: Option<&str>, recorded: Option<&str>, source: &str) -> Result<()> {
+    match (local, recorded) {
+        (Some(l), Some(r)) if l != r => Err(Error::ForeignCluster {
+            message: format!(
+                "this node's server belongs to cluster {l}, but {source} records cluster {r}: its raft data is from another initialization (a second cluster). It is not reported ready. Keep both and investigate; `vault-bootstrap rejoin` moves this node's data aside and joins it to {r}"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
@@ -89,7 +152,6 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
         match d.local.health().await {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
                 tracing::info!("this node is unsealed and part of an initialized cluster");
-                resume_post_init(cfg, me, d, &layout).await?;
                 return Ok(Outcome::Joined);
             }
             Ok(Health::Uninitialized) if cfg.init.enabled => {
@@ -108,7 +170,7 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
                                 tracing::warn!(
                                     holder = %holder.instance_id,
                                     generation = holder.generation,
-                                    "the init lock's holder is no longer pending/running and left no initialized cluster: taking the lock over"
+                                    "the init lock's holder is terminated and left no initialized cluster: taking the lock over"
                                 );
                                 if let lock::Lock::Mine(g) =
                                     lock::take_over(d.s3, &layout, me.instance_id, &holder, aws)
@@ -169,12 +231,19 @@ async fn cluster_initialized<S: ObjectStore, K, E>(
     Ok(escrow::read_marker(d.s3, layout, aws).await?.is_some())
 }
 
+/// Only `terminated`, or no longer listed, is gone: a `stopping` or `stopped` holder still has
+/// its volume, and on it whatever it initialized; taking over from it could make a second
+/// cluster when it starts again.
 async fn holder_gone<E: Ec2Api>(ec2: &E, holder: &lock::LockBody, aws: Duration) -> Result<bool> {
     let state = retry::retry("DescribeInstances (lock holder)", aws, || {
         ec2.instance_state(&holder.instance_id)
     })
     .await?;
-    Ok(!matches!(state.as_deref(), Some("pending" | "running")))
+    Ok(is_gone(state.as_deref()))
+}
+
+fn is_gone(state: Option<&str>) -> bool {
+    matches!(state, None | Some("terminated"))
 }
 
 async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
@@ -198,6 +267,12 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
         return Ok(Outcome::Joined);
     }
 
+    // The pending file's directory takes a write before any key exists (else no init), and
+    // the record says, if this run dies, that the store may hold a cluster nobody has keys for.
+    let state_dir = &cfg.agent.state_dir;
+    attempt::begin(state_dir, me.instance_id, &layout.cluster)?;
+    crash_point("attempt-written");
+    tracing::info!("calling sys/init");
     let secrets = d
         .local
         .init(
@@ -213,18 +288,59 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
         pgp = secrets.pgp,
         "sys/init succeeded"
     );
-    match sealer.write(&secrets, &cfg.agent.state_dir) {
-        Ok(p) => {
-            tracing::info!(path = %p.display(), "init response sealed to the local pending file")
-        }
-        // Not fatal: the keys are still in memory and go straight to S3 below.
-        Err(e) => tracing::error!(
-            "could not write the local pending copy ({e}); escrowing straight to S3"
-        ),
-    }
+    make_durable(cfg, me, d, layout, &sealer, &secrets).await;
+    attempt::end(state_dir)?;
     crash_point("pending-written");
     finish(cfg, me, d, layout, &secrets).await?;
     Ok(Outcome::Initialized)
+}
+
+/// Returns only once the init response is durable: sealed in the pending file, or (when the
+/// state directory refuses the write) escrowed and verified in S3. Never returns with the
+/// keys only in this process's memory: it alternates between the two, loudly, for as long
+/// as both fail (systemd's `TimeoutStartSec=` is the only bound, and an operator is told
+/// every round what to fix).
+async fn make_durable<S: ObjectStore, K: Kms, E>(
+    cfg: &Config,
+    me: &Me<'_>,
+    d: &Deps<'_, S, K, E>,
+    layout: &Layout,
+    sealer: &pending::Sealer,
+    secrets: &InitSecrets,
+) {
+    let state_dir = &cfg.agent.state_dir;
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        match sealer.write(secrets, state_dir) {
+            Ok(p) => {
+                tracing::info!(path = %p.display(), "init response sealed to the local pending file");
+                return;
+            }
+            Err(e) => tracing::error!(
+                "could not write the local pending copy of the init response ({e}); escrowing straight to S3"
+            ),
+        }
+        let cluster_id = d.local.cluster_id().await;
+        match escrow::escrow(
+            d.s3,
+            d.kms,
+            layout,
+            secrets,
+            me.instance_id,
+            cluster_id.as_deref(),
+            aws,
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::error!(
+                "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
+                state_dir.display()
+            ),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 /// Escrow, then drop the pending file, then post-init.
@@ -237,7 +353,21 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
 ) -> Result<()> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let state_dir = &cfg.agent.state_dir;
-    if let Err(e) = escrow::escrow(d.s3, d.kms, layout, secrets, me.instance_id, aws).await {
+    // The marker records the cluster this init made; the node that made it is unsealed by
+    // now (it just initialized, or its pending file says it did).
+    let cluster_id =
+        wait_cluster_id(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
+    if let Err(e) = escrow::escrow(
+        d.s3,
+        d.kms,
+        layout,
+        secrets,
+        me.instance_id,
+        Some(&cluster_id),
+        aws,
+    )
+    .await
+    {
         let kept = pending::path(state_dir);
         let where_ = if kept.exists() {
             format!("the KMS-encrypted init response is kept in {}; run `vault-bootstrap boot` again to resume", kept.display())
@@ -273,37 +403,76 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
-) -> Result<()> {
+) -> Result<bool> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     // The usual case on every later boot: post-init is recorded done; one GET answers it.
-    let done_key = post_init_key(layout);
-    let done = retry::retry("read the post-init record", aws, || {
-        d.s3.get_opt(&layout.bucket, &done_key)
-    })
-    .await?;
-    if let Some(done) = done {
+    if let Some(p) = post_init_record(d.s3, layout, aws).await? {
         // Keep saying it on every boot while the root token is alive.
-        if let Ok(p) = serde_json::from_slice::<PostInit>(&done) {
-            if !p.root_revoked {
-                tracing::warn!(
-                    "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (README \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
-                    p.reason.unwrap_or_default()
-                );
-            }
+        if !p.root_revoked {
+            tracing::warn!(
+                "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (README \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
+                p.reason.unwrap_or_default()
+            );
         }
-        return Ok(());
+        return Ok(true);
     }
     let Some(marker) = escrow::read_marker(d.s3, layout, aws).await? else {
-        return Ok(());
+        return unescrowed(cfg, me, d, layout).await;
     };
+    let age = crate::clock::now_unix().saturating_sub(marker.initialized_unix);
     if marker.instance_id != me.instance_id {
-        return Ok(());
+        // Only the initializer can finish it (it alone may read the root token back); every
+        // other member says so, quietly while the initializer is plausibly still at it.
+        if age > POST_INIT_GRACE_SECS {
+            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (README \"Init and escrow\")", marker.instance_id);
+        } else {
+            tracing::info!(initializer = %marker.instance_id, "post-init is in progress on the initializer");
+        }
+        return Ok(false);
+    }
+    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
+    if d.local.health().await != Ok(Health::Active) {
+        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; post-init resumes when it boots as the active node (or finish it by hand, README \"Init and escrow\")");
+        return Ok(false);
     }
     tracing::warn!(
         "post-init was interrupted on this node: redoing it with the escrowed root token"
     );
     let root = escrow::decrypt_item(d.s3, d.kms, layout, Layout::ROOT_ITEM, aws).await?;
-    post_init(cfg, me, d, layout, &root).await
+    post_init(cfg, me, d, layout, &root).await?;
+    Ok(true)
+}
+
+/// How long after the marker a missing post-init record is still "in progress": post-init
+/// waits for the active node and makes a handful of API calls (seconds); ten minutes is
+/// well past any healthy run.
+const POST_INIT_GRACE_SECS: u64 = 600;
+
+/// An initialized cluster with no escrow marker. On the lock holder with no pending file,
+/// its keys are lost: that is an escrow failure (exit 80) on every boot, never "ready".
+/// Elsewhere the holder may still be escrowing: say so and go on.
+async fn unescrowed<S: ObjectStore, K, E>(
+    cfg: &Config,
+    me: &Me<'_>,
+    d: &Deps<'_, S, K, E>,
+    layout: &Layout,
+) -> Result<bool> {
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let holder = lock::holder(d.s3, layout, aws).await?;
+    if holder.as_ref().map(|h| h.instance_id.as_str()) == Some(me.instance_id)
+        && !has_pending(&cfg.agent.state_dir)
+    {
+        return Err(Error::Escrow {
+            message: format!(
+                "this node holds the init lock and its cluster is initialized, but there is no escrow marker ({}) and no pending init file in {}: the recovery keys and root token of this cluster were never escrowed and are not on this node. The cluster serves, but nobody can generate a root token for it. Decide now: re-create it (move {} aside on every node) while it holds no data, or keep it knowing that",
+                layout.url(&layout.marker()),
+                cfg.agent.state_dir.display(),
+                cfg.vault.data_dir.display()
+            ),
+        });
+    }
+    tracing::info!(holder = ?holder.map(|h| h.instance_id), "the cluster is initialized; its escrow marker is not written yet");
+    Ok(false)
 }
 
 /// Audit device, autopilot, root token revocation (seed article, steps 4-7). Each step is
@@ -452,6 +621,21 @@ pub struct PostInit {
     pub reason: Option<String>,
 }
 
+/// The post-init record, when post-init is done (also for `status`).
+pub async fn post_init_record<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    aws: Duration,
+) -> Result<Option<PostInit>> {
+    let key = post_init_key(layout);
+    let body = retry::retry("read the post-init record", aws, || {
+        s3.get_opt(&layout.bucket, &key)
+    })
+    .await?;
+    // A record that does not parse still says "done": only its warning is lost.
+    Ok(body.map(|b| serde_json::from_slice(&b).unwrap_or_default()))
+}
+
 async fn mark_post_init_done<S: ObjectStore>(
     s3: &S,
     layout: &Layout,
@@ -481,6 +665,28 @@ pub async fn wait_unsealed(local: &VaultClient, bound: Duration) -> Result<Healt
         "unsealed and a raft member",
     )
     .await
+}
+
+/// Waits until this node reports its cluster id (it is unsealed).
+async fn wait_cluster_id(local: &VaultClient, bound: Duration) -> Result<String> {
+    let start = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        if let Some(id) = local.cluster_id().await {
+            return Ok(id);
+        }
+        let delay = backoff.next_delay();
+        if start.elapsed() + delay > bound {
+            return Err(Error::Init {
+                message: format!(
+                    "this node reported no cluster_id in sys/health within {} s: it is not unsealed; the init response stays in the pending file",
+                    bound.as_secs()
+                ),
+                retriable: true,
+            });
+        }
+        tokio::time::sleep(delay).await;
+    }
 }
 
 async fn wait_active(local: &VaultClient, bound: Duration) -> Result<Health> {
@@ -518,4 +724,36 @@ async fn wait_for(
 /// Whether a state dir holds an unfinished escrow (for `status` and tests).
 pub fn has_pending(state_dir: &Path) -> bool {
     pending::path(state_dir).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_terminated_or_unlisted_holder_is_gone() {
+        assert!(is_gone(None));
+        assert!(is_gone(Some("terminated")));
+        // A stopped instance keeps its volume, and on it whatever it initialized.
+        for s in ["pending", "running", "stopping", "stopped", "shutting-down"] {
+            assert!(!is_gone(Some(s)), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_node_of_another_cluster_is_refused_with_exit_81() {
+        assert!(check_cluster_id(Some("a"), Some("a"), "m").is_ok());
+        // Unknown on either side (an old marker, a sealed node): nothing to compare.
+        assert!(check_cluster_id(None, Some("a"), "m").is_ok());
+        assert!(check_cluster_id(Some("a"), None, "m").is_ok());
+        let e = check_cluster_id(Some("b"), Some("a"), "s3://x/marker").unwrap_err();
+        assert_eq!(e.exit_code(), 81);
+        let text = e.to_string();
+        assert!(
+            text.contains("cluster b")
+                && text.contains("records cluster a")
+                && text.contains("s3://x/marker"),
+            "{text}"
+        );
+    }
 }

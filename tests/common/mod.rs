@@ -251,6 +251,21 @@ impl Agent {
         }
     }
 
+    /// Power loss: SIGKILL the agent and the server it started, together, and wait (bounded)
+    /// until both are gone. What systemd sees after a crash of the whole instance.
+    pub fn power_off(&mut self) {
+        self.track_children();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.kill_servers();
+    }
+
+    /// Whether the agent has exited (and with what), without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.track_children();
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGTERM the agent (it forwards to its server), wait up to 15 s, then SIGKILL both.
     pub fn stop(&mut self) {
         self.track_children();
@@ -699,6 +714,19 @@ join_timeout_secs = 120
 
     pub fn spawn_agent_env(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
         self.spawn_agent_stdin(i, args, extra_env, Stdio::null())
+    }
+
+    /// Starts the agent again for instance `i`, as systemd's `Restart=` would, keeping the
+    /// previous run's log as `<log>.<n>` for the failure report.
+    pub fn respawn_agent(&self, i: usize, args: &[&str], extra_env: &[(&str, &str)]) -> Agent {
+        let log = self.node_dir(i).join(log_name(args));
+        if log.exists() {
+            let n = (1..)
+                .find(|n| !log.with_extension(format!("log.{n}")).exists())
+                .unwrap_or(0);
+            let _ = std::fs::rename(&log, log.with_extension(format!("log.{n}")));
+        }
+        self.spawn_agent_env(i, args, extra_env)
     }
 
     /// Starts the agent with `stdin`; stdout piped, stderr to `node-<i>/agent-<args>.log`.
