@@ -241,11 +241,36 @@ pub fn reloader_for(v: &VaultConfig, state_dir: &Path) -> Result<Reloader> {
     }
 }
 
+/// `systemctl kill` option naming the unit's main process as the only one to signal; the
+/// spelling of systemd 252 and later (Debian 12, Amazon Linux 2023).
+pub const KILL_WHOM_MAIN: &str = "--kill-whom=main";
+/// The same option as systemd before 252 spells it (Ubuntu 22.04 has 249); 252 still accepts it.
+pub const KILL_WHO_MAIN: &str = "--kill-who=main";
+
+/// The `systemctl` arguments that send SIGHUP to `unit`'s main process, the server; `whom` is
+/// [`KILL_WHOM_MAIN`] or [`KILL_WHO_MAIN`].
+///
+/// Not `systemctl reload`: that runs the unit's `ExecReload=`, an external program the image
+/// may lack (`/bin/kill` is in procps, which a minimal Debian has not: the reload job failed
+/// 203/EXEC and the agent exited 71 on every restart). systemd carries out `kill` itself. Only
+/// the main process: plugin processes share the unit's cgroup and SIGHUP could end them.
+/// PID 1 authorizes `kill` from root by CAP_KILL (`start`/`reload` by CAP_SYS_ADMIN): the
+/// agent's units grant both.
+pub fn sighup_args<'a>(unit: &'a str, whom: &'static str) -> [&'a str; 4] {
+    ["kill", whom, "--signal=SIGHUP", unit]
+}
+
+/// Whether systemctl refused `--kill-whom` as an unknown option (systemd before 252).
+fn predates_kill_whom(stderr: &str) -> bool {
+    stderr.contains("unrecognized option") && stderr.contains("--kill-whom")
+}
+
 /// How to ask a running server to reload its configuration (SIGHUP): re-reads TLS files
 /// and, on OpenBao, creates the audit devices declared in vault.hcl.
 #[derive(Debug, Clone)]
 pub enum Reloader {
     Pid(u32),
+    /// SIGHUP through systemd ([`sighup_args`]); never `systemctl reload`.
     Unit(String),
     /// The child has exited (tokio no longer knows its PID). Never a PID of 0: kill(0, ..)
     /// would signal the agent's whole process group.
@@ -270,7 +295,13 @@ impl Reloader {
                 command: format!("kill -HUP {pid}"),
                 message: e.to_string(),
             }),
-            Reloader::Unit(unit) => systemctl(&["reload", unit]).await,
+            Reloader::Unit(unit) => match systemctl(&sighup_args(unit, KILL_WHOM_MAIN)).await {
+                Err(Error::Command { message, .. }) if predates_kill_whom(&message) => {
+                    tracing::info!(unit = %unit, "systemctl predates --kill-whom (systemd < 252): sending SIGHUP with --kill-who");
+                    systemctl(&sighup_args(unit, KILL_WHO_MAIN)).await
+                }
+                r => r,
+            },
             Reloader::Gone => Err(Error::ServerExited {
                 status: "it had already exited when asked to reload".into(),
             }),
@@ -404,6 +435,26 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(9)
         );
+    }
+
+    #[test]
+    fn sighup_goes_to_the_main_process_through_systemd() {
+        assert_eq!(
+            sighup_args("vault.service", KILL_WHOM_MAIN),
+            [
+                "kill",
+                "--kill-whom=main",
+                "--signal=SIGHUP",
+                "vault.service"
+            ]
+        );
+        // What systemctl 249 prints for the newer spelling, and what it must not match.
+        assert!(predates_kill_whom(
+            "systemctl: unrecognized option '--kill-whom=main'"
+        ));
+        assert!(!predates_kill_whom(
+            "Failed to kill unit vault.service: Unit vault.service not loaded."
+        ));
     }
 
     #[test]

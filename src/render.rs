@@ -20,8 +20,16 @@ pub struct Input<'a> {
     pub peers: &'a [Peer],
 }
 
-/// An HCL string literal: quotes, backslashes, control characters and template sequences
-/// (`${`, `%{`) escaped, so a path or tag value can never inject configuration.
+/// An HCL string literal: quotes, backslashes and control characters escaped, so a path or
+/// tag value can never inject configuration, and the server reads back exactly `s`.
+///
+/// Vault and OpenBao parse `vault.hcl` with HCL1 (hashicorp/hcl v1), whose rules differ from
+/// HCL2/Terraform's: `$${` is no escape (it stays `$${`), `%{` means nothing (so `%%{` would
+/// stay doubled), and `${ ... }` is copied verbatim up to its matching `}`: escapes inside it
+/// are not decoded, and an unbalanced `${` runs the string to the end of the file ("literal
+/// not terminated"). So a `$` before `{` is written as the escape `\u0024`: the scanner then
+/// never sees `${`, and the unquoting turns it back into `$`. Checked against the real
+/// server in tests/render_server.rs.
 pub fn hcl_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
@@ -33,10 +41,7 @@ pub fn hcl_string(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            '$' | '%' if chars.peek() == Some(&'{') => {
-                out.push(c);
-                out.push(c);
-            }
+            '$' if chars.peek() == Some(&'{') => out.push_str("\\u0024"),
             c if c.is_control() => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
@@ -270,6 +275,25 @@ mod tests {
     }
 
     #[test]
+    fn golden_template_sequences_reach_hcl1_unchanged() {
+        // HCL1 reads `\u0024{` back as `${`; `%{` and a lone `$` are plain text there.
+        let mut c = config(
+            "[vault]\ndata_dir = \"/data/${cluster}/raft\"\ntls_dir = \"/opt/vault/tls-%{x}\"\n\
+             [init]\naudit_file_path = \"/var/log/vault/${unbalanced/audit.log\"\n",
+        );
+        c.tls.server_name = Some("vault-${env}.internal".into());
+        c.seal.endpoint = Some("https://kms.example/$${x}".into());
+        let out = render(&Input {
+            config: &c,
+            flavor: Flavor::Openbao,
+            facts: &facts(),
+            peers: &peers(),
+        });
+        assert!(!out.contains("${"), "{out}");
+        golden("template-sequences.hcl", &out);
+    }
+
+    #[test]
     fn golden_single_node_has_no_retry_join() {
         let c = config("");
         let me: Vec<Peer> = peers().into_iter().filter(|p| p.is_self).collect();
@@ -318,7 +342,11 @@ mod tests {
     #[test]
     fn strings_cannot_inject() {
         assert_eq!(hcl_string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(hcl_string("${x} %{y}"), "\"$${x} %%{y}\"");
+        // HCL1: `$` before `{` as an escape (`$${` would reach the server doubled); `%{`
+        // is plain text there.
+        assert_eq!(hcl_string("${x} %{y}"), r#""\u0024{x} %{y}""#);
+        assert_eq!(hcl_string("a${b"), r#""a\u0024{b""#);
+        assert_eq!(hcl_string("$${x}"), r#""$\u0024{x}""#);
         assert_eq!(hcl_string("a\nb"), "\"a\\nb\"");
         assert_eq!(hcl_string("$5 100%"), "\"$5 100%\"");
     }

@@ -12,6 +12,13 @@
 //! break-glass root token, the operator login token, the snapshot AppRole's secret_id, the
 //! body lines of the server's TLS private key, of the operator's client key and of both CA
 //! keys; and, when the sampler caught the pending init file, the KMS data key sealing it.
+//! Shares and tokens also as the base64 of their text, the form KMS requests and responses
+//! carry them in.
+//!
+//! Every agent runs with the most logging an operator can ask for: `VAULT_BOOTSTRAP_LOG=trace`
+//! and the AWS SDK's own `LOG_SENSITIVE_BODIES`/`LOG_SIGNABLE_BODY`. The SDK then logs whole
+//! KMS requests and responses at trace; without the caps in src/logging.rs this audit finds
+//! every share, the root token, the secret_id and the pending data key in the agents' logs.
 //!
 //! Places searched: every file under the test-bed directory (agent logs, which hold the
 //! servers' output too, the audit log, moto/IMDS logs, `vault.hcl`, TLS and state dirs, the
@@ -43,6 +50,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BLOCK: u8 = 45;
+/// Every agent runs with the most logging an operator can ask for: a secret that reaches a
+/// trace or debug event (the agent's own, or the AWS SDK's and HTTP stack's, which print whole
+/// requests and responses) must still reach no log. `LOG_SENSITIVE_BODIES` and
+/// `LOG_SIGNABLE_BODY` are the SDK's own switches that lift its redaction of KMS bodies (the
+/// `Plaintext` of every escrowed share) in those trace events.
+const TRACE: &[(&str, &str)] = &[
+    ("VAULT_BOOTSTRAP_LOG", "trace"),
+    ("LOG_SENSITIVE_BODIES", "true"),
+    ("LOG_SIGNABLE_BODY", "true"),
+];
 const N: usize = 3;
 const CLUSTER: &str = "test-vault";
 const BUCKET: &str = "vault-resources";
@@ -104,6 +121,28 @@ impl Secrets {
         });
     }
 
+    /// A textual secret as base64 carries it wherever it stands in the encoded bytes: the
+    /// KMS `Plaintext` of an escrowed item (a request or response body the AWS SDK traces)
+    /// is the base64 of the item's text, or of a JSON document holding it. One needle per
+    /// alignment (0, 1 or 2 bytes before it in the encoded run), each only the characters
+    /// the secret's own bytes determine.
+    fn add_base64_of(&mut self, kind: &'static str, label: &str, value: &str) {
+        let e = base64::engine::general_purpose::STANDARD_NO_PAD;
+        for k in 0..3usize {
+            let mut bytes = vec![0u8; k];
+            bytes.extend_from_slice(value.as_bytes());
+            let full = e.encode(&bytes);
+            // Characters before `skip` mix in the k bytes before; past `end`, the bytes after.
+            let skip = [0, 2, 3][k];
+            let end = bytes.len() * 8 / 6;
+            self.add(
+                kind,
+                format!("{label} (base64 of its text, +{k})"),
+                &full[skip..end],
+            );
+        }
+    }
+
     /// A share as escrowed (hex, `recovery_keys`) and as `recovery_keys_base64` has it.
     fn add_share(&mut self, n: usize, hex: &str) {
         assert!(
@@ -135,6 +174,8 @@ impl Secrets {
         );
         let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
         self.add(SHARE, format!("recovery-key-{n} (base64url)"), &url);
+        // The escrowed item is the hex text; KMS carries it base64-encoded.
+        self.add_base64_of(SHARE, &format!("recovery-key-{n}"), &hex.to_lowercase());
     }
 
     /// The base64 body lines of a PEM private key (each a 48-byte slice of the key).
@@ -442,7 +483,8 @@ fn run_cmd(
     token: Option<&str>,
     holders: &mut Vec<u32>,
 ) -> (i32, Vec<u8>, String) {
-    let env: Vec<(&str, &str)> = token.map(|t| ("VAULT_TOKEN", t)).into_iter().collect();
+    let mut env: Vec<(&str, &str)> = token.map(|t| ("VAULT_TOKEN", t)).into_iter().collect();
+    env.extend(TRACE);
     let mut a = tb.spawn_agent_env(i, args, &env);
     if token.is_some() {
         holders.push(a.pid());
@@ -654,6 +696,31 @@ fn audit_processes(
 
 /// The scanner finds what is planted, in files and in a process's argv and environment, in
 /// every encoding it searches: without this the audit below could pass by finding nothing.
+/// The base64-of-text needles match wherever the secret stands in the encoded document (KMS
+/// `Plaintext` of a bare item, or of a JSON document holding it), and nothing else.
+#[test]
+fn base64_of_a_secret_is_found_at_any_alignment() {
+    let token = "s.PlantedTokenNotARealOne1234";
+    let mut s = Secrets::default();
+    s.add_base64_of(ROOT, "planted token", token);
+    let sc = Scanner::new(&s);
+    let e = base64::engine::general_purpose::STANDARD;
+    for before in ["", "x", "xy", "{\"secret_id\":\"", "{\"k\":\""] {
+        for after in ["", "\"}", "!"] {
+            let doc = e.encode(format!("{before}{token}{after}"));
+            let hay = format!(
+                "body: SdkBody {{ inner: Once(Some(b\"{{\\\"Plaintext\\\":\\\"{doc}\\\"}}\")) }}"
+            );
+            assert!(
+                !sc.scan(hay.as_bytes()).is_empty(),
+                "{before:?} + token + {after:?} not found in {hay}"
+            );
+        }
+    }
+    let other = e.encode("s.AnotherTokenNotARealOne12");
+    assert!(sc.scan(other.as_bytes()).is_empty());
+}
+
 #[test]
 fn the_scanner_finds_planted_secrets() {
     let share = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9011";
@@ -730,10 +797,11 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     tb.put_object("tls/operator-ca.pem", operators.pem.as_bytes())
         .await;
     let mut sampler = Sampler::start(tb.path().to_path_buf(), "boot");
-    let mut agents = boot_all(
+    let mut agents = boot_all_env(
         &tb,
         N,
         "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n",
+        TRACE,
     );
     // Read from now on; what the boots wrote so far waits in the pipes (a boot blocked on a
     // full pipe would not have reported ready).
@@ -755,13 +823,12 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     }
     let root = tb.escrowed(CLUSTER, "root-token").await;
     secrets.add(ROOT, "initial root token", root.trim());
+    secrets.add_base64_of(ROOT, "initial root token", root.trim());
     let approle: serde_json::Value =
         serde_json::from_str(&tb.escrowed(CLUSTER, "snapshot-approle").await).unwrap();
-    secrets.add(
-        SECRET_ID,
-        "snapshot AppRole secret_id",
-        approle["secret_id"].as_str().expect("secret_id"),
-    );
+    let secret_id = approle["secret_id"].as_str().expect("secret_id");
+    secrets.add(SECRET_ID, "snapshot AppRole secret_id", secret_id);
+    secrets.add_base64_of(SECRET_ID, "snapshot AppRole secret_id", secret_id);
 
     let (code, out, err) = run_cmd(&tb, 1, &["escrow", "verify"], None, &mut holders);
     let text = String::from_utf8_lossy(&out);
@@ -777,6 +844,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     assert_eq!(code, 200, "operator cert login");
     let op_token = op_token.expect("client token");
     secrets.add(OPERATOR_TOKEN, "operator cert-login token", &op_token);
+    secrets.add_base64_of(OPERATOR_TOKEN, "operator cert-login token", &op_token);
 
     // Break-glass from the escrow: a root token printed once, on stdout only.
     sampler.phase("break-glass");
@@ -791,6 +859,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let bg = String::from_utf8(out).unwrap().trim().to_owned();
     assert!(!bg.is_empty() && !bg.contains('\n'), "one token on stdout");
     secrets.add(BREAK_GLASS, "break-glass root token", &bg);
+    secrets.add_base64_of(BREAK_GLASS, "break-glass root token", &bg);
 
     // Rejoin: the cluster forgets a standby, which comes back with the operator token. (A
     // standby, not the leader: this test is about what the rejoin leaks, not about a removed
@@ -809,7 +878,11 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let me = tb.instances[r].id.clone();
     forget(&tb, leader, &bg, &me).await;
     sampler.phase("rejoin");
-    let mut rejoin = tb.spawn_agent_env(r, &["rejoin"], &[("VAULT_TOKEN", bg.as_str())]);
+    let mut rejoin = tb.spawn_agent_env(
+        r,
+        &["rejoin"],
+        &[&[("VAULT_TOKEN", bg.as_str())], TRACE].concat(),
+    );
     holders.push(rejoin.pid());
     let rejoin_out = Drain::of(&mut rejoin);
     let t0 = Instant::now();

@@ -893,6 +893,16 @@ pub fn form(block: u8, n: usize, extra_toml: &str) -> (Testbed, Vec<Agent>) {
 /// Writes the config of nodes `0..n` with `extra_toml`, starts their `n` agents together
 /// (`boot`) and waits (bounded) until each reports its node ready.
 pub fn boot_all(tb: &Testbed, n: usize, extra_toml: &str) -> Vec<Agent> {
+    boot_all_env(tb, n, extra_toml, &[])
+}
+
+/// [`boot_all`] with `extra_env` added to each agent's environment (e.g. a log filter).
+pub fn boot_all_env(
+    tb: &Testbed,
+    n: usize,
+    extra_toml: &str,
+    extra_env: &[(&str, &str)],
+) -> Vec<Agent> {
     for i in 0..n {
         tb.write_config(
             i,
@@ -902,7 +912,9 @@ pub fn boot_all(tb: &Testbed, n: usize, extra_toml: &str) -> Vec<Agent> {
             },
         );
     }
-    let mut agents: Vec<Agent> = (0..n).map(|i| tb.spawn_agent(i, &["boot"])).collect();
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| tb.spawn_agent_env(i, &["boot"], extra_env))
+        .collect();
     for a in agents.iter_mut() {
         a.wait_log("node ready", Duration::from_secs(180));
     }
