@@ -529,7 +529,9 @@ mod tests {
         for s in [500, 502, 503, 429] {
             assert!(transient(&answer(s)), "{s}");
         }
-        assert!(transient(&Err(Error::Internal("connection refused".into()))));
+        assert!(transient(&Err(Error::Internal(
+            "connection refused".into()
+        ))));
         // Answers that mean it: done, bad request (wrong key), forbidden, not found.
         for s in [200, 204, 400, 403, 404] {
             assert!(!transient(&answer(s)), "{s}");

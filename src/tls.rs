@@ -527,7 +527,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (old, new) = (ca(), ca());
         // Nothing on disk yet (first boot): the fetched CA alone.
-        assert_eq!(trust_anchors(d.path(), new.pem.as_bytes()), new.pem.as_bytes());
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
         std::fs::write(d.path().join(CA_FILE), &old.pem).unwrap();
         let both = trust_anchors(d.path(), new.pem.as_bytes());
         assert_eq!(CertificateDer::pem_slice_iter(&both).count(), 2);
@@ -539,10 +542,16 @@ mod tests {
         }
         // Rotation finished (the file is the new CA): the fetched CA alone again.
         std::fs::write(d.path().join(CA_FILE), &new.pem).unwrap();
-        assert_eq!(trust_anchors(d.path(), new.pem.as_bytes()), new.pem.as_bytes());
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
         // A file that is not PEM adds nothing.
         std::fs::write(d.path().join(CA_FILE), "garbage").unwrap();
-        assert_eq!(trust_anchors(d.path(), new.pem.as_bytes()), new.pem.as_bytes());
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
     }
 
     #[test]

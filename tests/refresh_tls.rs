@@ -184,7 +184,7 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
     );
 
     let mut restarted = Vec::new();
-    for i in 0..3 {
+    for (i, agent) in agents.iter_mut().enumerate() {
         tb.write_config(
             i,
             &NodeOpts {
@@ -212,7 +212,7 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
             "node {i} holds the new CA"
         );
         // The restart refresh-tls asked systemd for.
-        agents[i].stop();
+        agent.stop();
         restarted.push(start_server(&tb, i));
         let ip = tb.instances[i].ip.clone();
         poll(

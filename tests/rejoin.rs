@@ -193,7 +193,13 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
 fn terminate(tb: &Testbed, i: usize) {
     let out = std::process::Command::new(python())
         .arg(testbed_script("seed.py"))
-        .args(["terminate", "--moto", &tb.moto_url, "--id", &tb.instances[i].id])
+        .args([
+            "terminate",
+            "--moto",
+            &tb.moto_url,
+            "--id",
+            &tb.instances[i].id,
+        ])
         .output()
         .expect("seed.py terminate");
     assert!(

@@ -267,13 +267,17 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
 
 /// The secret `secret/probe` as the active node (of `n`) serves it, once one answers.
 async fn probe(tb: &Testbed, n: usize, root: &str) -> String {
-    poll("secret/probe readable", Duration::from_secs(60), || async move {
-        let a = roles(tb, n).await.0?;
-        match tb.api(a).get("secret/probe", Some(root)).await {
-            Some((200, b)) => b["data"]["value"].as_str().map(str::to_owned),
-            _ => None,
-        }
-    })
+    poll(
+        "secret/probe readable",
+        Duration::from_secs(60),
+        || async move {
+            let a = roles(tb, n).await.0?;
+            match tb.api(a).get("secret/probe", Some(root)).await {
+                Some((200, b)) => b["data"]["value"].as_str().map(str::to_owned),
+                _ => None,
+            }
+        },
+    )
     .await
 }
 
@@ -370,8 +374,12 @@ async fn restore_takes_this_clusters_snapshots_and_forces_only_when_asked() {
     eprintln!("MEASURED foreign refusal: {} ms", t.elapsed().as_millis());
 
     // 2. This cluster's snapshot, default: the checked endpoint, which this token may use.
-    let (code, out, err) =
-        tb.run_agent_env(1, &["snapshot", "restore", "--from", &url, "--yes"], &env, RUN);
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["snapshot", "restore", "--from", &url, "--yes"],
+        &env,
+        RUN,
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(probe(&tb, n, &root).await, "before-snapshot");
 
@@ -392,7 +400,14 @@ async fn restore_takes_this_clusters_snapshots_and_forces_only_when_asked() {
     delete_probe(&tb, n, &root).await;
     let (code, out, err) = tb.run_agent_env(
         1,
-        &["snapshot", "restore", "--from", &foreign, "--yes", "--foreign"],
+        &[
+            "snapshot",
+            "restore",
+            "--from",
+            &foreign,
+            "--yes",
+            "--foreign",
+        ],
         &env,
         RUN,
     );

@@ -352,9 +352,7 @@ fn classify(seen: &Seen, me: &str) -> Membership {
     );
     if let Some(servers) = &seen.raft {
         if !servers.iter().any(|s| s.node_id == me) {
-            return Membership::Unknown(
-                "not in the cluster's raft configuration (removed)".into(),
-            );
+            return Membership::Unknown("not in the cluster's raft configuration (removed)".into());
         }
         return match health {
             None => Membership::Down,
@@ -539,9 +537,17 @@ mod tests {
     fn quorum_counts_raft_voters_dead_ones_included() {
         // Four voters, one of them on a terminated instance EC2 no longer lists: with this
         // node restarting only two would serve, and a quorum of four is three.
-        let four = servers(&[("i-a", true), ("i-b", true), ("i-dead", true), ("i-me", true)]);
+        let four = servers(&[
+            ("i-a", true),
+            ("i-b", true),
+            ("i-dead", true),
+            ("i-me", true),
+        ]);
         let why = quorum_refusal(&four, "i-me", &["i-a", "i-b"]).expect("refused");
-        assert!(why.contains("4 voter(s)") && why.contains("i-dead"), "{why}");
+        assert!(
+            why.contains("4 voter(s)") && why.contains("i-dead"),
+            "{why}"
+        );
         assert_eq!(
             quorum_refusal(&four, "i-me", &["i-a", "i-b", "i-dead"]),
             None
