@@ -12,6 +12,7 @@ use crate::vault_api::VaultClient;
 use base64::Engine;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 /// The admin policy: cluster administration without `root`.
 pub const ADMIN_POLICY: &str = r#"# vault-bootstrap: operators' policy. Administration of the cluster without root.
@@ -282,49 +283,123 @@ pub fn decode_root_token(encoded: &str, otp: &str) -> Option<Secret> {
     String::from_utf8(token).ok().map(Secret::new)
 }
 
+/// How long `break-glass` waits out answers that mean "not now": a standby that does not know
+/// the active node yet (HTTP 500 "active cluster node not found" right after a leader
+/// change), a forward to an active node that just went away, a server still unsealing, rate
+/// limiting (429). A raft election settles in seconds; 60 s also covers a node of the
+/// cluster restarting meanwhile, and is still short for an operator at a terminal.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(60);
+
+/// Whether an answer (or no answer) of the cluster may change by itself shortly.
+fn transient(r: &Result<(u16, Value)>) -> bool {
+    match r {
+        Ok((s, _)) => *s == 429 || *s >= 500,
+        Err(_) => true,
+    }
+}
+
+/// One unauthenticated call, repeated (with backoff) while its answer is [`transient`] and
+/// `bound` allows; returns the last answer. Only the server's `errors` are logged: a
+/// generate-root answer carries the OTP and the encoded token.
+async fn call_settled(
+    local: &VaultClient,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    bound: Duration,
+) -> Result<(u16, Value)> {
+    let start = Instant::now();
+    // Elections take a second or two: poll fast first, then at most every 4 s.
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
+    loop {
+        let r = local.call(method.clone(), path, None, body.clone()).await;
+        let delay = backoff.next_delay();
+        if !transient(&r) || start.elapsed() + delay > bound {
+            return r;
+        }
+        let answer = match &r {
+            Ok((s, b)) => format!("HTTP {s} {}", b["errors"]),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            call = %format!("{method} {path}"),
+            retry_in_ms = delay.as_millis() as u64,
+            waited_secs = start.elapsed().as_secs(),
+            "the cluster is not ready for this yet (a leader change?), waiting: {answer}"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Runs a whole generate-root with `shares` (unauthenticated endpoints); returns the new root
-/// token. Fails, naming the progress, when the shares do not reach the threshold.
-pub async fn generate_root(local: &VaultClient, shares: &[Secret]) -> Result<Secret> {
+/// token. Fails, naming the progress, when the shares do not reach the threshold. Transient
+/// answers (no active node yet, 5xx, 429) are waited out for up to `settle` per call.
+pub async fn generate_root(
+    local: &VaultClient,
+    shares: &[Secret],
+    settle: Duration,
+) -> Result<Secret> {
     let fail = |message: String| Error::Init {
         message,
         retriable: false,
     };
+    // An answer still transient after `settle`: say so, and let a later run try again (75).
+    let refused = |call: &str, s: u16, body: &Value, hint: &str| {
+        let retriable = s == 429 || s >= 500;
+        let hint = if retriable {
+            format!(
+                "; still so after waiting {} s: does the cluster have an active node? Run break-glass again once it has",
+                settle.as_secs()
+            )
+        } else {
+            hint.to_owned()
+        };
+        Error::Init {
+            message: format!("{call} answered HTTP {s}: {}{hint}", body["errors"]),
+            retriable,
+        }
+    };
     // A stale attempt (someone else's, or an interrupted one) would swallow our shares.
-    let _ = local
-        .call(Method::DELETE, "sys/generate-root/attempt", None, None)
-        .await;
-    let (s, att) = local
-        .call(
-            Method::PUT,
-            "sys/generate-root/attempt",
-            None,
-            Some(json!({})),
-        )
-        .await?;
+    let _ = call_settled(
+        local,
+        Method::DELETE,
+        "sys/generate-root/attempt",
+        None,
+        settle,
+    )
+    .await;
+    let (s, att) = call_settled(
+        local,
+        Method::PUT,
+        "sys/generate-root/attempt",
+        Some(json!({})),
+        settle,
+    )
+    .await?;
     if s != 200 {
-        return Err(fail(format!(
-            "sys/generate-root/attempt answered HTTP {s}: {} (on OpenBao the listener needs disable_unauthed_generate_root_endpoints = false, which boot renders)",
-            att["errors"]
-        )));
+        return Err(refused(
+            "sys/generate-root/attempt",
+            s,
+            &att,
+            " (on OpenBao the listener needs disable_unauthed_generate_root_endpoints = false, which boot renders)",
+        ));
     }
     let nonce = att["nonce"].as_str().unwrap_or_default().to_string();
     let otp = Secret::new(att["otp"].as_str().unwrap_or_default());
     let required = att["required"].as_u64().unwrap_or(0);
     let mut last = Value::Null;
     for share in shares {
-        let (s, body) = local
-            .call(
-                Method::PUT,
-                "sys/generate-root/update",
-                None,
-                Some(json!({"key": share.expose(), "nonce": nonce})),
-            )
-            .await?;
+        let (s, body) = call_settled(
+            local,
+            Method::PUT,
+            "sys/generate-root/update",
+            Some(json!({"key": share.expose(), "nonce": nonce})),
+            settle,
+        )
+        .await?;
         if s != 200 {
-            return Err(fail(format!(
-                "sys/generate-root/update answered HTTP {s}: {}",
-                body["errors"]
-            )));
+            return Err(refused("sys/generate-root/update", s, &body, ""));
         }
         last = body;
         if last["complete"].as_bool() == Some(true) {
@@ -445,6 +520,22 @@ mod tests {
     fn the_admin_policy_is_not_root() {
         assert!(!ADMIN_POLICY.contains("\"root\""));
         assert!(ADMIN_POLICY.contains("path \"sys/*\""));
+    }
+
+    #[test]
+    fn answers_that_change_by_themselves_are_waited_out() {
+        let answer = |s: u16| Ok((s, Value::Null));
+        // No active node yet (standby after a leader change), sealed, rate limited, no answer.
+        for s in [500, 502, 503, 429] {
+            assert!(transient(&answer(s)), "{s}");
+        }
+        assert!(transient(&Err(Error::Internal(
+            "connection refused".into()
+        ))));
+        // Answers that mean it: done, bad request (wrong key), forbidden, not found.
+        for s in [200, 204, 400, 403, 404] {
+            assert!(!transient(&answer(s)), "{s}");
+        }
     }
 
     #[test]

@@ -177,6 +177,12 @@ pub fn dir(prefix: &str, cluster: &str) -> String {
     format!("{}/{cluster}/", prefix.trim_matches('/'))
 }
 
+/// Whether `s3://bucket/key` lies under `cluster`'s snapshot prefix in `ours` (the
+/// configured snapshot bucket): what `snapshot restore` accepts without `--foreign`.
+pub fn is_ours(ours: &str, prefix: &str, cluster: &str, bucket: &str, key: &str) -> bool {
+    bucket == ours && key.starts_with(&dir(prefix, cluster))
+}
+
 /// `yyyymmddThhmmssZ` of a Unix time (UTC).
 pub fn utc_stamp(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
@@ -442,8 +448,10 @@ pub async fn take(
     })
 }
 
-/// Downloads `s3://bucket/key`, checks it against its sha256 metadata, and force-restores
-/// it into the cluster through `active` with the operator's `token`.
+/// Downloads `s3://bucket/key`, checks it against its sha256 metadata, and restores it into
+/// the cluster through `active` with the operator's `token`: through
+/// `sys/storage/raft/snapshot`, where the server refuses a snapshot sealed by another seal,
+/// or with `force` through `sys/storage/raft/snapshot-force`, which skips that check.
 pub async fn restore(
     cfg: &Config,
     bucket: &str,
@@ -451,6 +459,7 @@ pub async fn restore(
     active: &VaultClient,
     token: &Secret,
     s3: &SdkS3,
+    force: bool,
 ) -> Result<u64> {
     let url = format!("s3://{bucket}/{key}");
     let state_dir = &cfg.agent.state_dir;
@@ -494,25 +503,37 @@ pub async fn restore(
     tracing::info!(url = %url, size, sha256 = %sha256, "snapshot downloaded and verified; restoring");
     let body = std::fs::read(tmp.path()).map_err(|e| Error::write(tmp.path(), e.to_string()))?;
     drop(tmp);
+    let path = if force {
+        "sys/storage/raft/snapshot-force"
+    } else {
+        "sys/storage/raft/snapshot"
+    };
     let (status, resp) = active
         .post_bytes(
-            "sys/storage/raft/snapshot-force",
+            path,
             token,
             body,
             Duration::from_secs(cfg.snapshot.timeout_secs),
         )
         .await?;
     if !(200..300).contains(&status) {
+        // 400 on the checked path: the server could not verify the snapshot with this
+        // cluster's seal (another cluster's KMS key, or a corrupt file).
+        let hint = match (status, force) {
+            (400, false) => "; the server refused the snapshot, e.g. because it was sealed by another seal: such a snapshot cannot be restored here. --force skips that check, but the snapshot's seal must still be this cluster's or the cluster cannot decrypt its data afterwards",
+            (403, _) => "; VAULT_TOKEN may not do this (its policy needs update on this path)",
+            _ => "",
+        };
         return Err(Error::Snapshot {
             message: format!(
-                "POST sys/storage/raft/snapshot-force at {} answered HTTP {status}: {}",
+                "POST {path} at {} answered HTTP {status}: {}{hint}; nothing was restored",
                 active.base(),
                 resp["errors"]
             ),
-            exit: if status == 403 {
-                exit::NOPERM
-            } else {
-                exit::UNAVAILABLE
+            exit: match status {
+                403 => exit::NOPERM,
+                400 => exit::DATAERR,
+                _ => exit::UNAVAILABLE,
             },
         });
     }
@@ -567,6 +588,17 @@ mod tests {
         assert_eq!(crate::aws::s3::parse_url("s3://b/"), None);
         assert_eq!(crate::aws::s3::parse_url("https://b/k"), None);
         assert_eq!(crate::aws::s3::parse_url("s3:///k"), None);
+    }
+
+    #[test]
+    fn only_this_clusters_prefix_is_ours() {
+        let key = object_key("snaps", "prod", 1_700_000_000);
+        assert!(is_ours("b", "snaps", "prod", "b", &key));
+        assert!(is_ours("b", "/snaps/", "prod", "b", &key));
+        assert!(!is_ours("b", "snaps", "prod", "other-bucket", &key));
+        let other = object_key("snaps", "prod-2", 1_700_000_000);
+        assert!(!is_ours("b", "snaps", "prod", "b", &other), "{other}");
+        assert!(!is_ours("b", "snaps", "prod", "b", "elsewhere/prod/x.snap"));
     }
 
     #[test]

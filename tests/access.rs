@@ -1,6 +1,7 @@
 //! Never locked out: after a full boot with revocation, operators log in with a client
 //! certificate signed by the operator CA (and nothing else does), and threshold-many
-//! escrowed recovery keys produce a working root token through `break-glass` with no token.
+//! escrowed recovery keys produce a working root token through `break-glass` with no token,
+//! also on a standby that has no active node to forward to for a while.
 
 mod common;
 use common::*;
@@ -105,6 +106,51 @@ async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token()
         .await;
 
     for a in agents.iter_mut() {
+        a.stop();
+    }
+}
+
+/// `break-glass` on a standby is forwarded to the active node. Right after a leader change
+/// there is none for a moment, and the calls answer HTTP 500 ("active cluster node not
+/// found") or not at all. Here the window is made long: the two other servers are down when
+/// break-glass starts and come back (as systemd would restart them) only once it has met
+/// such an answer. It waits them out, bounded, and its root token works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_on_a_standby_waits_out_a_missing_active_node() {
+    let (tb, mut agents) = form(75, 3, "");
+    let a = active(&tb, 3).await;
+    let standby = (a + 1) % 3;
+    let others: Vec<usize> = (0..3).filter(|i| *i != standby).collect();
+    for &i in &others {
+        agents[i].kill_servers();
+    }
+    let mut bg = tb.spawn_agent(standby, &["break-glass", "--from-escrow", "--yes"]);
+    let out = Drain::of(&mut bg);
+    bg.wait_log("not ready for this yet", Duration::from_secs(60));
+    let mut back: Vec<Agent> = others
+        .iter()
+        .map(|&i| tb.spawn_agent(i, &["boot"]))
+        .collect();
+    let status = bg.wait_exit(Duration::from_secs(120));
+    let log = bg.stderr();
+    assert!(status.success(), "{status}: {log}");
+    for l in log.lines().filter(|l| l.contains("not ready for this yet")) {
+        eprintln!("break-glass waited: {l}");
+    }
+    let token = String::from_utf8_lossy(&out.get("break-glass"))
+        .trim()
+        .to_string();
+    assert!(!token.is_empty(), "{log}");
+    assert!(!log.contains(&token), "the token must not be logged");
+    let api = tb.api(standby);
+    let (code, body) = api
+        .get("auth/token/lookup-self", Some(&token))
+        .await
+        .expect("lookup-self");
+    assert_eq!(code, 200, "{body}");
+    api.put_ok("auth/token/revoke-self", &token, serde_json::json!({}))
+        .await;
+    for a in back.iter_mut().chain(agents.iter_mut()) {
         a.stop();
     }
 }

@@ -264,3 +264,156 @@ async fn snapshot_restore_follower_down_s3_down_and_keep() {
         a.stop();
     }
 }
+
+/// The secret `secret/probe` as the active node (of `n`) serves it, once one answers.
+async fn probe(tb: &Testbed, n: usize, root: &str) -> String {
+    poll(
+        "secret/probe readable",
+        Duration::from_secs(60),
+        || async move {
+            let a = roles(tb, n).await.0?;
+            match tb.api(a).get("secret/probe", Some(root)).await {
+                Some((200, b)) => b["data"]["value"].as_str().map(str::to_owned),
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Deletes `secret/probe` through the active node (of `n`).
+async fn delete_probe(tb: &Testbed, n: usize, root: &str) {
+    let api = tb.api(active(tb, n).await);
+    let r = api
+        .http
+        .delete(format!("{}/v1/secret/probe", api.base))
+        .header("X-Vault-Token", root)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+/// `snapshot restore` guards: a URL outside this cluster's prefix is refused before anything
+/// is read unless `--foreign`; by default the restore goes through `sys/storage/raft/snapshot`
+/// (the server checks the snapshot's seal), so a token that may not force-restore suffices;
+/// `--force` asks for `snapshot-force`, warning that the snapshot's seal must be this
+/// cluster's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_takes_this_clusters_snapshots_and_forces_only_when_asked() {
+    let n = 3;
+    let (tb, mut agents) = form(73, n, "[init]\nrevoke_root_token = false\n");
+    let root = tb.escrowed(CLUSTER, "root-token").await;
+    let api = tb.api(active(&tb, n).await);
+    api.put_ok(
+        "sys/mounts/secret",
+        &root,
+        serde_json::json!({"type": "kv"}),
+    )
+    .await;
+    api.put_ok(
+        "secret/probe",
+        &root,
+        serde_json::json!({"value": "before-snapshot"}),
+    )
+    .await;
+    // An operator who may restore but not force-restore (no rights on snapshot-force).
+    // Created before the snapshot, so that restoring it keeps the token valid.
+    api.put_ok(
+        "sys/policies/acl/restorer",
+        &root,
+        serde_json::json!({"policy": "path \"sys/storage/raft/snapshot\" {\n  capabilities = [\"update\", \"sudo\"]\n}\n"}),
+    )
+    .await;
+    let created = api
+        .put_ok(
+            "auth/token/create",
+            &root,
+            serde_json::json!({"policies": ["restorer"], "ttl": "30m"}),
+        )
+        .await;
+    let restorer = created["auth"]["client_token"]
+        .as_str()
+        .expect("client_token")
+        .to_owned();
+    let env = [("VAULT_TOKEN", restorer.as_str())];
+
+    let (code, out, err) = tb.run_agent_env(0, &["snapshot"], &[], RUN);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let keys = snaps(&tb).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let url = format!("s3://vault-resources/{}", keys[0]);
+    // The same bytes (and sha256 metadata) under another cluster's prefix.
+    let foreign_key = "vault-bootstrap-snapshots/other-cluster/other-cluster-20260101T000000Z.snap";
+    aws_sdk_s3::Client::new(&tb.sdk().await)
+        .copy_object()
+        .copy_source(format!("vault-resources/{}", keys[0]))
+        .bucket("vault-resources")
+        .key(foreign_key)
+        .send()
+        .await
+        .expect("CopyObject");
+    let foreign = format!("s3://vault-resources/{foreign_key}");
+    delete_probe(&tb, n, &root).await;
+
+    // 1. Another cluster's prefix: refused before anything is read.
+    let t = Instant::now();
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["snapshot", "restore", "--from", &foreign, "--yes"],
+        &env,
+        RUN,
+    );
+    assert_eq!(code, 64, "{out}\n{err}");
+    assert!(
+        err.contains("--foreign") && err.contains(&format!("s3://vault-resources/{PREFIX}")),
+        "{err}"
+    );
+    assert!(!err.contains("downloaded"), "nothing read: {err}");
+    assert!(temp_files(&tb, 1).is_empty());
+    eprintln!("MEASURED foreign refusal: {} ms", t.elapsed().as_millis());
+
+    // 2. This cluster's snapshot, default: the checked endpoint, which this token may use.
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["snapshot", "restore", "--from", &url, "--yes"],
+        &env,
+        RUN,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(probe(&tb, n, &root).await, "before-snapshot");
+
+    // 3. --force: snapshot-force, with the seal warning; this token may not.
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &["snapshot", "restore", "--from", &url, "--yes", "--force"],
+        &env,
+        RUN,
+    );
+    assert_eq!(code, 77, "{out}\n{err}");
+    assert!(
+        err.contains("snapshot-force") && err.contains("seal must be this cluster's"),
+        "{err}"
+    );
+
+    // 4. --foreign: the other prefix is accepted (and restored, checked).
+    delete_probe(&tb, n, &root).await;
+    let (code, out, err) = tb.run_agent_env(
+        1,
+        &[
+            "snapshot",
+            "restore",
+            "--from",
+            &foreign,
+            "--yes",
+            "--foreign",
+        ],
+        &env,
+        RUN,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(probe(&tb, n, &root).await, "before-snapshot");
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}

@@ -1,6 +1,7 @@
 //! `vault-bootstrap snapshot` (run hourly by its timer) and `snapshot restore --from s3://...
-//! --yes` (an operator's act). The work is in [`crate::snapshot`]; this file finds the
-//! nodes, the credentials and the buckets.
+//! --yes [--foreign] [--force]` (an operator's act). The work is in [`crate::snapshot`]; this
+//! file finds the nodes, the credentials and the buckets, and guards the restore: only this
+//! cluster's snapshots unless `--foreign`, the server's seal check unless `--force`.
 
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
@@ -88,15 +89,26 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// The operator's choices for `snapshot restore`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restore {
+    /// Replacing the cluster's data is meant (required).
+    pub yes: bool,
+    /// A snapshot outside this cluster's prefix is meant.
+    pub foreign: bool,
+    /// Skip the server's seal check (`snapshot-force`).
+    pub force: bool,
+}
+
 /// Restores `from` into the cluster with the operator's `VAULT_TOKEN`.
-pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
+pub async fn restore(cfg: &Config, from: &str, how: Restore) -> Result<i32> {
     let usage = |message: String| Error::Snapshot {
         message,
         exit: exit::USAGE,
     };
-    if !yes {
+    if !how.yes {
         return Err(usage(format!(
-            "restoring {from} replaces ALL of the cluster's data with the snapshot's (force restore); pass --yes if you mean it"
+            "restoring {from} replaces ALL of the cluster's data with the snapshot's; pass --yes if you mean it"
         )));
     }
     let Some((bucket, key)) = crate::aws::s3::parse_url(from) else {
@@ -111,6 +123,22 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
         )),
     };
     let id = node::identity(cfg).await?;
+    // A URL pasted from another cluster's listing (or a typo in the cluster name) would
+    // replace this cluster's data with someone else's: only this cluster's prefix, unless
+    // the operator says so. Checked before anything is downloaded.
+    let (prefix, ours) = (&cfg.snapshot.prefix, cfg.snapshot_bucket());
+    if !how.foreign && !snapshot::is_ours(ours, prefix, &id.tag_value, &bucket, &key) {
+        return Err(usage(format!(
+            "{from} is not one of this cluster's snapshots (those are under s3://{ours}/{}); restoring it replaces this cluster's data with another's. Pass --foreign if you mean it; nothing was restored",
+            snapshot::dir(prefix, &id.tag_value)
+        )));
+    }
+    if how.force {
+        tracing::warn!(
+            from = %from,
+            "--force: restoring through sys/storage/raft/snapshot-force, which skips the server's check that the snapshot was sealed by this cluster's seal. The snapshot's seal must be this cluster's (the same KMS key): if it is not, the cluster cannot decrypt its data after the restore"
+        );
+    }
     let ca = cluster_ca(cfg)?;
     let local = boot::local_client(cfg, &id.facts, &ca)?;
     let (n, clients) = nodes(cfg, id, &ca, local).await?;
@@ -122,9 +150,10 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
         active,
         &token,
         &SdkS3::for_streams(&n.sdk),
+        how.force,
     )
     .await?;
-    tracing::warn!(from = %from, size, via = %active.base(), "cluster restored from the snapshot");
+    tracing::warn!(from = %from, size, via = %active.base(), force = how.force, "cluster restored from the snapshot");
     let _ = writeln!(std::io::stdout(), "restored {from} ({size} bytes)");
     Ok(exit::OK)
 }

@@ -16,7 +16,9 @@ Sub-commands:
                 DIR/server.pem, DIR/server.key and prints the path of env.json.
   tls           Re-upload the TLS objects as a (deliberately bad) variant for negative
                 tests, signed with DIR/ca.key: good, expired, notyet, mismatch, wrong-ca,
-                san, malformed-cert, malformed-key, missing-key.
+                san, malformed-cert, malformed-key, missing-key.  new-ca rotates the CA:
+                a new CA and a server certificate it signed are uploaded, DIR/ca.pem and
+                DIR/ca.key become the new CA's, the old CA is kept as DIR/ca-old.pem.
   add-instance  Run one more instance (same tags) at a given IP; prints its id.
   terminate     Terminate one instance; prints its id and new state.
 
@@ -51,7 +53,7 @@ MALFORMED_CERT = "-----BEGIN CERTIFICATE-----\nnot base64!!\n-----END CERTIFICAT
 MALFORMED_KEY = "-----BEGIN PRIVATE KEY-----\nthis is !! not a key ~~ garbage\n-----END PRIVATE KEY-----\n"
 VARIANTS = (
     "good", "expired", "notyet", "mismatch", "wrong-ca", "san",
-    "malformed-cert", "malformed-key", "missing-key",
+    "malformed-cert", "malformed-key", "missing-key", "new-ca",
 )
 
 
@@ -426,6 +428,18 @@ def cmd_tls(args: argparse.Namespace) -> int:
     server_key: bytes | None = key_pem(srv_key)
 
     if v == "good":
+        write_file(d / "server.pem", server_pem)
+        write_file(d / "server.key", server_key, 0o600)
+    elif v == "new-ca":
+        # A CA rotation: everything is the new CA's; the old one stays beside it for
+        # clients that must trust both while the nodes refresh one by one.
+        new_ca_key, new_ca_cert = make_ca(kind, "vault-bootstrap test CA (rotated)")
+        srv_key, srv_cert = good_server(new_ca_key, new_ca_cert, kind, block, server_name)
+        server_pem, server_key = cert_pem(srv_cert), key_pem(srv_key)
+        write_file(d / "ca-old.pem", ca_pem)
+        ca_pem = cert_pem(new_ca_cert)
+        write_file(d / "ca.pem", ca_pem)
+        write_file(d / "ca.key", key_pem(new_ca_key), 0o600)
         write_file(d / "server.pem", server_pem)
         write_file(d / "server.key", server_key, 0o600)
     elif v in ("expired", "notyet"):
