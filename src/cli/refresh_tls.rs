@@ -7,7 +7,7 @@
 //! old and the new CA together: during a rotation both are served (see
 //! [`tls::trust_anchors`]).
 
-use crate::cli::boot::vault_owner;
+use crate::boot::vault_owner;
 use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
 use crate::vault_api::Health;
@@ -17,7 +17,7 @@ use std::time::SystemTime;
 pub async fn run(cfg: &Config) -> Result<i32> {
     let owner = vault_owner(cfg)?;
     let id = node::identity(cfg).await?;
-    let (m, checked) = crate::cli::boot::fetch_tls(cfg, &id.sdk, id.facts.local_ipv4).await?;
+    let (m, checked) = crate::boot::fetch_tls(cfg, &id.sdk, id.facts.local_ipv4).await?;
 
     // Compared and written under the node lock: a boot or rejoin may be rewriting them.
     let _lock = crate::node_lock::acquire(
@@ -49,7 +49,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         let ca = tls::trust_anchors(&cfg.vault.tls_dir, &m.ca_pem);
         let mut down = Vec::new();
         for p in n.peers.iter().filter(|p| !p.is_self) {
-            let c = crate::cli::boot::peer_client(cfg, &ca, p.ip)?;
+            let c = crate::boot::peer_client(cfg, &ca, p.ip)?;
             if !matches!(
                 c.health().await,
                 Ok(Health::Active | Health::Standby | Health::PerfStandby)

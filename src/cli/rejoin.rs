@@ -15,8 +15,8 @@
 //! terminated instance that raft still counts); without, against the instances EC2 lists.
 //! `--dry-run` prints the plan and changes nothing.
 
-use crate::cli::boot::{self, Ready};
-use crate::config::{Config, LauncherKind};
+use crate::boot::{self, Ready};
+use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::launcher::{self, Reloader};
 use crate::node;
@@ -26,7 +26,6 @@ use crate::vault_api::{Health, VaultClient};
 use reqwest::Method;
 use serde_json::Value;
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What the cluster thinks of this node.
@@ -195,7 +194,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         return Ok(exit::OK);
     }
     let move_aside = matches!(membership, Membership::Unknown(_));
-    let aside = aside_path(&cfg.vault.data_dir);
+    let aside = crate::raft_store::aside_path(&cfg.vault.data_dir);
     if dry_run {
         if move_aside {
             say(format!(
@@ -209,7 +208,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         return Ok(exit::OK);
     }
 
-    stop_server(cfg).await?;
+    launcher::stop_server(&cfg.vault, &cfg.agent.state_dir).await?;
     say("server stopped");
     if move_aside {
         if let (Some(t), Some(peer)) = (&token, healthy_peers.first()) {
@@ -229,8 +228,10 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
                 }
             }
         }
-        std::fs::rename(&cfg.vault.data_dir, &aside)
-            .map_err(|e| Error::write(&aside, format!("move raft data aside: {e}")))?;
+        // Without its raft data this node is no longer the member the record describes: a
+        // failed rejoin must not restart it "from disk" on an empty store.
+        crate::member::forget(&cfg.agent.state_dir)?;
+        let aside = crate::raft_store::move_aside(&cfg.vault.data_dir)?;
         say(format!(
             "raft data moved aside to {} (kept, not deleted)",
             aside.display()
@@ -383,43 +384,6 @@ fn classify(seen: &Seen, me: &str) -> Membership {
             "follows leader {mine:?}, the other nodes follow {theirs:?}"
         )),
         _ => Membership::Member,
-    }
-}
-
-/// `<data_dir>.removed-<UTC time>` beside the data directory (same file system: a rename).
-fn aside_path(data_dir: &std::path::Path) -> PathBuf {
-    let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now());
-    let stamp = now
-        .fmt(aws_smithy_types::date_time::Format::DateTime)
-        .unwrap_or_default();
-    // 2026-11-23T21:44:51.956Z -> 20261123T214451Z
-    let stamp = format!(
-        "{}Z",
-        stamp
-            .split('.')
-            .next()
-            .unwrap_or("")
-            .trim_end_matches('Z')
-            .replace([':', '-'], "")
-    );
-    let name = data_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "data".into());
-    data_dir.with_file_name(format!("{name}.removed-{stamp}"))
-}
-
-async fn stop_server(cfg: &Config) -> Result<()> {
-    match cfg.vault.launcher {
-        LauncherKind::Systemd => launcher::systemctl(&["stop", &cfg.vault.unit]).await,
-        LauncherKind::Exec => {
-            let Ok(Reloader::Pid(pid)) = launcher::reloader_for(&cfg.vault, &cfg.agent.state_dir)
-            else {
-                return Ok(()); // nothing of ours is running
-            };
-            // A raft server shuts down in well under a second; 30 s covers a slow disk.
-            launcher::stop_pid(pid, Duration::from_secs(30)).await
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
-use crate::cli::boot;
+use crate::boot;
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
