@@ -536,9 +536,11 @@ async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
         "the initializer to die at its crash point",
         Duration::from_secs(120),
         || {
-            let found = agents
-                .iter_mut()
-                .position(|a| a.stderr().contains("sys/init succeeded") && a.exited().is_some());
+            // `exited` also records each agent's server while the agent lives: the
+            // winner's must be known, to be killed later.
+            let dead: Vec<bool> = agents.iter_mut().map(|a| a.exited().is_some()).collect();
+            let found = (0..agents.len())
+                .find(|&k| dead[k] && agents[k].stderr().contains("sys/init succeeded"));
             async move { found }
         },
     )
@@ -576,6 +578,13 @@ async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
     })
     .await;
     agents[winner].kill_servers();
+    // A killed server's last threads may hold its port for a moment after it is reaped.
+    let api = format!("{}:8200", tb.instances[winner].ip);
+    wait_for("the old server's port to close", Duration::from_secs(20), Duration::from_millis(100), || {
+        std::net::TcpStream::connect_timeout(&api.parse().unwrap(), Duration::from_millis(200))
+            .is_err()
+            .then_some(())
+    });
     let mut again = tb.respawn_agent(winner, &["boot"], &[]);
     let log = again.wait_log("node ready", Duration::from_secs(90));
     assert!(log.contains("it is a standby now"), "{log}");
