@@ -3,7 +3,7 @@
 //! Every variant names the thing that is wrong (config key, S3 object, address, path) and
 //! carries enough context for the operator to act. Exit codes follow sysexits(3) so that
 //! `RestartPreventExitStatus=` in the unit and scripts can tell causes apart; the table is
-//! documented in the README ("Exit codes") and must stay in sync with [`Error::exit_code`].
+//! documented in the docs/operations.md ("Exit codes") and must stay in sync with [`Error::exit_code`].
 
 use std::path::PathBuf;
 
@@ -61,7 +61,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config file {path} not found: create it (see README \"Configuration\") or point --config / VAULT_BOOTSTRAP_CONFIG at it")]
+    #[error("config file {path} not found: create it (see docs/configuration.md) or point --config / VAULT_BOOTSTRAP_CONFIG at it")]
     ConfigMissing { path: PathBuf },
 
     #[error("cannot read config file {path}: {source}")]
@@ -106,7 +106,7 @@ pub enum Error {
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
 
-    #[error("Vault binary {path} {problem}: install it (see README \"Building the AMI\") or fix `vault.binary`")]
+    #[error("Vault binary {path} {problem}: install it (see docs/operations.md \"Building the AMI\") or fix `vault.binary`")]
     BinaryMissing { path: PathBuf, problem: String },
 
     #[error("SHA-256 of {path} is {actual}, expected {expected}: not the pinned release (corrupt or tampered download); nothing was installed")]

@@ -275,7 +275,7 @@ pub async fn login<S: ObjectStore, K: Kms>(
         .await
         .map_err(|e| Error::Snapshot {
             message: format!(
-                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (README \"Snapshots\")",
+                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (docs/operations.md \"Snapshots\")",
                 layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
             ),
             exit: e.exit_code(),
@@ -295,7 +295,7 @@ pub async fn login<S: ObjectStore, K: Kms>(
         Some(t) if status == 200 => Ok(Secret::new(t)),
         _ => Err(Error::Snapshot {
             message: format!(
-                "AppRole login as {NAME} refused (HTTP {status}: {}); was its secret_id destroyed? (README \"Snapshots\")",
+                "AppRole login as {NAME} refused (HTTP {status}: {}); was its secret_id destroyed? (docs/operations.md \"Snapshots\")",
                 resp["errors"]
             ),
             exit: exit::NOPERM,

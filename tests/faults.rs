@@ -11,7 +11,7 @@
 //!
 //! Cases that need clusters live with their kind: 3/5/7 simultaneous boots in
 //! `boot_cluster.rs`, a boot racing a rejoin in `rejoin.rs`, KMS/S3 down during the escrow
-//! and the missing lock bucket in `init_escrow.rs`. README "Evidence" lists them all.
+//! and the missing lock bucket in `init_escrow.rs`. docs/evidence.md lists them all.
 
 mod common;
 use common::*;

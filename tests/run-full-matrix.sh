@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole fault matrix, by hand (README "Evidence"): the default run's fast subset plus
+# The whole fault matrix, by hand (docs/evidence.md): the default run's fast subset plus
 # every case that is too slow for CI. About 8 minutes on 2 cores.
 #
 #   bash tests/run-full-matrix.sh

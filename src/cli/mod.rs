@@ -21,7 +21,7 @@ use std::path::PathBuf;
     name = "vault-bootstrap",
     version,
     about = "Turns a booted EC2 instance into a healthy member of a Vault/OpenBao Raft cluster",
-    after_help = "Exit codes: see README \"Exit codes\" (78 config, 75 retriable, 65 TLS refused, ...)."
+    after_help = "Exit codes: see docs/operations.md \"Exit codes\" (78 config, 75 retriable, 65 TLS refused, ...)."
 )]
 pub struct Cli {
     /// Configuration file.

@@ -164,7 +164,7 @@ pub async fn read<K: Kms>(
     };
     let bad = |what: &str| Error::Escrow {
         message: format!(
-            "{} is damaged ({what}); keep it and decrypt it by hand (README \"Init and escrow\")",
+            "{} is damaged ({what}); keep it and decrypt it by hand (docs/internals.md \"Init and escrow\")",
             p.display()
         ),
     };

@@ -410,7 +410,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         // Keep saying it on every boot while the root token is alive.
         if !p.root_revoked {
             tracing::warn!(
-                "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (README \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
+                "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (docs/operations.md \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
                 p.reason.unwrap_or_default()
             );
         }
@@ -424,7 +424,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         // Only the initializer can finish it (it alone may read the root token back); every
         // other member says so, quietly while the initializer is plausibly still at it.
         if age > POST_INIT_GRACE_SECS {
-            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (README \"Init and escrow\")", marker.instance_id);
+            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (docs/internals.md \"Init and escrow\")", marker.instance_id);
         } else {
             tracing::info!(initializer = %marker.instance_id, "post-init is in progress on the initializer");
         }
@@ -432,7 +432,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
     }
     // Post-init's API calls, and OpenBao's declared audit device, need the active node.
     if d.local.health().await != Ok(Health::Active) {
-        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; post-init resumes when it boots as the active node (or finish it by hand, README \"Init and escrow\")");
+        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; post-init resumes when it boots as the active node (or finish it by hand, docs/internals.md \"Init and escrow\")");
         return Ok(false);
     }
     tracing::warn!(
