@@ -156,7 +156,8 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         })
         .map_err(|e| Error::Internal(e.to_string()))?,
     );
-    let put = escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
+    let (put, ct) =
+        escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
     if put == PutOutcome::Exists {
         // Another run escrowed its own secret_id meanwhile: ours must not stay valid unseen.
         let _ = call(
@@ -167,7 +168,9 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         .await;
         return Ok(());
     }
-    escrow::check_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
+    // Read back as the other escrow items are: the bytes and S3's checksum. Nodes may
+    // decrypt this class, but the comparison needs no key at all.
+    escrow::check_stored(s3, layout, Layout::SNAPSHOT_APPROLE_ITEM, &ct, aws).await?;
     tracing::info!(item = %layout.url(&key), role = NAME, "snapshot AppRole created and its credentials escrowed");
     Ok(())
 }

@@ -57,6 +57,7 @@ fn restart(tb: &Testbed, i: usize) -> (Agent, String) {
 async fn kill_9_at_every_point_between_init_and_marker_loses_nothing() {
     let points = [
         "pending-written",
+        "items-recorded",
         "uploaded-recovery-key-1",
         "uploaded-recovery-key-3",
         "uploaded-root-token",
@@ -90,12 +91,14 @@ async fn kill_9_at_every_point_between_init_and_marker_loses_nothing() {
 
         let (mut a, log) = restart(&tb, i);
         if before_removal {
+            // The pending file holds the keys and the root token: escrow and post-init resume
+            // from it (a node never decrypts the escrowed root token).
             assert!(log.contains("resuming its escrow"), "{point}:\n{log}");
+            assert!(log.contains("post-init complete"), "{point}:\n{log}");
         } else {
-            assert!(
-                log.contains("redoing it with the escrowed root token"),
-                "{point}:\n{log}"
-            );
+            // The pending file goes only once post-init is done: nothing left to redo.
+            assert!(!log.contains("resuming its escrow"), "{point}:\n{log}");
+            assert!(!log.contains("POST-INIT UNFINISHED"), "{point}:\n{log}");
         }
         assert!(
             !log.contains("sys/init succeeded"),
@@ -528,7 +531,7 @@ async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
     }
     // Only the initializer reaches this point; it dies there, its server lives on (as
     // vault.service would under systemd).
-    let crash = [("VAULT_BOOTSTRAP_CRASH_AT", "pending-removed")];
+    let crash = [("VAULT_BOOTSTRAP_CRASH_AT", "marker-written")];
     let mut agents: Vec<Agent> = (0..3)
         .map(|i| tb.spawn_agent_env(i, &["boot"], &crash))
         .collect();
@@ -580,11 +583,16 @@ async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
     agents[winner].kill_servers();
     // A killed server's last threads may hold its port for a moment after it is reaped.
     let api = format!("{}:8200", tb.instances[winner].ip);
-    wait_for("the old server's port to close", Duration::from_secs(20), Duration::from_millis(100), || {
-        std::net::TcpStream::connect_timeout(&api.parse().unwrap(), Duration::from_millis(200))
-            .is_err()
-            .then_some(())
-    });
+    wait_for(
+        "the old server's port to close",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            std::net::TcpStream::connect_timeout(&api.parse().unwrap(), Duration::from_millis(200))
+                .is_err()
+                .then_some(())
+        },
+    );
     let mut again = tb.respawn_agent(winner, &["boot"], &[]);
     let log = again.wait_log("node ready", Duration::from_secs(90));
     assert!(log.contains("it is a standby now"), "{log}");

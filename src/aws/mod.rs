@@ -118,7 +118,9 @@ where
     );
     let failure = classify(transport, code.as_deref(), status);
     let hint = match failure {
-        AwsFailure::Denied => "; grant the instance role this action (see docs/operations.md \"IAM policies\")",
+        AwsFailure::Denied => {
+            "; grant the instance role this action (see docs/operations.md \"IAM policies\")"
+        }
         AwsFailure::NotFound => "; check the name in the config and that it exists in this region",
         AwsFailure::Transient => "; will retry while the step's deadline allows",
         AwsFailure::Other => "",

@@ -66,6 +66,8 @@ pub struct Settled {
 /// This node's identity for init purposes.
 pub struct Me<'a> {
     pub instance_id: &'a str,
+    /// Region and id for the instance ARN the pending file is bound to.
+    pub facts: &'a crate::imds::InstanceFacts,
     pub cluster: &'a str,
     /// Owner of the audit log's directory (the Vault user).
     pub vault_owner: Owner,
@@ -77,12 +79,12 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
 ) -> Result<Settled> {
-    let outcome = init_or_join(cfg, me, d).await?;
+    let (outcome, finished) = init_or_join(cfg, me, d).await?;
     let layout = Layout::new(cfg, me.cluster);
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
     let post_init_done = match outcome {
-        Outcome::Initialized | Outcome::Resumed => true,
+        Outcome::Initialized | Outcome::Resumed => finished,
         Outcome::Joined => resume_post_init(cfg, me, d, &layout).await?,
     };
     Ok(Settled {
@@ -122,11 +124,12 @@ pub fn check_cluster_id(local: Option<&str>, recorded: Option<&str>, source: &st
     }
 }
 
+/// What this boot did, and whether post-init is done when this node did init.
 async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
-) -> Result<Outcome> {
+) -> Result<(Outcome, bool)> {
     let layout = Layout::new(cfg, me.cluster);
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
@@ -138,9 +141,9 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
             path = %pending::path(state_dir).display(),
             "found the encrypted init response of an interrupted run: resuming its escrow"
         );
-        finish(cfg, me, d, &layout, &secrets).await?;
+        let done = finish(cfg, me, d, &layout, &secrets, info.sealed, false).await?;
         wait_unsealed(d.local, join).await?;
-        return Ok(Outcome::Resumed);
+        return Ok((Outcome::Resumed, done));
     }
 
     let start = Instant::now();
@@ -152,7 +155,7 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
         match d.local.health().await {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
                 tracing::info!("this node is unsealed and part of an initialized cluster");
-                return Ok(Outcome::Joined);
+                return Ok((Outcome::Joined, false));
             }
             Ok(Health::Uninitialized) if cfg.init.enabled => {
                 initialized_elsewhere =
@@ -251,12 +254,21 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
-) -> Result<Outcome> {
+) -> Result<(Outcome, bool)> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    // The pending file opens only on the instance that wrote it: its data key's context
+    // names this instance's ARN, which the node policy compares with ec2:SourceInstanceARN.
+    // Read here, from IMDS, only on the one node that inits.
+    let instance_arn = crate::imds::instance_arn(
+        &crate::imds::SdkImds::new(),
+        me.facts,
+        Duration::from_secs(cfg.agent.imds_timeout_secs),
+    )
+    .await?;
     // The data key that will seal the init response, obtained before init: this also
     // proves the escrow key is usable, so a KMS problem stops us while no key exists yet.
     let sealer = retry::retry("KMS data key for the init response", aws, || {
-        pending::Sealer::prepare(d.kms, layout, me.instance_id)
+        pending::Sealer::prepare(d.kms, layout, me.instance_id, &instance_arn)
     })
     .await?;
     let pgp_keys = pgp::load_all(&cfg.init.recovery_pgp_keys, d.s3, aws).await?;
@@ -264,7 +276,7 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
     if cluster_initialized(d, layout, aws).await? {
         tracing::info!("a peer initialized meanwhile: joining instead");
         wait_unsealed(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
-        return Ok(Outcome::Joined);
+        return Ok((Outcome::Joined, false));
     }
 
     // The pending file's directory takes a write before any key exists (else no init), and
@@ -288,11 +300,11 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
         pgp = secrets.pgp,
         "sys/init succeeded"
     );
-    make_durable(cfg, me, d, layout, &sealer, &secrets).await;
+    let sealed = make_durable(cfg, me, d, layout, &sealer, &secrets).await;
     attempt::end(state_dir)?;
     crash_point("pending-written");
-    finish(cfg, me, d, layout, &secrets).await?;
-    Ok(Outcome::Initialized)
+    let done = finish(cfg, me, d, layout, &secrets, sealed, true).await?;
+    Ok((Outcome::Initialized, done))
 }
 
 /// Returns only once the init response is durable: sealed in the pending file, or (when the
@@ -307,7 +319,7 @@ async fn make_durable<S: ObjectStore, K: Kms, E>(
     layout: &Layout,
     sealer: &pending::Sealer,
     secrets: &InitSecrets,
-) {
+) -> Option<escrow::Sealed> {
     let state_dir = &cfg.agent.state_dir;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -315,25 +327,29 @@ async fn make_durable<S: ObjectStore, K: Kms, E>(
         match sealer.write(secrets, state_dir) {
             Ok(p) => {
                 tracing::info!(path = %p.display(), "init response sealed to the local pending file");
-                return;
+                return None;
             }
             Err(e) => tracing::error!(
                 "could not write the local pending copy of the init response ({e}); escrowing straight to S3"
             ),
         }
         let cluster_id = d.local.cluster_id().await;
-        match escrow::escrow(
-            d.s3,
-            d.kms,
-            layout,
-            secrets,
-            me.instance_id,
-            cluster_id.as_deref(),
-            aws,
-        )
-        .await
-        {
-            Ok(_) => return,
+        let escrowed = async {
+            let sealed = escrow::encrypt_items(d.kms, layout, secrets, aws).await?;
+            escrow::escrow(
+                d.s3,
+                layout,
+                &sealed,
+                secrets,
+                me.instance_id,
+                cluster_id.as_deref(),
+                aws,
+            )
+            .await?;
+            Ok::<_, Error>(sealed)
+        };
+        match escrowed.await {
+            Ok(sealed) => return Some(sealed),
             Err(e) => tracing::error!(
                 "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
                 state_dir.display()
@@ -343,31 +359,22 @@ async fn make_durable<S: ObjectStore, K: Kms, E>(
     }
 }
 
-/// Escrow, then drop the pending file, then post-init.
+/// Escrow (the items' ciphertexts recorded in the pending file before any upload), then
+/// post-init with the root token from the init response, then drop the pending file: until
+/// post-init is done it is the only copy of the root token a node may read. Returns whether
+/// post-init is done (a resumed run on a standby leaves it, and the pending file, for later).
 async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
     secrets: &InitSecrets,
-) -> Result<()> {
+    sealed: Option<escrow::Sealed>,
+    first_run: bool,
+) -> Result<bool> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let state_dir = &cfg.agent.state_dir;
-    // The marker records the cluster this init made; the node that made it is unsealed by
-    // now (it just initialized, or its pending file says it did).
-    let cluster_id =
-        wait_cluster_id(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
-    if let Err(e) = escrow::escrow(
-        d.s3,
-        d.kms,
-        layout,
-        secrets,
-        me.instance_id,
-        Some(&cluster_id),
-        aws,
-    )
-    .await
-    {
+    let not_escrowed = |e: Error| {
         let kept = pending::path(state_dir);
         let where_ = if kept.exists() {
             format!("the KMS-encrypted init response is kept in {}; run `vault-bootstrap boot` again to resume", kept.display())
@@ -375,13 +382,45 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
             "no local copy could be written: the keys exist only in this process; fix S3/KMS now"
                 .to_string()
         };
-        return Err(Error::Escrow {
+        Error::Escrow {
             message: format!("recovery keys not escrowed ({e}); {where_}"),
-        });
+        }
+    };
+    // The marker records the cluster this init made; the node that made it is unsealed by
+    // now (it just initialized, or its pending file says it did).
+    let cluster_id =
+        wait_cluster_id(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
+    let sealed = match sealed {
+        Some(s) => s,
+        None => {
+            let s = escrow::encrypt_items(d.kms, layout, secrets, aws)
+                .await
+                .map_err(not_escrowed)?;
+            // Before any upload: a resumed run must upload, and compare, these same bytes.
+            if has_pending(state_dir) {
+                pending::record_items(state_dir, &s)?;
+            }
+            s
+        }
+    };
+    crash_point("items-recorded");
+    escrow::escrow(
+        d.s3,
+        layout,
+        &sealed,
+        secrets,
+        me.instance_id,
+        Some(&cluster_id),
+        aws,
+    )
+    .await
+    .map_err(not_escrowed)?;
+    let done = post_init(cfg, me, d, layout, &secrets.root_token, first_run).await?;
+    if done {
+        pending::remove(state_dir)?;
+        crash_point("pending-removed");
     }
-    pending::remove(state_dir)?;
-    crash_point("pending-removed");
-    post_init(cfg, me, d, layout, &secrets.root_token).await
+    Ok(done)
 }
 
 fn revoked_earlier() -> PostInit {
@@ -430,17 +469,10 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         }
         return Ok(false);
     }
-    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
-    if d.local.health().await != Ok(Health::Active) {
-        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; post-init resumes when it boots as the active node (or finish it by hand, docs/internals.md \"Init and escrow\")");
-        return Ok(false);
-    }
-    tracing::warn!(
-        "post-init was interrupted on this node: redoing it with the escrowed root token"
-    );
-    let root = escrow::decrypt_item(d.s3, d.kms, layout, Layout::ROOT_ITEM, aws).await?;
-    post_init(cfg, me, d, layout, &root).await?;
-    Ok(true)
+    // This node initialized the cluster, and its pending file (the only root token a node
+    // may read) is gone: nodes never decrypt the escrowed root token.
+    tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but its pending init file, which held the root token for post-init, is gone; an operator finishes post-init by hand (docs/internals.md \"Init and escrow\")");
+    Ok(false)
 }
 
 /// How long after the marker a missing post-init record is still "in progress": post-init
@@ -477,15 +509,25 @@ async fn unescrowed<S: ObjectStore, K, E>(
 
 /// Audit device, autopilot, root token revocation (seed article, steps 4-7). Each step is
 /// idempotent, so a repeat after a crash is harmless.
+/// Returns false, with a warning, when it cannot run here now: a resumed run (`patient` is
+/// false) on a node that is a standby. The first run waits until its node is active (it
+/// just initialized a one-node cluster, so it will be).
 async fn post_init<S: ObjectStore, K: Kms, E>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
     root: &Secret,
-) -> Result<()> {
+    patient: bool,
+) -> Result<bool> {
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
-    wait_active(d.local, join).await?;
+    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
+    if patient {
+        wait_active(d.local, join).await?;
+    } else if d.local.health().await != Ok(Health::Active) {
+        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; the pending init file is kept, and post-init resumes when this node boots as the active node (or an operator finishes it by hand, docs/internals.md \"Init and escrow\")");
+        return Ok(false);
+    }
     let api = |call: &str, status: u16, body: &serde_json::Value| Error::Init {
         message: format!("{call} answered HTTP {status}: {}", body["errors"]),
         retriable: false,
@@ -519,7 +561,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
             403 => {
                 // Only a revoked root token answers 403 here, and revocation is the last step.
                 tracing::info!("root token already revoked: post-init was complete");
-                return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
+                mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
+                return Ok(true);
             }
             s => return Err(api("PUT sys/audit/file", s, &body)),
         }
@@ -542,7 +585,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         .await?;
     if status == 403 {
         tracing::info!("root token already revoked: post-init was complete");
-        return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
+        mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
+        return Ok(true);
     }
     if !(200..300).contains(&status) {
         return Err(api(
@@ -609,7 +653,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         login_paths: paths,
         reason: keep_reason,
     };
-    mark_post_init_done(d.s3, layout, &record).await
+    mark_post_init_done(d.s3, layout, &record).await?;
+    Ok(true)
 }
 
 /// What post-init left behind (no secret): read on every boot to keep warning while the

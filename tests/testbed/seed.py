@@ -270,7 +270,7 @@ def make_ca(kind: str, cn: str = "vault-bootstrap test CA"):
 
 def default_sans(block: str, server_name: str) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address(f"{block}.{n}")) for n in range(1, 41)
+        x509.IPAddress(ipaddress.ip_address(f"{block}.{n}")) for n in range(1, 200)
     ]
     sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     sans.append(x509.DNSName("localhost"))
@@ -534,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     term.set_defaults(func=cmd_terminate)
 
     args = p.parse_args(argv)
-    if getattr(args, "nodes", 1) < 1 or getattr(args, "nodes", 1) > 30:
-        p.error("--nodes must be 1..30 (IPs .11 .. .40, covered by the certificate)")
+    # The crash trials at full count use 140 instances of one test-bed.
+    if getattr(args, "nodes", 1) < 1 or getattr(args, "nodes", 1) > 180:
+        p.error("--nodes must be 1..180 (IPs .11 .. .190, covered by the certificate)")
     try:
         return args.func(args)
     except SeedError as e:
