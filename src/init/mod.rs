@@ -323,37 +323,54 @@ async fn make_durable<S: ObjectStore, K: Kms, E>(
     let state_dir = &cfg.agent.state_dir;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let loud = |e: &dyn std::fmt::Display| {
+        tracing::error!(
+            "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
+            state_dir.display()
+        )
+    };
+    // Encrypted once, then kept across rounds: items a round uploaded are compared by their
+    // bytes, which a fresh encryption would not reproduce.
+    let mut sealed: Option<escrow::Sealed> = None;
     loop {
         match sealer.write(secrets, state_dir) {
             Ok(p) => {
                 tracing::info!(path = %p.display(), "init response sealed to the local pending file");
-                return None;
+                match &sealed {
+                    None => return None,
+                    // Some items may be in S3 already: the file must carry their bytes.
+                    Some(s) => match pending::record_items(state_dir, s) {
+                        Ok(()) => return sealed,
+                        Err(e) => tracing::error!("could not record the escrow items in the pending file ({e})"),
+                    },
+                }
             }
             Err(e) => tracing::error!(
                 "could not write the local pending copy of the init response ({e}); escrowing straight to S3"
             ),
         }
-        let cluster_id = d.local.cluster_id().await;
-        let escrowed = async {
-            let sealed = escrow::encrypt_items(d.kms, layout, secrets, aws).await?;
-            escrow::escrow(
+        if sealed.is_none() {
+            match escrow::encrypt_items(d.kms, layout, secrets, aws).await {
+                Ok(s) => sealed = Some(s),
+                Err(e) => loud(&e),
+            }
+        }
+        if let Some(s) = &sealed {
+            let cluster_id = d.local.cluster_id().await;
+            match escrow::escrow(
                 d.s3,
                 layout,
-                &sealed,
+                s,
                 secrets,
                 me.instance_id,
                 cluster_id.as_deref(),
                 aws,
             )
-            .await?;
-            Ok::<_, Error>(sealed)
-        };
-        match escrowed.await {
-            Ok(sealed) => return Some(sealed),
-            Err(e) => tracing::error!(
-                "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
-                state_dir.display()
-            ),
+            .await
+            {
+                Ok(_) => return sealed,
+                Err(e) => loud(&e),
+            }
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
