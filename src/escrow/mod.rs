@@ -460,6 +460,12 @@ pub async fn verify<S: ObjectStore, K: Kms>(
         let name = Layout::share_item(n);
         match decrypt_item(s3, kms, layout, &name, deadline).await {
             Ok(_) => r.shares_ok += 1,
+            // Denied is not a finding about the escrow: these credentials may not read it
+            // (the node role), and the error says which role can.
+            Err(e @ Error::Aws {
+                failure: crate::error::AwsFailure::Denied,
+                ..
+            }) => return Err(e),
             Err(e) => r.problems.push(format!("{name}: {e}")),
         }
     }
@@ -564,6 +570,8 @@ pub(crate) mod fake {
         pub nonce: std::sync::atomic::AtomicU64,
         /// The context of every decrypt asked for, in order.
         pub decrypts: Mutex<Vec<Context>>,
+        /// Decrypts of this class are denied, as the node policy denies class `recovery`.
+        pub deny_class: Mutex<Option<Class>>,
     }
 
     impl FakeKms {
@@ -599,6 +607,16 @@ pub(crate) mod fake {
                 return Err(down_err());
             }
             self.decrypts.lock().unwrap().push(ctx.clone());
+            if let Some(c) = *self.deny_class.lock().unwrap() {
+                if ctx.iter().any(|(k, v)| k == CTX_CLASS && v == c.as_str()) {
+                    return Err(Error::Aws {
+                        operation: "kms:Decrypt",
+                        resource: "fake".into(),
+                        failure: crate::error::AwsFailure::Denied,
+                        message: "AccessDeniedException".into(),
+                    });
+                }
+            }
             let s = ct.to_vec();
             let mut parts = s.splitn(4, |b| *b == b'|');
             let _key = parts.next();
@@ -690,6 +708,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.expose(), "share-2");
+    }
+
+    #[tokio::test]
+    async fn verify_without_the_operator_role_is_a_denial_naming_it() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        let items = sealed(&kms, &l).await;
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap();
+        *kms.deny_class.lock().unwrap() = Some(Class::Recovery);
+        let e = verify(&s3, &kms, &l, D).await.unwrap_err();
+        assert_eq!(e.exit_code(), 77, "{e}");
+        assert!(e.to_string().contains("operator role"), "{e}");
     }
 
     #[tokio::test]
