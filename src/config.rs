@@ -71,8 +71,11 @@ impl Default for SnapshotConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// S3 key (in `tls.bucket`) of the operator CA: client certificates it signed log in
-    /// through `cert` auth with the admin policy.
+    /// through `cert` auth with the admin policy. Must not be the cluster CA.
     pub operator_ca_key: Option<String>,
+    /// The common names (globs allowed, as `allowed_common_names` takes them) of the
+    /// operators' client certificates; required with `operator_ca_key`.
+    pub operator_common_names: Vec<String>,
     /// Name of the admin policy (what operators need: sys, raft, policies, auth, mounts).
     pub admin_policy: Option<String>,
     /// IAM role ARNs whose sessions log in through AWS IAM auth (when the server has it).
@@ -600,6 +603,27 @@ impl Config {
                 );
             }
         }
+        let names = &self.access.operator_common_names;
+        if self.access.operator_ca_key.is_some() && names.is_empty() {
+            return bad(
+                "access.operator_common_names",
+                "must list the common names of the operators' client certificates when access.operator_ca_key is set: with no list, every certificate the operator CA signs (a server's, a test's, anyone's) would log in as an administrator".into(),
+            );
+        }
+        if self.access.operator_ca_key.is_none() && !names.is_empty() {
+            return bad(
+                "access.operator_common_names",
+                "has no effect without access.operator_ca_key (the CA whose certificates it names): set that too, or remove this key".into(),
+            );
+        }
+        for n in names {
+            if n.trim().is_empty() || n.trim().chars().all(|c| c == '*') {
+                return bad(
+                    "access.operator_common_names",
+                    format!("{n:?} names no one (or everyone): list each operator's common name, e.g. [\"alice\", \"bob\"]"),
+                );
+            }
+        }
         if !self.access.aws_role_arns.is_empty() && self.access.aws_sts_endpoint.is_none() {
             return bad(
                 "access.aws_sts_endpoint",
@@ -813,6 +837,39 @@ kms_key_id = "alias/vault-unseal"
             );
             assert_eq!(e.exit_code(), 78);
         }
+    }
+
+    #[test]
+    fn an_operator_ca_needs_the_operators_common_names() {
+        let ca = "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n";
+        let e = parse(&format!("{MINIMAL}\n{ca}")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("access.operator_common_names") && msg.contains("every certificate"),
+            "{msg}"
+        );
+        assert_eq!(e.exit_code(), 78);
+        let c = parse(&format!(
+            "{MINIMAL}\n{ca}operator_common_names = [\"alice\", \"bob\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.access.operator_common_names, ["alice", "bob"]);
+        for names in ["[\"\"]", "[\"*\"]"] {
+            let e = parse(&format!(
+                "{MINIMAL}\n{ca}operator_common_names = {names}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("access.operator_common_names"),
+                "{names}: {e}"
+            );
+        }
+        // Names without the CA they belong to: a mistake, not a silent no-op.
+        let e = parse(&format!(
+            "{MINIMAL}\n[access]\noperator_common_names = [\"alice\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("operator_ca_key"), "{e}");
     }
 
     #[test]

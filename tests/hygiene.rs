@@ -800,7 +800,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let mut agents = boot_all_env(
         &tb,
         N,
-        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n",
+        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\noperator_common_names = [\"hygiene-operator\"]\n",
         TRACE,
     );
     // Read from now on; what the boots wrote so far waits in the pipes (a boot blocked on a
