@@ -88,7 +88,10 @@ pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
 /// same subject and public key (the CA re-issued). Every node holds a server certificate
 /// the cluster CA signed, so with one CA for both a node's own key (any root shell on any
 /// node) would log in as an administrator. Each certificate of either PEM bundle counts.
-pub fn check_separate(operator_ca_pem: &str, cluster_ca_pem: &[u8]) -> std::result::Result<(), String> {
+pub fn check_separate(
+    operator_ca_pem: &str,
+    cluster_ca_pem: &[u8],
+) -> std::result::Result<(), String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let parse = |pem: &[u8], what: &str| -> std::result::Result<Vec<Vec<u8>>, String> {
@@ -583,7 +586,10 @@ mod tests {
         let cluster = testcerts::ca();
         let operators = testcerts::ca();
         // A separate CA passes, also beside a rotation's two cluster CAs.
-        assert_eq!(check_separate(&operators.pem, cluster.pem.as_bytes()), Ok(()));
+        assert_eq!(
+            check_separate(&operators.pem, cluster.pem.as_bytes()),
+            Ok(())
+        );
         let rotation = format!("{}{}", testcerts::ca().pem, cluster.pem);
         assert_eq!(check_separate(&operators.pem, rotation.as_bytes()), Ok(()));
         // The same certificate, alone or in a bundle on either side.

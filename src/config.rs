@@ -814,7 +814,10 @@ kms_key_id = "alias/vault-unseal"
     #[test]
     fn snapshot_bound_cidrs_are_checked() {
         let c = parse(MINIMAL).unwrap();
-        assert!(c.snapshot.bound_cidrs.is_empty(), "default: the instances' addresses");
+        assert!(
+            c.snapshot.bound_cidrs.is_empty(),
+            "default: the instances' addresses"
+        );
         let c = parse(&format!(
             "{MINIMAL}\n[snapshot]\nbound_cidrs = [\"10.0.0.0/16\", \"fd00::/8\"]\n"
         ))
@@ -855,10 +858,8 @@ kms_key_id = "alias/vault-unseal"
         .unwrap();
         assert_eq!(c.access.operator_common_names, ["alice", "bob"]);
         for names in ["[\"\"]", "[\"*\"]"] {
-            let e = parse(&format!(
-                "{MINIMAL}\n{ca}operator_common_names = {names}\n"
-            ))
-            .unwrap_err();
+            let e =
+                parse(&format!("{MINIMAL}\n{ca}operator_common_names = {names}\n")).unwrap_err();
             assert!(
                 e.to_string().contains("access.operator_common_names"),
                 "{names}: {e}"

@@ -683,7 +683,10 @@ mod tests {
             .collect();
         assert_eq!(
             paths,
-            ["sys/storage/raft/snapshot", "sys/storage/raft/configuration"]
+            [
+                "sys/storage/raft/snapshot",
+                "sys/storage/raft/configuration"
+            ]
         );
         let caps: Vec<&str> = POLICY_HCL
             .lines()

@@ -451,14 +451,22 @@ async fn the_snapshot_approle_is_bound_to_the_clusters_addresses_and_short_lived
         .await
         .expect("role read");
     assert_eq!(code, 200, "{role}");
-    let mut nodes: Vec<String> = tb.instances.iter().map(|i| format!("{}/32", i.ip)).collect();
+    let mut nodes: Vec<String> = tb
+        .instances
+        .iter()
+        .map(|i| format!("{}/32", i.ip))
+        .collect();
     nodes.sort();
     let d = &role["data"];
     eprintln!(
         "ROLE READ BACK: secret_id_bound_cidrs={} token_bound_cidrs={} token_ttl={} token_max_ttl={} token_policies={}",
         d["secret_id_bound_cidrs"], d["token_bound_cidrs"], d["token_ttl"], d["token_max_ttl"], d["token_policies"]
     );
-    assert_eq!(d["secret_id_bound_cidrs"], serde_json::json!(nodes), "{role}");
+    assert_eq!(
+        d["secret_id_bound_cidrs"],
+        serde_json::json!(nodes),
+        "{role}"
+    );
     // The server writes a /32 of token_bound_cidrs back as the bare address.
     let bare: Vec<String> = d["token_bound_cidrs"]
         .as_array()
@@ -524,9 +532,16 @@ async fn the_snapshot_approle_is_bound_to_the_clusters_addresses_and_short_lived
     let i = tb.add_instance(&ip);
     tb.write_config(i, &NodeOpts::default());
     std::fs::create_dir_all(tb.node_dir(i).join("tls")).unwrap();
-    std::fs::copy(tb.seed_dir().join("ca.pem"), tb.node_dir(i).join("tls/ca.pem")).unwrap();
+    std::fs::copy(
+        tb.seed_dir().join("ca.pem"),
+        tb.node_dir(i).join("tls/ca.pem"),
+    )
+    .unwrap();
     let (code, out, err) = tb.run_agent(i, &["snapshot"], RUN);
-    let line = err.lines().find(|l| l.contains("refused")).unwrap_or_default();
+    let line = err
+        .lines()
+        .find(|l| l.contains("refused"))
+        .unwrap_or_default();
     eprintln!("REPLACEMENT NODE: exit {code}: {line}");
     assert_eq!(code, 77, "{out}\n{err}");
     assert!(
