@@ -25,13 +25,7 @@ fn line<'a>(out: &'a str, name: &str) -> &'a str {
 async fn doctor_names_each_broken_precondition() {
     let (tb, mut agents) = form(39, 3, "");
     // A healthy node's escrow prefix is write-once in S3 (the shipped bucket policy).
-    aws_sdk_s3::Client::new(&tb.sdk().await)
-        .put_bucket_policy()
-        .bucket("vault-resources")
-        .policy(write_once_policy(false))
-        .send()
-        .await
-        .expect("PutBucketPolicy");
+    tb.escrow_write_once().await;
 
     let (code, out) = doctor(&tb, &[]);
     assert_eq!(code, 0, "{out}");
@@ -118,37 +112,6 @@ async fn doctor_names_each_broken_precondition() {
     for a in agents.iter_mut() {
         a.stop();
     }
-}
-
-/// The statements of `packer/examples/escrow-bucket-policy.json` that make the escrow
-/// write-once, for the test-bed's bucket and cluster (`only_put`: without the delete rule).
-/// The TLS and SSE-KMS rules are left out: the test-bed speaks plain HTTP to moto.
-fn write_once_policy(only_put: bool) -> String {
-    let shipped: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("packer/examples/escrow-bucket-policy.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let keep: &[&str] = if only_put {
-        &["EscrowWriteOnceOnly"]
-    } else {
-        &["EscrowWriteOnceOnly", "EscrowNeverDeleted"]
-    };
-    let statements: Vec<serde_json::Value> = shipped["Statement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| keep.iter().any(|k| s["Sid"] == *k))
-        .cloned()
-        .collect();
-    assert_eq!(statements.len(), keep.len());
-    serde_json::json!({"Version": "2012-10-17", "Statement": statements})
-        .to_string()
-        .replace("acme-vault-resources", "vault-resources")
-        .replace("/prod-vault/", "/test-vault/")
 }
 
 /// Issue 14: `doctor` says which write-once control is in force on the escrow prefix: the

@@ -915,6 +915,8 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let (code, out, err) = run_cmd(&tb, 0, &["status"], Some(&bg), &mut holders);
     assert_eq!(code, 0, "status: {err}");
     streams.push(("stdout of status".into(), out));
+    // doctor passes only where S3 makes the escrow write-once.
+    tb.escrow_write_once().await;
     let (code, out, err) = run_cmd(&tb, 1, &["doctor"], None, &mut holders);
     assert_eq!(code, 0, "doctor: {}\n{err}", String::from_utf8_lossy(&out));
     streams.push(("stdout of doctor".into(), out));
