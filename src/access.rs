@@ -72,6 +72,9 @@ pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
             json!({
                 "certificate": operator_ca_pem,
                 "display_name": CERT_ROLE,
+                // Only the operators' own certificates: without a list, any certificate the
+                // CA ever signed (for a server, a test, anyone) would log in as admin.
+                "allowed_common_names": access.operator_common_names,
                 "token_policies": [policy],
                 // Short-lived admin tokens: re-login is cheap, a leaked token expires soon.
                 "token_ttl": "1h",
@@ -79,6 +82,52 @@ pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
             }),
         ),
     ]
+}
+
+/// Refuses an operator CA that is the cluster CA: the same certificate, or one with the
+/// same subject and public key (the CA re-issued). Every node holds a server certificate
+/// the cluster CA signed, so with one CA for both a node's own key (any root shell on any
+/// node) would log in as an administrator. Each certificate of either PEM bundle counts.
+pub fn check_separate(
+    operator_ca_pem: &str,
+    cluster_ca_pem: &[u8],
+) -> std::result::Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let parse = |pem: &[u8], what: &str| -> std::result::Result<Vec<Vec<u8>>, String> {
+        let ders: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
+            .map(|c| c.map(|c| c.as_ref().to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| format!("{what} is malformed PEM: {e}"))?;
+        if ders.is_empty() {
+            return Err(format!("{what} holds no PEM CERTIFICATE block"));
+        }
+        Ok(ders)
+    };
+    // (subject, SubjectPublicKeyInfo), both as DER.
+    let identity = |der: &[u8], what: &str| -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+        let (_, c) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("{what} holds a certificate that does not parse: {e}"))?;
+        Ok((
+            c.tbs_certificate.subject.as_raw().to_vec(),
+            c.tbs_certificate.subject_pki.raw.to_vec(),
+        ))
+    };
+    let operator = parse(operator_ca_pem.as_bytes(), "the operator CA")?;
+    let cluster = parse(cluster_ca_pem, "the cluster CA")?;
+    for o in &operator {
+        let (o_subject, o_key) = identity(o, "the operator CA")?;
+        for c in &cluster {
+            if o == c {
+                return Err("it is the cluster CA (the same certificate as tls.ca_key): every node's server certificate would log in as an administrator".into());
+            }
+            let (c_subject, c_key) = identity(c, "the cluster CA")?;
+            if o_subject == c_subject && o_key == c_key {
+                return Err("it is the cluster CA re-issued (the same subject and public key as tls.ca_key): every node's server certificate would log in as an administrator".into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// AWS IAM auth bound to the operators' role ARNs (Vault built in; OpenBao needs the
@@ -186,6 +235,7 @@ async fn cert_reads_back(
         .await?;
     let ca_ok =
         s == 200 && role["data"]["certificate"].as_str().map(str::trim) == Some(ca_pem.trim());
+    let names_ok = role["data"]["allowed_common_names"] == json!(access.operator_common_names);
     let policy_ok = role["data"]["token_policies"]
         .as_array()
         .is_some_and(|p| p.iter().any(|v| v == access.policy_name()));
@@ -197,7 +247,7 @@ async fn cert_reads_back(
             None,
         )
         .await?;
-    Ok(mounted && ca_ok && policy_ok && s == 200)
+    Ok(mounted && ca_ok && names_ok && policy_ok && s == 200)
 }
 
 /// Configures every operator login path the config asks for; returns the ones that read
@@ -209,6 +259,24 @@ pub async fn configure(
     operator_ca_pem: Option<&str>,
 ) -> Result<Vec<String>> {
     let access = &cfg.access;
+    if let Some(ca) = operator_ca_pem {
+        // Before anything is written: a refused CA leaves no half-configured login path.
+        let cluster_ca = crate::tls::paths(&cfg.vault.tls_dir).2;
+        let cluster_pem = std::fs::read(&cluster_ca).map_err(|e| Error::NoInput {
+            message: format!(
+                "cannot read the cluster CA {} to check the operator CA against it ({e}); boot writes it before the server starts",
+                cluster_ca.display()
+            ),
+        })?;
+        check_separate(ca, &cluster_pem).map_err(|problem| Error::OperatorCa {
+            object: format!(
+                "s3://{}/{}",
+                cfg.tls.bucket,
+                access.operator_ca_key.as_deref().unwrap_or("?")
+            ),
+            problem,
+        })?;
+    }
     let mut ready = Vec::new();
     if operator_ca_pem.is_some() || !access.aws_role_arns.is_empty() {
         run(local, root, &[admin_policy_call(access.policy_name())]).await?;
@@ -218,6 +286,7 @@ pub async fn configure(
         if cert_reads_back(local, root, access, ca).await? {
             tracing::info!(
                 policy = access.policy_name(),
+                common_names = ?access.operator_common_names,
                 "operator login: cert auth bound to the operator CA"
             );
             ready.push("cert".to_string());
@@ -495,12 +564,66 @@ mod tests {
 
     #[test]
     fn golden_cert_auth_calls() {
-        golden(
-            "cert-auth-calls.txt",
-            &render(&cert_calls(
-                &AccessConfig::default(),
-                "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
-            )),
+        let a = AccessConfig {
+            operator_ca_key: Some("tls/operator-ca.pem".into()),
+            operator_common_names: vec!["alice".into(), "bob".into()],
+            ..Default::default()
+        };
+        let calls = cert_calls(
+            &a,
+            "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
+        );
+        golden("cert-auth-calls.txt", &render(&calls));
+        assert_eq!(
+            calls[1].body["allowed_common_names"],
+            json!(["alice", "bob"])
+        );
+    }
+
+    #[test]
+    fn the_cluster_ca_is_refused_as_operator_ca() {
+        use crate::tls::testcerts;
+        let cluster = testcerts::ca();
+        let operators = testcerts::ca();
+        // A separate CA passes, also beside a rotation's two cluster CAs.
+        assert_eq!(
+            check_separate(&operators.pem, cluster.pem.as_bytes()),
+            Ok(())
+        );
+        let rotation = format!("{}{}", testcerts::ca().pem, cluster.pem);
+        assert_eq!(check_separate(&operators.pem, rotation.as_bytes()), Ok(()));
+        // The same certificate, alone or in a bundle on either side.
+        let e = check_separate(&cluster.pem, cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("is the cluster CA"), "{e}");
+        let bundle = format!("{}{}", operators.pem, cluster.pem);
+        assert!(check_separate(&bundle, cluster.pem.as_bytes()).is_err());
+        assert!(check_separate(&operators.pem, bundle.as_bytes()).is_err());
+        // Re-issued: same subject and key, another serial and validity -> other bytes.
+        let mut params = cluster.params.clone();
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![7u8, 7, 7]));
+        let reissued = params.self_signed(&cluster.key).unwrap().pem();
+        assert_ne!(reissued, cluster.pem);
+        let e = check_separate(&reissued, cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("re-issued"), "{e}");
+        // Same subject, another key: a different CA (its certificates do not chain to ours).
+        let other = testcerts::ca();
+        assert_eq!(check_separate(&other.pem, cluster.pem.as_bytes()), Ok(()));
+        // Not a certificate at all: refused with the reason.
+        let e = check_separate("not a pem", cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("operator CA holds no PEM CERTIFICATE"), "{e}");
+    }
+
+    #[test]
+    fn refusing_the_operator_ca_is_a_config_error() {
+        let e = Error::OperatorCa {
+            object: "s3://b/tls/ca.pem".into(),
+            problem: "it is the cluster CA".into(),
+        };
+        assert_eq!(e.exit_code(), 78);
+        let m = e.to_string();
+        assert!(
+            m.contains("s3://b/tls/ca.pem") && m.contains("access.operator_ca_key"),
+            "{m}"
         );
     }
 

@@ -34,7 +34,7 @@ pub mod exit {
     pub const PROTOCOL: i32 = 76;
     /// AWS denied access (IAM policy, bucket policy, KMS key policy).
     pub const NOPERM: i32 = 77;
-    /// The configuration is invalid.
+    /// The configuration is invalid (also: the operator CA it names is the cluster CA).
     pub const CONFIG: i32 = 78;
     /// Recovery keys could not be escrowed and verified. The KMS-encrypted copy stays in
     /// `agent.state_dir`; the next `boot` resumes. Never ignore this one.
@@ -159,6 +159,10 @@ pub enum Error {
     #[error("refused: {message}")]
     Refused { message: String },
 
+    /// The operator CA cannot be trusted for administrator logins (it is the cluster CA).
+    #[error("operator CA {object} (access.operator_ca_key) refused: {problem}; upload a CA of its own for the operators' client certificates and point access.operator_ca_key at it, then run boot again (operator login was not configured, the root token is kept)")]
+    OperatorCa { object: String, problem: String },
+
     /// An operator command's guard is missing (e.g. `--yes` when stdout is not a terminal).
     #[error("{message}")]
     Usage { message: String },
@@ -213,6 +217,9 @@ impl Error {
             Error::Init { .. } => exit::UNAVAILABLE,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Refused { .. } => exit::TEMPFAIL,
+            // What to trust is configuration (which object the config names); retrying the
+            // same object cannot help, so systemd must not restart on it.
+            Error::OperatorCa { .. } => exit::CONFIG,
             Error::Usage { .. } => exit::USAGE,
             Error::NoInput { .. } => exit::NOINPUT,
             Error::NodeBusy { .. } => exit::TEMPFAIL,

@@ -1,5 +1,6 @@
 //! Never locked out: after a full boot with revocation, operators log in with a client
-//! certificate signed by the operator CA (and nothing else does), and threshold-many
+//! certificate signed by the operator CA with a listed common name (and nothing else does;
+//! the cluster CA is refused as operator CA), and threshold-many
 //! escrowed recovery keys produce a working root token through `break-glass` with no token,
 //! also on a standby that has no active node to forward to for a while.
 
@@ -17,7 +18,7 @@ async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token()
     let mut agents = boot_all(
         &tb,
         3,
-        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n",
+        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\noperator_common_names = [\"alice\"]\n",
     );
     let winner = agents
         .iter()
@@ -57,6 +58,13 @@ async fn operators_log_in_by_certificate_and_break_glass_works_without_a_token()
         serde_json::json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"}),
     )
     .await;
+
+    // A certificate of the operator CA whose common name is not listed is refused.
+    let (code, token) = {
+        let (c, k) = operator(&operators, "mallory");
+        cert_login(&tb, &c, &k).await
+    };
+    assert!(token.is_none() && code >= 400, "unlisted name: {code}");
 
     // A certificate from another CA is refused.
     let stranger = ca("someone else's CA");
@@ -153,4 +161,45 @@ async fn break_glass_on_a_standby_waits_out_a_missing_active_node() {
     for a in back.iter_mut().chain(agents.iter_mut()) {
         a.stop();
     }
+}
+
+/// Issue 14: an operator CA that is the cluster CA is refused. Every node holds a server
+/// certificate the cluster CA signed, so with one CA for both any node's own key would log in
+/// as an administrator. Post-init stops before it writes any login path (exit 78,
+/// configuration), naming the object, and the root token is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_ca_is_refused_as_operator_ca() {
+    let tb = Testbed::start(92, 1);
+    let cluster_ca = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    tb.put_object("tls/operator-ca.pem", &cluster_ca).await;
+    tb.write_config(
+        0,
+        &NodeOpts {
+            extra_toml: "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\noperator_common_names = [\"alice\"]\n".into(),
+            ..Default::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let mut a = tb.spawn_agent(0, &["boot"]);
+    let status = a.wait_exit(Duration::from_secs(120));
+    let log = a.stderr();
+    a.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("operator CA") && l.contains("refused"))
+        .unwrap_or_default();
+    eprintln!(
+        "REFUSED after {} ms, exit {:?}: {line}",
+        started.elapsed().as_millis(),
+        status.code()
+    );
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(
+        line.contains("s3://vault-resources/tls/operator-ca.pem")
+            && line.contains("is the cluster CA"),
+        "{log}"
+    );
+    assert!(log.contains("sys/init succeeded"), "{log}");
+    assert!(!log.contains("cert auth bound"), "{log}");
+    assert!(!log.contains("root token revoked"), "{log}");
 }

@@ -417,3 +417,138 @@ async fn restore_takes_this_clusters_snapshots_and_forces_only_when_asked() {
         a.stop();
     }
 }
+
+/// A client for node `ip`'s API whose connections leave from `source` (None: whatever the
+/// kernel picks, 127.0.0.1 towards the test-bed's loopback addresses).
+fn client_from(tb: &Testbed, source: Option<&str>) -> reqwest::Client {
+    let ca = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+        .local_address(source.map(|s| s.parse::<std::net::IpAddr>().unwrap()))
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Issue 14, snapshot credential scope: post-init binds the snapshot AppRole to the
+/// cluster's addresses (by default each discovered instance's IP as a /32) for login and for
+/// its tokens, with 10-minute tokens and a policy of exactly the snapshot paths. The same
+/// escrowed credentials log in from a node's address and are refused from any other (the
+/// test's own 127.0.0.1, and a fourth instance launched after init); a token taken at a
+/// node's address is refused from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_approle_is_bound_to_the_clusters_addresses_and_short_lived() {
+    use vault_bootstrap::snapshot::{NAME, POLICY_HCL};
+    let n = 3;
+    let (mut tb, mut agents) = form(90, n, "[init]\nrevoke_root_token = false\n");
+    let root = tb.escrowed(CLUSTER, "root-token").await;
+    let api = tb.api(0);
+
+    // 1. What the role and its policy read back as.
+    let (code, role) = api
+        .get(&format!("auth/approle/role/{NAME}"), Some(&root))
+        .await
+        .expect("role read");
+    assert_eq!(code, 200, "{role}");
+    let mut nodes: Vec<String> = tb
+        .instances
+        .iter()
+        .map(|i| format!("{}/32", i.ip))
+        .collect();
+    nodes.sort();
+    let d = &role["data"];
+    eprintln!(
+        "ROLE READ BACK: secret_id_bound_cidrs={} token_bound_cidrs={} token_ttl={} token_max_ttl={} token_policies={}",
+        d["secret_id_bound_cidrs"], d["token_bound_cidrs"], d["token_ttl"], d["token_max_ttl"], d["token_policies"]
+    );
+    assert_eq!(
+        d["secret_id_bound_cidrs"],
+        serde_json::json!(nodes),
+        "{role}"
+    );
+    // The server writes a /32 of token_bound_cidrs back as the bare address.
+    let bare: Vec<String> = d["token_bound_cidrs"]
+        .as_array()
+        .expect("token_bound_cidrs")
+        .iter()
+        .map(|c| c.as_str().unwrap().trim_end_matches("/32").to_owned())
+        .collect();
+    let ips: Vec<&str> = nodes.iter().map(|c| c.trim_end_matches("/32")).collect();
+    assert_eq!(bare, ips, "{role}");
+    assert_eq!(d["token_ttl"], 600, "{role}");
+    assert_eq!(d["token_max_ttl"], 600, "{role}");
+    assert_eq!(d["token_policies"], serde_json::json!([NAME]), "{role}");
+    let (code, policy) = api
+        .get(&format!("sys/policies/acl/{NAME}"), Some(&root))
+        .await
+        .expect("policy read");
+    assert_eq!(code, 200, "{policy}");
+    assert_eq!(policy["data"]["policy"], POLICY_HCL);
+
+    // 2. The agent's own snapshot, from a node's address, works.
+    let (code, out, err) = tb.run_agent(0, &["snapshot"], RUN);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // 3. The escrowed credentials, by hand: refused from 127.0.0.1, accepted from a node's
+    // address; the token works from there and nowhere else.
+    let creds: serde_json::Value =
+        serde_json::from_str(&tb.escrowed(CLUSTER, "snapshot-approle").await).unwrap();
+    let url = |p: &str| format!("https://{}:8200/v1/{p}", tb.instances[0].ip);
+    let login = |c: reqwest::Client| {
+        let creds = creds.clone();
+        let u = url("auth/approle/login");
+        async move {
+            let r = c.post(u).json(&creds).send().await.expect("login");
+            let s = r.status().as_u16();
+            (s, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let outside = client_from(&tb, None);
+    let inside = client_from(&tb, Some(&tb.instances[1].ip));
+    let (code, body) = login(outside.clone()).await;
+    eprintln!("LOGIN FROM 127.0.0.1: HTTP {code} {}", body["errors"]);
+    assert!(code >= 400 && body["auth"].is_null(), "{code} {body}");
+    let (code, body) = login(inside.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["auth"]["lease_duration"], 600, "{body}");
+    let token = body["auth"]["client_token"].as_str().unwrap().to_owned();
+    let read = |c: reqwest::Client| {
+        let u = url("sys/storage/raft/configuration");
+        let t = token.clone();
+        async move {
+            let r = c.get(u).header("X-Vault-Token", t).send().await.unwrap();
+            r.status().as_u16()
+        }
+    };
+    assert_eq!(read(inside.clone()).await, 200);
+    let from_outside = read(outside).await;
+    eprintln!("TOKEN USED FROM 127.0.0.1: HTTP {from_outside}");
+    assert_eq!(from_outside, 403);
+
+    // 4. An instance launched after init (a replacement) has an address outside the
+    // default binding: its snapshot is refused, and the message says why and what to do.
+    let ip = format!("{}.14", tb.block);
+    let i = tb.add_instance(&ip);
+    tb.write_config(i, &NodeOpts::default());
+    std::fs::create_dir_all(tb.node_dir(i).join("tls")).unwrap();
+    std::fs::copy(
+        tb.seed_dir().join("ca.pem"),
+        tb.node_dir(i).join("tls/ca.pem"),
+    )
+    .unwrap();
+    let (code, out, err) = tb.run_agent(i, &["snapshot"], RUN);
+    let line = err
+        .lines()
+        .find(|l| l.contains("refused"))
+        .unwrap_or_default();
+    eprintln!("REPLACEMENT NODE: exit {code}: {line}");
+    assert_eq!(code, 77, "{out}\n{err}");
+    assert!(
+        err.contains(&ip) && err.contains("bound") && err.contains("snapshot.bound_cidrs"),
+        "{err}"
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}

@@ -76,6 +76,12 @@ expected_size = 3
 dead_server_last_contact_threshold = "10m"
 init_timeout_secs = 120
 join_timeout_secs = 600
+
+[snapshot]
+# The VPC's CIDR: the snapshot AppRole logs in, and its tokens work, only from these
+# addresses. The default (the instances' own IPs when the cluster is initialised) would
+# leave out every instance that replaces one later.
+bound_cidrs = ["10.0.0.0/16"]
 CONFIG
 chmod 0640 /etc/vault-bootstrap/config.toml.new
 mv -f /etc/vault-bootstrap/config.toml.new /etc/vault-bootstrap/config.toml

@@ -617,7 +617,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         dead_server_last_contact_threshold_secs = threshold,
         "autopilot configured"
     );
-    crate::snapshot::provision(cfg, d.local, root, d.s3, d.kms, layout).await?;
+    crate::snapshot::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.

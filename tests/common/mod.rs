@@ -875,11 +875,54 @@ impl Testbed {
         s.expose().to_string()
     }
 
+    /// Makes the escrow prefix write-once in S3 with the shipped bucket policy's rules
+    /// ([`write_once_policy`]), as `doctor` expects of a healthy cluster.
+    pub async fn escrow_write_once(&self) {
+        aws_sdk_s3::Client::new(&self.sdk().await)
+            .put_bucket_policy()
+            .bucket("vault-resources")
+            .policy(write_once_policy(false))
+            .send()
+            .await
+            .expect("PutBucketPolicy");
+    }
+
     /// Runs `escrow verify` as node `i`; returns (code, stdout).
     pub fn escrow_verify(&self, i: usize) -> (i32, String) {
         let (code, out, err) = self.run_agent(i, &["escrow", "verify"], Duration::from_secs(60));
         (code, format!("{out}\n{err}"))
     }
+}
+
+/// The statements of `packer/examples/escrow-bucket-policy.json` that make the escrow
+/// write-once, for the test-bed's bucket and cluster (`only_put`: without the delete rule).
+/// The TLS and SSE-KMS rules are left out: the test-bed speaks plain HTTP to moto.
+pub fn write_once_policy(only_put: bool) -> String {
+    let shipped: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("packer/examples/escrow-bucket-policy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let keep: &[&str] = if only_put {
+        &["EscrowWriteOnceOnly"]
+    } else {
+        &["EscrowWriteOnceOnly", "EscrowNeverDeleted"]
+    };
+    let statements: Vec<serde_json::Value> = shipped["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| keep.iter().any(|k| s["Sid"] == *k))
+        .cloned()
+        .collect();
+    assert_eq!(statements.len(), keep.len());
+    serde_json::json!({"Version": "2012-10-17", "Statement": statements})
+        .to_string()
+        .replace("acme-vault-resources", "vault-resources")
+        .replace("/prod-vault/", "/test-vault/")
 }
 
 /// Starts a test-bed of `n` instances on block `127.0.<block>` and boots a cluster on it
