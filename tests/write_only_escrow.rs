@@ -215,9 +215,22 @@ async fn node_role_runs_the_life_cycle_and_never_decrypts_a_recovery_item() {
     }
     let log = agents[winner].stderr();
     assert!(log.contains("resuming its escrow"), "{log}");
-    assert!(log.contains("post-init complete"), "{log}");
+    // The resumed post-init runs only if the node is active at that moment; right after its
+    // restart it may be a standby (its peers joined before the crash), and then it leaves
+    // post-init for a later boot as the active node, by design (src/init post_init).
+    let post_init = if log.contains("post-init complete") {
+        "complete"
+    } else {
+        assert!(
+            log.contains(
+                "POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now"
+            ),
+            "{log}"
+        );
+        "left for a later boot (a standby at the resume)"
+    };
     eprintln!(
-        "boot with the initialiser (node {winner}) killed and restarted: all ready at {:?}",
+        "boot with the initialiser (node {winner}) killed and restarted: all ready at {:?}, post-init {post_init}",
         t0.elapsed()
     );
 
