@@ -182,55 +182,47 @@ async fn node_role_runs_the_life_cycle_and_never_decrypts_a_recovery_item() {
     let nodes = node_keys(&tb);
     let op_key = tb.iam.as_ref().unwrap().operator.access_key_id.clone();
 
-    // 1. Boot with a crash of the initialiser after its third recovery key's upload: only the
-    // init lock's winner reaches that hook; systemd would restart it.
+    // 1. Boot with a crash of the initialiser after its third recovery key's upload, then
+    // its restart, as systemd would. Node 0 boots first, alone, so it is the init lock's
+    // winner and its raft has no other voter when it resumes: the resumed post-init runs
+    // only on the active node. (Had its peers been promoted to voters before the crash, one
+    // of them would lead when it comes back, and the agent leaves post-init, the snapshot
+    // AppRole included, for a boot of this node as the active one; seen on a loaded machine,
+    // reported separately.) The other two boot with its restart and join.
     for i in 0..n {
         tb.write_config(i, &NodeOpts::default());
     }
+    let winner = 0;
     let crash = [("VAULT_BOOTSTRAP_CRASH_AT", "uploaded-recovery-key-3")];
-    let mut agents: Vec<Agent> = (0..n)
-        .map(|i| tb.spawn_agent_env(i, &["boot"], &crash))
-        .collect();
-    let winner = wait_for(
-        "the initialiser to be killed at uploaded-recovery-key-3",
-        READY,
-        Duration::from_millis(200),
-        || agents.iter_mut().position(|a| a.exited().is_some()),
-    );
-    let status = agents[winner].exited().unwrap();
-    let log = agents[winner].stderr();
+    let mut first = tb.spawn_agent_env(winner, &["boot"], &crash);
+    let status = first.wait_exit(READY);
+    let log = first.stderr();
     assert_eq!(
         status.signal(),
         Some(9),
         "node {winner} exited ({status}):\n{log}"
     );
+    assert!(log.contains("won the init lock"), "{log}");
     assert!(log.contains("sys/init succeeded"), "{log}");
-    agents[winner].kill_servers();
-    drop(std::mem::replace(
-        &mut agents[winner],
-        tb.respawn_agent(winner, &["boot"], &[]),
-    ));
+    first.kill_servers();
+    drop(first);
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| {
+            if i == winner {
+                tb.respawn_agent(i, &["boot"], &[])
+            } else {
+                tb.spawn_agent(i, &["boot"])
+            }
+        })
+        .collect();
     for a in agents.iter_mut() {
         a.wait_log("node ready", READY);
     }
     let log = agents[winner].stderr();
     assert!(log.contains("resuming its escrow"), "{log}");
-    // The resumed post-init runs only if the node is active at that moment; right after its
-    // restart it may be a standby (its peers joined before the crash), and then it leaves
-    // post-init for a later boot as the active node, by design (src/init post_init).
-    let post_init = if log.contains("post-init complete") {
-        "complete"
-    } else {
-        assert!(
-            log.contains(
-                "POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now"
-            ),
-            "{log}"
-        );
-        "left for a later boot (a standby at the resume)"
-    };
+    assert!(log.contains("post-init complete"), "{log}");
     eprintln!(
-        "boot with the initialiser (node {winner}) killed and restarted: all ready at {:?}, post-init {post_init}",
+        "boot with the initialiser (node {winner}) killed and restarted: all ready at {:?}",
         t0.elapsed()
     );
 
