@@ -252,6 +252,38 @@ async fn cert_reads_back(
 
 /// Configures every operator login path the config asks for; returns the ones that read
 /// back as written. `operator_ca_pem` is the operator CA fetched from S3 (if configured).
+/// The operator CA (`access.operator_ca_key`) from the resources bucket, refused when it is
+/// the cluster CA. Called before `sys/init` too: a refusal then comes while no key exists,
+/// not with a cluster initialized and its root token kept.
+pub async fn operator_ca<S: crate::aws::s3::ObjectStore>(
+    cfg: &Config,
+    s3: &S,
+) -> Result<Option<String>> {
+    let Some(key) = &cfg.access.operator_ca_key else {
+        return Ok(None);
+    };
+    let aws = std::time::Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let object = format!("s3://{}/{key}", cfg.tls.bucket);
+    let pem = crate::retry::retry("fetch the operator CA", aws, || {
+        s3.get(&cfg.tls.bucket, key)
+    })
+    .await?;
+    let pem = String::from_utf8(pem).map_err(|_| Error::OperatorCa {
+        object: object.clone(),
+        problem: "not a PEM text file".into(),
+    })?;
+    let cluster_ca = crate::tls::paths(&cfg.vault.tls_dir).2;
+    let cluster_pem = std::fs::read(&cluster_ca).map_err(|e| Error::NoInput {
+        message: format!(
+            "cannot read the cluster CA {} to check the operator CA against it ({e}); boot writes it before the server starts",
+            cluster_ca.display()
+        ),
+    })?;
+    check_separate(&pem, &cluster_pem).map_err(|problem| Error::OperatorCa { object, problem })?;
+    Ok(Some(pem))
+}
+
+/// Writes the operator login paths; `operator_ca_pem` comes from [`operator_ca`] (checked).
 pub async fn configure(
     cfg: &Config,
     local: &VaultClient,
@@ -259,24 +291,6 @@ pub async fn configure(
     operator_ca_pem: Option<&str>,
 ) -> Result<Vec<String>> {
     let access = &cfg.access;
-    if let Some(ca) = operator_ca_pem {
-        // Before anything is written: a refused CA leaves no half-configured login path.
-        let cluster_ca = crate::tls::paths(&cfg.vault.tls_dir).2;
-        let cluster_pem = std::fs::read(&cluster_ca).map_err(|e| Error::NoInput {
-            message: format!(
-                "cannot read the cluster CA {} to check the operator CA against it ({e}); boot writes it before the server starts",
-                cluster_ca.display()
-            ),
-        })?;
-        check_separate(ca, &cluster_pem).map_err(|problem| Error::OperatorCa {
-            object: format!(
-                "s3://{}/{}",
-                cfg.tls.bucket,
-                access.operator_ca_key.as_deref().unwrap_or("?")
-            ),
-            problem,
-        })?;
-    }
     let mut ready = Vec::new();
     if operator_ca_pem.is_some() || !access.aws_role_arns.is_empty() {
         run(local, root, &[admin_policy_call(access.policy_name())]).await?;

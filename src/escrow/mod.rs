@@ -359,18 +359,17 @@ pub async fn decrypt_item<S: ObjectStore, K: Kms>(
     let plain = retry::retry("decrypt escrow item", deadline, || kms.decrypt(&ct, &ctx))
         .await
         .map_err(|e| match e {
+            // Not "grant the instance role": the node role must never read these.
             Error::Aws {
                 operation,
                 resource,
                 failure: crate::error::AwsFailure::Denied,
-                message,
+                ..
             } if Layout::class_of(name) == Class::Recovery => Error::Aws {
                 operation,
                 resource,
                 failure: crate::error::AwsFailure::Denied,
-                message: format!(
-                    "{message}; recovery keys and the root token decrypt only with the operator role (packer/examples/iam-policy-operator.json): a node's role writes the escrow and never reads a recovery key. Run this with operator credentials"
-                ),
+                message: "access denied: recovery keys and the root token decrypt only with the operator role (packer/examples/iam-policy-operator.json), never with a node's role. Run this with operator credentials".into(),
             },
             e => e,
         })?;
@@ -462,10 +461,12 @@ pub async fn verify<S: ObjectStore, K: Kms>(
             Ok(_) => r.shares_ok += 1,
             // Denied is not a finding about the escrow: these credentials may not read it
             // (the node role), and the error says which role can.
-            Err(e @ Error::Aws {
-                failure: crate::error::AwsFailure::Denied,
-                ..
-            }) => return Err(e),
+            Err(
+                e @ Error::Aws {
+                    failure: crate::error::AwsFailure::Denied,
+                    ..
+                },
+            ) => return Err(e),
             Err(e) => r.problems.push(format!("{name}: {e}")),
         }
     }

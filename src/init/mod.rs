@@ -279,6 +279,8 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
         return Ok((Outcome::Joined, false));
     }
 
+    // Refused now rather than in post-init, where the cluster would be initialized already.
+    crate::access::operator_ca(cfg, d.s3).await?;
     // The pending file's directory takes a write before any key exists (else no init), and
     // the record says, if this run dies, that the store may hold a cluster nobody has keys for.
     let state_dir = &cfg.agent.state_dir;
@@ -621,23 +623,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.
-    let operator_ca = match &cfg.access.operator_ca_key {
-        Some(key) => {
-            let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-            let pem = retry::retry("fetch the operator CA", aws, || {
-                d.s3.get(&cfg.tls.bucket, key)
-            })
-            .await?;
-            Some(String::from_utf8(pem).map_err(|_| Error::Init {
-                message: format!(
-                    "s3://{}/{key} (access.operator_ca_key) is not a PEM text file",
-                    cfg.tls.bucket
-                ),
-                retriable: false,
-            })?)
-        }
-        None => None,
-    };
+    let operator_ca = crate::access::operator_ca(cfg, d.s3).await?;
     let paths = crate::access::configure(cfg, d.local, root, operator_ca.as_deref()).await?;
     let glass = crate::access::break_glass_open(d.local).await;
     let keep_reason = if !cfg.init.revoke_root_token {
