@@ -640,6 +640,9 @@ pub(crate) mod fake {
                     .collect(),
             ))
         }
+        async fn describe(&self, key_id: &str) -> Result<String> {
+            Ok(format!("arn:aws:kms:us-east-1:111122223333:key/{key_id}"))
+        }
         async fn data_key(
             &self,
             key_id: &str,

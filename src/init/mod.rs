@@ -79,9 +79,9 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
 ) -> Result<Settled> {
-    let (outcome, finished) = init_or_join(cfg, me, d).await?;
-    let layout = Layout::new(cfg, me.cluster);
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let layout = with_key_arn(Layout::new(cfg, me.cluster), d.kms, aws).await;
+    let (outcome, finished) = init_or_join(cfg, me, d, &layout).await?;
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
     let post_init_done = match outcome {
         Outcome::Initialized | Outcome::Resumed => finished,
@@ -92,6 +92,30 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
         cluster_id,
         post_init_done,
     })
+}
+
+/// The escrow key by its ARN when the config names an alias or a key id: every object
+/// under the escrow prefix is written with SSE-KMS under it, and the shipped bucket policy
+/// compares `s3:x-amz-server-side-encryption-aws-kms-key-id` with the key ARN. A failed
+/// `DescribeKey` keeps the configured name (then a policy that compares ARNs refuses the
+/// write, and says so).
+async fn with_key_arn<K: Kms>(mut layout: Layout, kms: &K, aws: Duration) -> Layout {
+    if layout.kms_key_id.starts_with("arn:") {
+        return layout;
+    }
+    match retry::retry("DescribeKey (escrow key)", aws, || {
+        kms.describe(&layout.kms_key_id)
+    })
+    .await
+    {
+        Ok(arn) if arn.starts_with("arn:") => layout.kms_key_id = arn,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            key = %layout.kms_key_id,
+            "could not resolve the escrow key to its ARN ({e}); writing with the configured name"
+        ),
+    }
+    layout
 }
 
 /// Checks that this node serves the cluster the escrow marker names; returns its id.
@@ -129,19 +153,19 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
+    layout: &Layout,
 ) -> Result<(Outcome, bool)> {
-    let layout = Layout::new(cfg, me.cluster);
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
     let state_dir = &cfg.agent.state_dir;
 
-    if let Some((info, secrets)) = pending::read(d.kms, &layout, state_dir).await? {
+    if let Some((info, secrets)) = pending::read(d.kms, layout, state_dir).await? {
         tracing::warn!(
             written_by = %info.instance_id,
             path = %pending::path(state_dir).display(),
             "found the encrypted init response of an interrupted run: resuming its escrow"
         );
-        let done = finish(cfg, me, d, &layout, &secrets, info.sealed, false).await?;
+        let done = finish(cfg, me, d, layout, &secrets, info.sealed, false).await?;
         wait_unsealed(d.local, join).await?;
         return Ok((Outcome::Resumed, done));
     }
@@ -159,16 +183,16 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
             }
             Ok(Health::Uninitialized) if cfg.init.enabled => {
                 initialized_elsewhere =
-                    initialized_elsewhere || cluster_initialized(d, &layout, aws).await?;
+                    initialized_elsewhere || cluster_initialized(d, layout, aws).await?;
                 if !initialized_elsewhere {
-                    match lock::acquire(d.s3, &layout, me.instance_id, aws).await? {
+                    match lock::acquire(d.s3, layout, me.instance_id, aws).await? {
                         lock::Lock::Mine(g) => {
                             tracing::info!(generation = g, lock = %layout.url(&layout.lock_dir()), "won the init lock");
-                            return winner(cfg, me, d, &layout).await;
+                            return winner(cfg, me, d, layout).await;
                         }
                         lock::Lock::Held(holder) => {
                             if holder_gone(d.ec2, &holder, aws).await?
-                                && !cluster_initialized(d, &layout, aws).await?
+                                && !cluster_initialized(d, layout, aws).await?
                             {
                                 tracing::warn!(
                                     holder = %holder.instance_id,
@@ -176,11 +200,11 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
                                     "the init lock's holder is terminated and left no initialized cluster: taking the lock over"
                                 );
                                 if let lock::Lock::Mine(g) =
-                                    lock::take_over(d.s3, &layout, me.instance_id, &holder, aws)
+                                    lock::take_over(d.s3, layout, me.instance_id, &holder, aws)
                                         .await?
                                 {
                                     tracing::warn!(generation = g, "took over the init lock");
-                                    return winner(cfg, me, d, &layout).await;
+                                    return winner(cfg, me, d, layout).await;
                                 }
                             } else if !said_waiting {
                                 tracing::info!(holder = %holder.instance_id, "another node holds the init lock: waiting to join it");
