@@ -447,7 +447,7 @@ fn matrix() -> Vec<Case> {
         b.boot_fails(
             FAST,
             77,
-            &["DescribeInstances", "UnauthorizedOperation", "IAM policy"],
+            &["DescribeInstances", "UnauthorizedOperation", "IAM policies"],
         );
     }));
     m.push(case(
@@ -522,7 +522,7 @@ fn matrix() -> Vec<Case> {
             &[
                 "s3://vault-resources/tls/server.key",
                 "AccessDenied",
-                "IAM policy",
+                "IAM policies",
             ],
         );
     }));

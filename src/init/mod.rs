@@ -305,6 +305,18 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
 
     // Refused now rather than in post-init, where the cluster would be initialized already.
     crate::access::operator_ca(cfg, d.s3).await?;
+    // S3 lets exactly one conditional writer of a lock generation succeed. A store that does
+    // not (the test-bed's moto, under load, once let two racing writers both succeed) is
+    // caught here: the holder is read back after the steps above, long after any racing
+    // write landed, and only the one whose body S3 kept goes on.
+    match lock::holder(d.s3, layout, aws).await? {
+        Some(h) if h.instance_id == me.instance_id => {}
+        other => {
+            tracing::warn!(holder = ?other.map(|h| h.instance_id), "the init lock reads back as another node's: joining instead of initializing");
+            wait_unsealed(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
+            return Ok((Outcome::Joined, false));
+        }
+    }
     // The pending file's directory takes a write before any key exists (else no init), and
     // the record says, if this run dies, that the store may hold a cluster nobody has keys for.
     let state_dir = &cfg.agent.state_dir;
