@@ -16,7 +16,7 @@
 #   fleet.sh terminate HOST       EC2 marks HOST's instance terminated (the ASG's reaction)
 #   fleet.sh ns CMD...            CMD in the fleet's network namespace (test-side probes)
 #   fleet.sh aws CMD...           tests/fleet/fleet_aws.py CMD against the fleet's moto
-#   fleet.sh ip HOST | id HOST | hosts | running HOST
+#   fleet.sh ip HOST | id HOST | pid HOST | hosts | running HOST
 #
 # State lives in FLEET_RUN (default /tmp/vault-bootstrap-fleet): the namespace's name, the
 # PIDs of moto, IMDS and each host's launcher, each host's address and instance id. `down`
@@ -408,6 +408,7 @@ ns) in_ns "$@" ;;
 aws) in_ns "$PY" "$HERE/fleet_aws.py" --dir "$RUN/aws" "$@" ;;
 ip) host_ip "${1:?usage: fleet.sh ip HOST}" ;;
 id) cat "$(hostdir "${1:?usage: fleet.sh id HOST}")/instance_id" ;;
+pid) init_pid "${1:?usage: fleet.sh pid HOST}" ;;
 hosts) ls "$RUN/hosts" ;;
 running) host_running "${1:?usage: fleet.sh running HOST}" ;;
 *)

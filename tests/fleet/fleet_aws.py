@@ -12,6 +12,8 @@ and a server certificate that covers the hosts' addresses and the cluster's serv
   terminate     --dir DIR --id ID: what the ASG does to a dead instance
   tls-rotate    --dir DIR: a new good server certificate (same CA) in the bucket; prints
                 its serial number in hex
+  objects       --dir DIR --prefix P: the keys under P in the bucket, one a line
+  serial        --dir DIR --ip IP: the serial number (hex) of the certificate IP:8200 serves
   secrets       --dir DIR --cluster NAME: decrypts every escrowed item through KMS (with the
                 encryption context the agent uses) and prints them as JSON on stdout, for the
                 test to search hosts for. Never printed anywhere else.
@@ -66,6 +68,8 @@ def cmd_up(a) -> int:
     ca_key, ca_cert = seed.make_ca("ec")
     key, cert = seed.good_server(ca_key, ca_cert, "ec", a.block, a.server_name)
     seed.upload_tls(s3, a.bucket, seed.cert_pem(cert), seed.key_pem(key), seed.cert_pem(ca_cert))
+    # The test searches the hosts for the server key's lines outside its own file.
+    seed.write_file(d / "server.key", seed.key_pem(key), 0o600)
     seed.write_file(d / "ca.pem", seed.cert_pem(ca_cert))
     seed.write_file(d / "ca.key", seed.key_pem(ca_key), 0o600)
     # The operators' CA (access.operator_ca_key in user-data) and one operator's client
@@ -115,9 +119,30 @@ def cmd_tls_rotate(a) -> int:
     ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
     key, cert = seed.good_server(ca_key, ca_cert, "ec", env["block"], env["server_name"])
     seed.upload_tls(clients(env)("s3"), env["bucket"], seed.cert_pem(cert), seed.key_pem(key), ca_pem)
+    old = d / "server.key"
+    if old.exists():
+        old.rename(d / f"server.key.{env.get('server_serial', 'old')}")
+    seed.write_file(d / "server.key", seed.key_pem(key), 0o600)
     env["server_serial"] = format(cert.serial_number, "x")
     save(d, env)
     print(env["server_serial"], flush=True)
+    return 0
+
+
+def cmd_objects(a) -> int:
+    env = load(Path(a.dir))
+    s3 = clients(env)("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["bucket"], Prefix=a.prefix):
+        for o in page.get("Contents", []):
+            print(o["Key"])
+    return 0
+
+
+def cmd_serial(a) -> int:
+    import ssl
+    from cryptography import x509
+    pem = ssl.get_server_certificate((a.ip, 8200), timeout=5)
+    print(format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x"), flush=True)
     return 0
 
 
@@ -166,6 +191,12 @@ def main() -> int:
     term.set_defaults(func=cmd_terminate)
     rot = sub.add_parser("tls-rotate")
     rot.set_defaults(func=cmd_tls_rotate)
+    obj = sub.add_parser("objects")
+    obj.add_argument("--prefix", required=True)
+    obj.set_defaults(func=cmd_objects)
+    ser = sub.add_parser("serial")
+    ser.add_argument("--ip", required=True)
+    ser.set_defaults(func=cmd_serial)
     sec = sub.add_parser("secrets")
     sec.add_argument("--cluster", required=True)
     sec.set_defaults(func=cmd_secrets)

@@ -29,6 +29,8 @@ VARIANT=minbase
 # systemd as PID 1 (systemd, systemd-sysv), `systemctl`/`systemd-run` inside need dbus,
 # networkd needs iproute2 only for operators; curl and ca-certificates as on any AMI.
 PACKAGES=systemd,systemd-sysv,dbus,udev,iproute2,curl,ca-certificates
+# Bump when what cmd_rootfs does after debootstrap changes: it is part of the cache key.
+RECIPE=2
 
 CACHE=${VB_FLEET_CACHE:-${HOME:-/root}/.cache/vault-bootstrap-fleet}
 VENV=${VB_TESTBED_VENV:-${HOME:-/root}/.cache/vault-bootstrap-testbed/venv}
@@ -83,7 +85,7 @@ PY
 
 rootfs_path() {
     local key
-    key=$(printf '%s\n' "$SUITE" "$VARIANT" "$PACKAGES" | sha256sum | cut -c1-16)
+    key=$(printf '%s\n' "$SUITE" "$VARIANT" "$PACKAGES" "$RECIPE" | sha256sum | cut -c1-16)
     echo "$CACHE/rootfs-$key"
 }
 
@@ -118,6 +120,12 @@ cmd_rootfs() {
     # gets a static one in /etc/systemd/network from the fleet driver): networkd runs.
     ln -sf /lib/systemd/system/systemd-networkd.service \
         "$tmp/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+    # debootstrap copies this machine's resolv.conf in: its resolver is no address a host
+    # may send to. The hosts use addresses only; with no nameserver line a lookup goes to
+    # the host's own loopback and fails at once.
+    rm -f "$tmp/etc/resolv.conf"
+    printf '# fleet hosts resolve no names: no nameserver (see tests/fleet/image.sh)\n' \
+        >"$tmp/etc/resolv.conf"
     rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
     touch "$tmp/.complete"
     mv "$tmp" "$dir"
