@@ -77,20 +77,23 @@ struct Out {
 /// One fleet: what `fleet.sh up` made in its run directory; `down` on drop.
 struct Fleet {
     run: PathBuf,
-    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Held by a test for as long as its fleet lives: one fleet at a time on 2 cores.
+fn one_fleet() -> std::sync::MutexGuard<'static, ()> {
+    ONE_FLEET.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Fleet {
     /// `fleet.sh up n` with `env` added (e.g. FLEET_DEAD_THRESHOLD); returns once every host
     /// has booted and run its user-data.
     fn up(n: usize, env: &[(&str, &str)]) -> Fleet {
-        let one = ONE_FLEET.lock().unwrap_or_else(|e| e.into_inner());
         let run = PathBuf::from(format!(
             "/tmp/vb-fleet-{}-{}",
             std::process::id(),
             RUNS.fetch_add(1, Ordering::SeqCst)
         ));
-        let fleet = Fleet { run, _one: one };
+        let fleet = Fleet { run };
         let mut cmd = fleet.cmd(&["up", &n.to_string()], Duration::from_secs(420));
         cmd.env("VB_AGENT", AGENT);
         for (k, v) in env {
@@ -510,6 +513,7 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
     if unavailable().is_some() {
         return;
     }
+    let _one = one_fleet();
     let sampler = ProcSampler::start();
     let t0 = Instant::now();
     let fleet = Fleet::up(3, &[]);
@@ -727,6 +731,16 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
         "rejoin on {victim}:\n{}\n{}",
         out.stdout, out.stderr
     );
+    assert!(
+        out.stdout.contains("an unsealed member again"),
+        "rejoin on {victim}:\n{}",
+        out.stdout
+    );
+    let vip = fleet.ip(&victim);
+    assert!(
+        matches!(fleet.health(&vip), Some(200 | 429)),
+        "{victim} serves"
+    );
     fleet.wait_voters(&ips[0], &token, &ids, Duration::from_secs(120));
     eprintln!(
         "rejoin of {victim} over exec: a voter again {}",
@@ -802,4 +816,222 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
         scanned.len()
     );
     assert!(leaks.is_empty(), "secrets found:\n{}", leaks.join("\n"));
+}
+
+/// `sys/storage/raft/autopilot/state` through `ip`: (healthy, last_index) per node id.
+fn autopilot(fleet: &Fleet, ip: &str, token: &str) -> Option<BTreeMap<String, (bool, u64)>> {
+    let (code, v) = fleet.api(
+        ip,
+        "GET",
+        "sys/storage/raft/autopilot/state",
+        Some(token),
+        None,
+    )?;
+    if code != 200 {
+        return None;
+    }
+    let servers = v["data"]["servers"]
+        .as_object()?
+        .iter()
+        .map(|(id, s)| {
+            (
+                id.clone(),
+                (
+                    s["healthy"].as_bool().unwrap_or(false),
+                    s["last_index"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect();
+    Some(servers)
+}
+
+/// What `curl` inside HOST gets from its own server's sys/health (works while its link is
+/// down: exec needs no network).
+fn local_health(fleet: &Fleet, host: &str) -> Option<u16> {
+    let o = fleet.exec(
+        host,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            "/opt/vault/tls/ca.pem",
+            "https://127.0.0.1:8200/v1/sys/health",
+        ],
+    );
+    o.stdout.trim().parse().ok()
+}
+
+/// Five hosts: a cold boot, a standby cut off for 30 s, the active node cut off for 30 s,
+/// then a power loss and the replacement the ASG would launch.
+#[test]
+fn five_hosts_partitions_power_loss_and_replacement() {
+    if unavailable().is_some() {
+        return;
+    }
+    let _one = one_fleet();
+    let t0 = Instant::now();
+    // Autopilot reaps a dead server after this much silence (the agent's minimum).
+    let fleet = Fleet::up(5, &[("FLEET_DEAD_THRESHOLD", "1m")]);
+    let t_hosts = t0.elapsed();
+    let hosts = fleet.hosts();
+    let ips: Vec<String> = hosts.iter().map(|h| fleet.ip(h)).collect();
+    let ids: Vec<String> = hosts.iter().map(|h| fleet.id(h)).collect();
+    let ip_of = |h: &str| ips[hosts.iter().position(|x| x == h).unwrap()].clone();
+    let id_of = |h: &str| ids[hosts.iter().position(|x| x == h).unwrap()].clone();
+    fleet.wait_all_active(&hosts, Duration::from_secs(300));
+    let t_agents = t0.elapsed();
+    let token = fleet.login(&ips[0]);
+    fleet.wait_voters(&ips[0], &token, &ids, Duration::from_secs(120));
+    eprintln!(
+        "cold boot of 5 hosts: booted and user-data run {}, every agent done {}, 5 voters {}",
+        secs(t_hosts),
+        secs(t_agents),
+        secs(t0.elapsed())
+    );
+    let inits = hosts
+        .iter()
+        .filter(|h| fleet.agent_log(h, &[]).contains("sys/init succeeded"))
+        .count();
+    assert_eq!(inits, 1, "exactly one host initialises");
+    fleet.exec_ok(&hosts[0], &["vault-bootstrap", "escrow", "verify"]);
+
+    // --- a standby's link down for 30 s: quorum holds, the host catches up afterwards
+    let active = fleet.active(&hosts).expect("one active node");
+    let standby = hosts.iter().find(|h| **h != active).unwrap().clone();
+    let (aip, sid) = (ip_of(&active), id_of(&standby));
+    let mut saw_unhealthy = false;
+    let mut writes = 0;
+    std::thread::scope(|s| {
+        let cut = s.spawn(|| fleet.sh(&["partition", &standby, "30"], Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_secs(1));
+        while !cut.is_finished() {
+            // The cluster keeps its quorum: the active node stays and takes writes.
+            assert_eq!(fleet.health(&aip), Some(200), "{active} still active");
+            let body = format!(
+                r#"{{"policy":"path \"secret/{writes}\" {{ capabilities = [\"read\"] }}"}}"#
+            );
+            let w = fleet.api(
+                &aip,
+                "PUT",
+                &format!("sys/policies/acl/probe-{writes}"),
+                Some(&token),
+                Some(&body),
+            );
+            assert!(
+                matches!(w, Some((204 | 200, _))),
+                "a write during the partition: {w:?}"
+            );
+            writes += 1;
+            if let Some(servers) = autopilot(&fleet, &aip, &token) {
+                saw_unhealthy |= servers.get(&sid).is_some_and(|(h, _)| !h);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        assert_eq!(cut.join().unwrap().code, 0, "partition {standby}");
+    });
+    let healed = Instant::now();
+    assert!(saw_unhealthy, "autopilot saw {standby} cut off");
+    let servers = autopilot(&fleet, &aip, &token).expect("autopilot state");
+    let leader_index = servers.values().map(|(_, i)| *i).max().unwrap_or(0);
+    wait_for(
+        &format!("{standby} to catch up"),
+        Duration::from_secs(60),
+        || {
+            let servers = autopilot(&fleet, &aip, &token)?;
+            let (healthy, index) = *servers.get(&sid)?;
+            (healthy && index >= leader_index).then_some(())
+        },
+    );
+    let t_standby_heal = healed.elapsed();
+    eprintln!(
+        "standby {standby} cut off 30 s: {writes} writes taken meanwhile; caught up (autopilot healthy, index >= {leader_index}) {} after the link came back",
+        secs(t_standby_heal)
+    );
+
+    // --- the active node's link down for 30 s: a new leader answers, the old one steps down
+    let others: Vec<String> = hosts.iter().filter(|h| **h != active).cloned().collect();
+    let (mut t_new_leader, mut t_stepped_down) = (None, None);
+    std::thread::scope(|s| {
+        let cut = s.spawn(|| fleet.sh(&["partition", &active, "30"], Duration::from_secs(60)));
+        let t = Instant::now();
+        while !cut.is_finished() {
+            if t_new_leader.is_none() && fleet.active(&others).is_some() {
+                t_new_leader = Some(t.elapsed());
+            }
+            if t_stepped_down.is_none() && local_health(&fleet, &active).is_some_and(|c| c != 200) {
+                t_stepped_down = Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(cut.join().unwrap().code, 0, "partition {active}");
+    });
+    let t_new_leader =
+        t_new_leader.expect("a new leader answered while the active node was cut off");
+    let t_stepped_down =
+        t_stepped_down.expect("the cut-off active node stopped claiming to be active");
+    let healed = Instant::now();
+    wait_for(
+        &format!("{active} back as a standby"),
+        Duration::from_secs(60),
+        || (fleet.health(&aip) == Some(429) && fleet.active(&hosts).is_some()).then_some(()),
+    );
+    eprintln!(
+        "active {active} cut off 30 s: a new leader answered {}, the old one stopped claiming active {}, back as a standby {} after the link came back",
+        secs(t_new_leader),
+        secs(t_stepped_down),
+        secs(healed.elapsed())
+    );
+
+    // --- power loss of a standby, and the replacement the ASG launches
+    let leader = fleet.active(&hosts).expect("one active node");
+    let lip = ip_of(&leader);
+    let dead = hosts.iter().find(|h| **h != leader).unwrap().clone();
+    let dead_id = id_of(&dead);
+    let o = fleet.sh(&["kill", &dead], Duration::from_secs(60));
+    assert_eq!(o.code, 0, "kill {dead}: {}", o.stderr);
+    let killed = Instant::now();
+    fleet.value(&["terminate", &dead]);
+    let o = fleet.sh(&["add", "h6"], Duration::from_secs(180));
+    assert_eq!(o.code, 0, "add h6: {}", o.stderr);
+    let (new_ip, new_id) = (fleet.ip("h6"), fleet.id("h6"));
+    assert!(
+        !ips.contains(&new_ip) && !ids.contains(&new_id),
+        "a new address and instance id"
+    );
+    fleet.wait_all_active(&["h6".to_string()], Duration::from_secs(240));
+    wait_for(
+        "the replacement to be a voter",
+        Duration::from_secs(120),
+        || {
+            fleet
+                .raft(&lip, &token)?
+                .iter()
+                .any(|(id, voter)| *id == new_id && *voter)
+                .then_some(())
+        },
+    );
+    let t_voter = killed.elapsed();
+    let mut want: Vec<String> = ids.iter().filter(|i| **i != dead_id).cloned().collect();
+    want.push(new_id.clone());
+    fleet.wait_voters(&lip, &token, &want, Duration::from_secs(240));
+    eprintln!(
+        "power loss of {dead}: replacement h6 ({new_ip}, {new_id}) a voter {}, dead peer reaped {} after the kill",
+        secs(t_voter),
+        secs(killed.elapsed())
+    );
+    assert_eq!(
+        fleet
+            .agent_log("h6", &[])
+            .matches("sys/init succeeded")
+            .count(),
+        0,
+        "the replacement joins, never inits"
+    );
 }
