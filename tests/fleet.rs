@@ -548,6 +548,28 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
         );
     }
 
+    // --- nothing failed on any host, and both timers are armed
+    for h in &hosts {
+        let state = fleet.exec(h, &["systemctl", "is-system-running"]);
+        assert_eq!(
+            state.stdout.trim(),
+            "running",
+            "{h}: {}",
+            fleet
+                .exec(h, &["systemctl", "--failed", "--no-pager"])
+                .stdout
+        );
+        fleet.exec_ok(
+            h,
+            &[
+                "systemctl",
+                "is-active",
+                "vault-bootstrap-snapshot.timer",
+                "vault-bootstrap-refresh-tls.timer",
+            ],
+        );
+    }
+
     // --- journald carries the agent's structured fields, under its unit
     for (h, (id, ip)) in hosts.iter().zip(ids.iter().zip(&ips)) {
         let export = fleet.exec_ok(

@@ -201,10 +201,13 @@ jq_env() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.arg
 
 # Boots HOST and runs user-data in it, as cloud-init would late in the first boot.
 boot_host() {
-    local h=$1 n=$2 t0=$SECONDS
+    local h=$1 n=$2 t0
+    t0=$(date +%s%N)
     start_host "$h"
     wait_until 60 "$h to boot" host_running "$h"
-    echo "$((SECONDS - t0))" >"$(hostdir "$h")/boot_secs"
+    # From starting nspawn to systemd reporting running (or degraded), in seconds.
+    echo "$((($(date +%s%N) - t0) / 1000000))" | sed -E 's/^([0-9]*)([0-9]{3})$/\1.\2/; s/^\./0./' \
+        >"$(hostdir "$h")/boot_secs"
     userdata "$n" >"$(hostdir "$h")/user-data.sh"
     cmd_exec "$h" /bin/bash -s <"$(hostdir "$h")/user-data.sh" >"$(hostdir "$h")/user-data.log" 2>&1 ||
         die "user-data failed on $h: $(tail -5 "$(hostdir "$h")/user-data.log")"

@@ -30,7 +30,7 @@ VARIANT=minbase
 # networkd needs iproute2 only for operators; curl and ca-certificates as on any AMI.
 PACKAGES=systemd,systemd-sysv,dbus,udev,iproute2,curl,ca-certificates
 # Bump when what cmd_rootfs does after debootstrap changes: it is part of the cache key.
-RECIPE=2
+RECIPE=3
 
 CACHE=${VB_FLEET_CACHE:-${HOME:-/root}/.cache/vault-bootstrap-fleet}
 VENV=${VB_TESTBED_VENV:-${HOME:-/root}/.cache/vault-bootstrap-testbed/venv}
@@ -118,8 +118,13 @@ cmd_rootfs() {
     : >"$tmp/etc/machine-id"
     # The base image's own network configuration, as an AMI's (DHCP there; here each host
     # gets a static one in /etc/systemd/network from the fleet driver): networkd runs.
+    # networkd-wait-online makes network-online.target mean "host0 configured", as on an
+    # instance whose network is up before the units ordered after it start.
     ln -sf /lib/systemd/system/systemd-networkd.service \
         "$tmp/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+    mkdir -p "$tmp/etc/systemd/system/network-online.target.wants"
+    ln -sf /lib/systemd/system/systemd-networkd-wait-online.service \
+        "$tmp/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
     # debootstrap copies this machine's resolv.conf in: its resolver is no address a host
     # may send to. The hosts use addresses only; with no nameserver line a lookup goes to
     # the host's own loopback and fails at once.
