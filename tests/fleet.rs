@@ -88,18 +88,8 @@ impl Fleet {
     /// `fleet.sh up n` with `env` added (e.g. FLEET_DEAD_THRESHOLD); returns once every host
     /// has booted and run its user-data.
     fn up(n: usize, env: &[(&str, &str)]) -> Fleet {
-        let run = PathBuf::from(format!(
-            "/tmp/vb-fleet-{}-{}",
-            std::process::id(),
-            RUNS.fetch_add(1, Ordering::SeqCst)
-        ));
-        let fleet = Fleet { run };
-        let mut cmd = fleet.cmd(&["up", &n.to_string()], Duration::from_secs(420));
-        cmd.env("VB_AGENT", AGENT);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = output(cmd);
+        let fleet = Fleet::new();
+        let out = output(fleet.up_cmd(n, env));
         assert_eq!(
             out.code, 0,
             "fleet.sh up {n}:\n{}\n{}",
@@ -107,6 +97,42 @@ impl Fleet {
         );
         eprint!("{}", out.stdout);
         fleet
+    }
+
+    /// A fleet not yet up: its run directory's name only (`down` on drop is then a no-op).
+    fn new() -> Fleet {
+        let run = PathBuf::from(format!(
+            "/tmp/vb-fleet-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::SeqCst)
+        ));
+        Fleet { run }
+    }
+
+    fn up_cmd(&self, n: usize, env: &[(&str, &str)]) -> Command {
+        let mut cmd = self.cmd(&["up", &n.to_string()], Duration::from_secs(420));
+        cmd.env("VB_AGENT", AGENT);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// HOST's agent log read from its disk by this machine's journalctl: no exec, no
+    /// network, so it can be polled fast and while the host is down.
+    fn agent_log_on_disk(&self, host: &str) -> String {
+        let dir = self
+            .run
+            .join("hosts")
+            .join(host)
+            .join("upper/var/log/journal");
+        Command::new("journalctl")
+            .arg("-D")
+            .arg(dir)
+            .args(["-q", "-t", "vault-bootstrap", "-o", "cat", "--no-pager"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     fn cmd(&self, args: &[&str], bound: Duration) -> Command {
@@ -1056,4 +1082,130 @@ fn five_hosts_partitions_power_loss_and_replacement() {
         0,
         "the replacement joins, never inits"
     );
+}
+
+/// The crash-safety property on real hosts: the init lock's holder loses power at a random
+/// moment of a cold boot (0-2.5 s after it won the lock: through sys/init, the escrow and
+/// post-init) and is powered on again after a random pause. Every trial must end with one
+/// cluster of three unsealed members, the escrow verified and recovery keys that make a
+/// root token.
+/// `FLEET_CRASH_TRIALS` (default 5) trials, `FLEET_CRASH_SEED` to replay one run.
+#[test]
+fn lock_holder_power_loss_during_first_init() {
+    if unavailable().is_some() {
+        return;
+    }
+    let _one = one_fleet();
+    let trials: usize = std::env::var("FLEET_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("FLEET_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("crash trials: {trials}, FLEET_CRASH_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for trial in 1..=trials {
+        let kill_after = Duration::from_millis(rng.u64(0..2500));
+        let off_for = Duration::from_millis(rng.u64(0..2000));
+        let t0 = Instant::now();
+        let fleet = Fleet::new();
+        // `up` runs user-data on every host, which starts the agents: watch their journals
+        // for the lock's winner while it is still running.
+        let mut up = fleet
+            .up_cmd(3, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fleet.sh up");
+        let holder = wait_for(
+            "a host to win the init lock",
+            Duration::from_secs(180),
+            || {
+                ["h1", "h2", "h3"]
+                    .iter()
+                    .find(|h| fleet.agent_log_on_disk(h).contains("won the init lock"))
+                    .map(|h| h.to_string())
+            },
+        );
+        let seen = t0.elapsed();
+        std::thread::sleep(kill_after);
+        // The holder's user-data has run (its agent won the lock); `up` may still be
+        // waiting for another host's.
+        assert!(
+            up.wait().expect("fleet.sh up").success(),
+            "fleet.sh up 3 failed"
+        );
+        let hosts = fleet.hosts();
+        let ids: Vec<String> = hosts.iter().map(|h| fleet.id(h)).collect();
+        let killed_at = t0.elapsed() - seen;
+        let o = fleet.sh(&["kill", &holder], Duration::from_secs(60));
+        assert_eq!(o.code, 0, "kill {holder}: {}", o.stderr);
+        // Where it was: what its journal (persistent, on its disk) got to before the loss.
+        std::thread::sleep(off_for);
+        let o = fleet.sh(&["start", &holder], Duration::from_secs(120));
+        assert_eq!(o.code, 0, "start {holder}: {}", o.stderr);
+        let before = fleet.agent_log(&holder, &["-b", "-1"]);
+        let reached = [
+            "calling sys/init",
+            "sys/init succeeded",
+            "init response sealed",
+            "every escrow item read back",
+            "cluster-initialized marker written",
+            "post-init complete",
+        ]
+        .iter()
+        .rev()
+        .find(|m| before.contains(*m))
+        .copied()
+        .unwrap_or("before sys/init");
+        fleet.wait_all_active(&hosts, Duration::from_secs(300));
+        let ips: Vec<String> = hosts.iter().map(|h| fleet.ip(h)).collect();
+        // Every host an unsealed member (its agent says so, exit 0) of one cluster.
+        let health: Vec<Value> = ips
+            .iter()
+            .filter_map(|ip| fleet.api(ip, "GET", "sys/health", None, None))
+            .map(|(_, v)| v)
+            .collect();
+        let clusters: HashSet<&str> = health
+            .iter()
+            .filter_map(|v| v["cluster_id"].as_str())
+            .collect();
+        assert!(
+            health.len() == 3 && health.iter().all(|v| v["sealed"] == false) && clusters.len() == 1,
+            "trial {trial}: one cluster, every node unsealed: {health:?}"
+        );
+        // The escrow is the cluster's (one per tag in S3): verified from the host that lost
+        // power, whose agent wrote it.
+        let out = fleet.exec_ok(&holder, &["vault-bootstrap", "escrow", "verify"]);
+        assert!(out.contains("OK"), "trial {trial} {holder}: {out}");
+        // The escrowed keys make a root token (break-glass, no token needed), which works.
+        let root = fleet.exec_ok(
+            &hosts[0],
+            &["vault-bootstrap", "break-glass", "--from-escrow", "--yes"],
+        );
+        let root = root.trim();
+        let (code, _) = fleet
+            .api(&ips[0], "GET", "auth/token/lookup-self", Some(root), None)
+            .expect("lookup-self");
+        assert_eq!(code, 200, "trial {trial}: the break-glass token works");
+        let servers = fleet.raft(&ips[0], root).expect("raft configuration");
+        let mut members: Vec<String> = servers.into_iter().map(|(id, _)| id).collect();
+        members.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(
+            members, want,
+            "trial {trial}: the 3 hosts are the raft servers"
+        );
+        let _ = fleet.api(&ips[0], "POST", "auth/token/revoke-self", Some(root), None);
+        eprintln!(
+            "trial {trial}: lock won {} after start, holder {holder} killed {} later (it had reached: {reached}), off {}; one cluster, escrow verified, keys make a root token, {} in all",
+            secs(seen),
+            secs(killed_at),
+            secs(off_for),
+            secs(t0.elapsed())
+        );
+    }
 }

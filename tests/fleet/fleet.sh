@@ -6,6 +6,7 @@
 #   fleet.sh up N                 image, namespace, moto, IMDS, N hosts booted, user-data run
 #   fleet.sh down                 tear down exactly what `up` made (recorded PIDs, namespace)
 #   fleet.sh kill HOST            power loss: SIGKILL of the host's whole PID namespace
+#   fleet.sh start HOST           power back on: HOST boots again from its own disk
 #   fleet.sh reboot HOST          `systemctl reboot` inside HOST; returns once it is running
 #   fleet.sh partition HOST SECS  HOST's link down for SECS seconds, then up again
 #   fleet.sh link HOST down|up    the same, by hand
@@ -156,7 +157,11 @@ make_host() {
     local h=$1 ip=$2 iid=$3 d
     d=$(hostdir "$h")
     mkdir -p "$d/upper" "$d/work" "$d/root"
-    mount -t overlay "overlay-$(ns)-$h" -o "lowerdir=$RUN/image,upperdir=$d/upper,workdir=$d/work" "$d/root"
+    # redirect_dir=on: a directory of the image can be renamed, as on any disk. Without it
+    # overlayfs answers EXDEV, and the agent's "move the raft data aside" after an
+    # interrupted init (rename of /opt/vault/data, made by install) failed on every boot.
+    mount -t overlay "overlay-$(ns)-$h" \
+        -o "lowerdir=$RUN/image,upperdir=$d/upper,workdir=$d/work,redirect_dir=on" "$d/root"
     echo "$d/root" >"$d/mounted"
     echo "$ip" >"$d/ip"
     echo "$iid" >"$d/instance_id"
@@ -298,6 +303,15 @@ cmd_kill() {
     say "$h killed"
 }
 
+cmd_start() {
+    local h=${1:?usage: fleet.sh start HOST} t0=$SECONDS
+    [[ -d $(hostdir "$h") ]] || die "no host $h"
+    [[ -z $(init_pid "$h") ]] || die "$h is running"
+    start_host "$h"
+    wait_until 60 "$h to boot" host_running "$h"
+    say "$h booted in $((SECONDS - t0)) s"
+}
+
 cmd_reboot() {
     local h=${1:?usage: fleet.sh reboot HOST} old t0=$SECONDS
     old=$(init_pid "$h")
@@ -401,6 +415,7 @@ case $cmd in
 up) cmd_up "$@" ;;
 down) cmd_down ;;
 kill) cmd_kill "$@" ;;
+start) cmd_start "$@" ;;
 reboot) cmd_reboot "$@" ;;
 partition) cmd_partition "$@" ;;
 link) cmd_link "$@" ;;

@@ -13,6 +13,8 @@ and a server certificate that covers the hosts' addresses and the cluster's serv
   tls-rotate    --dir DIR: a new good server certificate (same CA) in the bucket; prints
                 its serial number in hex
   objects       --dir DIR --prefix P: the keys under P in the bucket, one a line
+  lock-holder   --dir DIR --cluster NAME: the instance id in the newest init-lock generation
+                (nothing when no lock exists yet)
   serial        --dir DIR --ip IP: the serial number (hex) of the certificate IP:8200 serves
   secrets       --dir DIR --cluster NAME: decrypts every escrowed item through KMS (with the
                 encryption context the agent uses) and prints them as JSON on stdout, for the
@@ -138,6 +140,20 @@ def cmd_objects(a) -> int:
     return 0
 
 
+def cmd_lock_holder(a) -> int:
+    env = load(Path(a.dir))
+    s3 = clients(env)("s3")
+    prefix = f"vault-bootstrap/{a.cluster}/init-lock/"
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["bucket"], Prefix=prefix)
+            for o in page.get("Contents", [])]
+    if keys:
+        # <generation>.json: the highest generation holds the lock.
+        newest = max(keys, key=lambda k: int(k[len(prefix):].split(".")[0]))
+        body = json.loads(s3.get_object(Bucket=env["bucket"], Key=newest)["Body"].read())
+        print(body["instance_id"], flush=True)
+    return 0
+
+
 def cmd_serial(a) -> int:
     import ssl
     from cryptography import x509
@@ -194,6 +210,9 @@ def main() -> int:
     obj = sub.add_parser("objects")
     obj.add_argument("--prefix", required=True)
     obj.set_defaults(func=cmd_objects)
+    lock = sub.add_parser("lock-holder")
+    lock.add_argument("--cluster", required=True)
+    lock.set_defaults(func=cmd_lock_holder)
     ser = sub.add_parser("serial")
     ser.add_argument("--ip", required=True)
     ser.set_defaults(func=cmd_serial)
