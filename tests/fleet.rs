@@ -344,11 +344,14 @@ impl Fleet {
         self.exec_ok(host, &a)
     }
 
+    /// Waits until both units are active on every host in `hosts`, all within `bound`.
     fn wait_all_active(&self, hosts: &[String], bound: Duration) {
+        let start = Instant::now();
         for h in hosts {
+            let left = bound.saturating_sub(start.elapsed());
             wait_for(
                 &format!("{h}: vault-bootstrap and vault active"),
-                bound,
+                left,
                 || self.units_active(h).then_some(()),
             );
         }

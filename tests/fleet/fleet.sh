@@ -247,7 +247,8 @@ cmd_up() {
     in_ns ip route show default | grep -q '^unreachable default' || die "$name has a usable default route"
     say "namespace $name: br0 $BRIDGE_IP/24, moto $MOTO_IP, IMDS $IMDS_IP"
 
-    setsid nsenter --net="/run/netns/$name" "$VENV/bin/moto_server" -H "$MOTO_IP" -p 5000 \
+    # moto as moto_server runs it, with S3's conditional writes made atomic (see the file).
+    setsid nsenter --net="/run/netns/$name" "$PY" "$HERE/moto_server.py" "$MOTO_IP" 5000 \
         </dev/null >"$RUN/moto.log" 2>&1 &
     echo $! >"$RUN/moto.pid"
     wait_until 30 "moto at $MOTO" in_ns "$PY" -c "import urllib.request; urllib.request.urlopen('$MOTO/moto-api/', timeout=1)"
