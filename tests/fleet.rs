@@ -699,6 +699,19 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
             ],
         );
         assert_eq!(result.trim(), "Result=success", "{h}");
+        // The reload is systemd's own SIGHUP to the server (`systemctl kill --kill-whom=main`,
+        // authorised by the unit's CAP_KILL), not a restart and not an ExecReload= program.
+        let server = fleet.exec_ok(h, &["journalctl", "-u", "vault", "-o", "cat", "--no-pager"]);
+        assert!(
+            server.contains("Sent signal SIGHUP to main process")
+                && server.contains("reload triggered"),
+            "{h}: the server was not reloaded by systemd's SIGHUP"
+        );
+        assert_eq!(
+            server.matches("Started vault.service").count(),
+            1,
+            "{h}: refresh-tls restarted the server"
+        );
     }
 
     // --- reboot of one standby: back as a member from its own disk, no second init
