@@ -225,6 +225,14 @@ cmd_up() {
     [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, nspawn)"
     command -v systemd-nspawn >/dev/null || die "systemd-nspawn is missing: apt-get install systemd-container"
     [[ ! -e $RUN/netns ]] || die "$RUN already holds a fleet: fleet.sh down first"
+    # The run lives in memory: the image (~460 MB, its binaries fsynced by install) and the
+    # hosts' disks. On this machine's disk (ext4 with online discard) deleting one run's
+    # files took ~20 s; unmounting a tmpfs takes nothing.
+    mkdir -p "$RUN"
+    if ! mountpoint -q "$RUN"; then
+        mount -t tmpfs -o size=4g,mode=0700 "fleet-run" "$RUN"
+        touch "$RUN/.fleet-tmpfs"
+    fi
     mkdir -p "$RUN/hosts" "$RUN/imds-control"
     touch "$RUN/.fleet-run"
 
@@ -405,7 +413,14 @@ cmd_down() {
     fi
     # Only a directory `up` made, and only when no host's disk is still mounted in it.
     if [[ -z ${FLEET_KEEP:-} && -f $RUN/.fleet-run ]] && ! grep -qF " $RUN/" /proc/mounts; then
-        rm -rf "$RUN"
+        if [[ -f $RUN/.fleet-tmpfs ]] && mountpoint -q "$RUN"; then
+            umount "$RUN"
+            rmdir "$RUN" 2>/dev/null || true
+        else
+            rm -rf "$RUN"
+        fi
+    elif [[ -n ${FLEET_KEEP:-} && -f $RUN/.fleet-tmpfs ]]; then
+        say "kept $RUN (a tmpfs: umount $RUN when done)"
     fi
     say "down"
 }
