@@ -1197,8 +1197,13 @@ fn lock_holder_power_loss_during_first_init() {
         let out = fleet.exec_ok(&holder, &["vault-bootstrap", "escrow", "verify"]);
         assert!(out.contains("OK"), "trial {trial} {holder}: {out}");
         // The escrowed keys make a root token (break-glass, no token needed), which works.
+        // On the active node: a standby that restarted a moment ago may not know the leader
+        // yet ("local node not active but active cluster node not found").
+        let active = wait_for("an active node", Duration::from_secs(60), || {
+            fleet.active(&hosts)
+        });
         let root = fleet.exec_ok(
-            &hosts[0],
+            &active,
             &["vault-bootstrap", "break-glass", "--from-escrow", "--yes"],
         );
         let root = root.trim();
