@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Static checks of the image build: the Packer template and the systemd units. Called from
-# .ci/run (phase "image"); runs alone too:  bash .ci/checks-image.sh
+# Static checks of the image build: the Packer template, the systemd units and the shipped
+# IAM and bucket policies. Called from .ci/run (phase "image"); runs alone too:
+#   bash .ci/checks-image.sh
 #
-# Offline: Debian's packer (1.6.6, from apt if missing) and systemd-analyze, which works
-# without systemd as PID 1. What is checked, and what is not:
+# Offline: Debian's packer (1.6.6, from apt if missing), systemd-analyze, which works
+# without systemd as PID 1, and parliament (installed from PyPI once; it makes no AWS call).
+# What is checked, and what is not:
 #   packer fmt -check     the whole template, as written (1.6.6 formats modern HCL2 fine).
 #   packer validate       a copy without the three things 1.6.6 predates and rejects: the
 #                         `packer { required_plugins }` block (1.7+), the build instance's
@@ -22,6 +24,16 @@
 #   systemd-analyze security --offline=true    exposure of vault.service beside HashiCorp's
 #                         reference unit (packer/examples/hashicorp-reference-vault.service);
 #                         fails unless ours is lower. The agent's unit is scored for the record.
+#   parliament            (PyPI, pinned, in a venv of its own) the offline IAM linter, on every
+#                         shipped policy: packer/examples/iam-policy*.json (identity policies)
+#                         and escrow-bucket-policy.json (a bucket policy). It knows every
+#                         action, resource ARN pattern and condition key of AWS's service
+#                         reference, so a misspelled action or key, a key an action does not
+#                         take, or a mistyped operator fails CI. Any finding, LOW included,
+#                         fails. Not checked by it: keys under a `Null` operator (it skips
+#                         them), which the key check below covers; whether a policy does
+#                         what we mean (docs/security.md argues that; moto cannot: it
+#                         ignores conditions, docs/evidence.md).
 
 set -euo pipefail
 
@@ -140,4 +152,64 @@ printf '  %-40s %s\n' \
     "vault-bootstrap.service (ours, root)" "$agent" >&2
 awk -v a="$ours" -v b="$ref" 'BEGIN { exit !(a < b) }' ||
     fail "vault.service exposure $ours is not below HashiCorp's reference unit ($ref)"
+
+# ------------------------------------------------------------------------------ IAM policies
+# A venv of its own: the test-bed venv belongs to tests/testbed/install.sh, and parliament
+# pins boto3/botocore versions of its own. Kept between runs, like the test-bed's.
+PARLIAMENT_VERSION=1.6.4
+PARLIAMENT_VENV="${VB_PARLIAMENT_VENV:-${HOME:-/root}/.cache/vault-bootstrap-parliament/venv}"
+if ! "$PARLIAMENT_VENV/bin/parliament" --version 2>/dev/null | grep -qx "parliament $PARLIAMENT_VERSION"; then
+    python3 -m venv --help >/dev/null 2>&1 || {
+        say "apt-get install python3-venv"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    }
+    say "installing parliament==$PARLIAMENT_VERSION into $PARLIAMENT_VENV"
+    rm -rf "$PARLIAMENT_VENV"
+    python3 -m venv "$PARLIAMENT_VENV"
+    "$PARLIAMENT_VENV/bin/pip" install -q --disable-pip-version-check "parliament==$PARLIAMENT_VERSION"
+fi
+POLICIES=(packer/examples/iam-policy.json packer/examples/iam-policy-operator.json
+    packer/examples/escrow-bucket-policy.json)
+for f in packer/examples/*.json; do
+    case $f in */launch-template.json) continue ;; esac
+    [[ " ${POLICIES[*]} " == *" $f "* ]] || fail "$f is not linted: add it to POLICIES in $0"
+done
+say "parliament $PARLIAMENT_VERSION: ${POLICIES[*]}"
+# --files, not --file: --file refuses to run when stdin is not a terminal (CI's is /dev/null).
+# Exit 1 and one line per finding when there is any, at any severity. No finding is accepted
+# today; a false positive would be, through parliament's --config file (an entry with
+# `ignore_locations` for that file and statement), with the reason beside it. (1.6.4 also
+# appends the files it reads to /tmp/parliament.log: the policies are not secret.)
+"$PARLIAMENT_VENV/bin/parliament" --minimum_severity INFO --include-community-auditors \
+    --files "$(IFS=,; echo "${POLICIES[*]}")" ||
+    fail "parliament found problems in the shipped policies (above)"
+# parliament skips the keys of `Null` conditions, and the bucket policy's write-once rule is
+# one. So: every condition key of every statement must be a global key, or one that AWS's
+# service reference (parliament's copy of it) lists for each action of the statement.
+"$PARLIAMENT_VENV/bin/python" - "${POLICIES[@]}" <<'PY' || fail "condition keys the actions do not take (above)"
+import json, sys
+from parliament import expand_action
+from parliament.statement import GLOBAL_CONDITION_KEYS, get_privilege_info, is_condition_key_match
+
+GLOBAL = {k.lower() for k in GLOBAL_CONDITION_KEYS}
+bad = 0
+for path in sys.argv[1:]:
+    for st in json.load(open(path))["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        expanded = [a for pattern in actions for a in expand_action(pattern)]
+        for op, keys in st.get("Condition", {}).items():
+            for key in keys:
+                if key.lower() in GLOBAL:
+                    continue
+                for a in expanded:
+                    info = get_privilege_info(a["service"], a["action"])
+                    documented = [k for rt in info["resource_types"] for k in rt["condition_keys"]]
+                    if not any(is_condition_key_match(k, key) for k in documented):
+                        bad += 1
+                        print(f"{path}: {st.get('Sid')}: {op} {key}: not a condition key of "
+                              f"{a['service']}:{a['action']}")
+print(f"condition keys: {bad} unknown")
+sys.exit(1 if bad else 0)
+PY
 say "ok"

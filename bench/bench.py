@@ -15,7 +15,10 @@ Against the local test-bed on 127.0.8.0/24 (moto on 127.0.8.1:5000, one IMDS per
      agent and floor);
   d. the agent's footprint: VmHWM and utime+stime at "node ready", binary size;
   e. the AWS calls of 3, 5 and 7 simultaneous boots, per agent, through one counting proxy
-     per agent.
+     per agent;
+  f. reboot to serving: each formed 3-node cluster stopped as a reboot stops it (SIGTERM)
+     and booted again with EC2 and S3 unreachable (the AWS endpoint on a closed port): until
+     one node answers 200 and all are unsealed members, beside the same cluster's cold boot.
 
 Every wait is bounded. Every process started here is written to PIDS (pid, kind, a string
 its /proc/PID/cmdline must contain) before anything else happens, so run.sh can stop them
@@ -521,7 +524,7 @@ join_timeout_secs = 120
         return r.returncode, r.stdout + r.stderr
 
     def agent_cluster(self, name: str, tag: str, ips: list[str], formation: bool, failover: bool,
-                      endpoints: list[str] | None = None) -> dict:
+                      endpoints: list[str] | None = None, reboot: bool = False) -> dict:
         n = len(ips)
         cdir = self.work / name
         dirs = [cdir / f"node-{i}" for i in range(n)]
@@ -545,6 +548,8 @@ join_timeout_secs = 120
             self._wait_formation(name, tag, ips, dirs, agents, watches, t0, res, formation)
             if failover:
                 res["failover_s"] = self._failover(ips, agents=agents, group=name)
+            if reboot:
+                res["reboot"] = self._reboot(name, ips, dirs, envs)
         finally:
             stop.set()
             logs = [parse_agent_log((d / "agent.log").read_text(errors="replace")) for d in dirs]
@@ -641,6 +646,47 @@ join_timeout_secs = 120
                 t.join(65)
         if formation:
             ms["formed"] = max(ms["voters"], ms["verify"], ms["all_unsealed"])
+
+    def _reboot(self, name: str, ips: list[str], dirs: list[Path], envs: list[dict]) -> dict:
+        """(f) Stop every agent and server of the cluster as a reboot does (SIGTERM), then
+        boot them again with EC2 and S3 unreachable: nothing listens on the AWS endpoint.
+        Seconds until one node answers 200, until all are unsealed, until every agent logs
+        node ready (from its last known good files)."""
+        self.procs.stop(group=name)
+        dead = f"http://{BLOCK}.1:9"
+        stop = threading.Event()
+        watches = [HealthWatch(self.api, ip, stop) for ip in ips]
+        for w in watches:
+            w.start()
+        logs = [d / "agent-reboot.log" for d in dirs]
+        t0 = time.monotonic()
+        for i, d in enumerate(dirs):
+            self.procs.spawn("agent", [self.bin, "--config", str(d / "config.toml"), "boot"],
+                             {**envs[i], "AWS_ENDPOINT_URL": dead}, logs[i], str(d), name)
+        out: dict = {}
+        end = t0 + FORM_BOUND
+        try:
+            while len(out) < 3:
+                if time.monotonic() > end:
+                    raise BenchError(f"{name}: reboot without EC2/S3 not serving within {FORM_BOUND:.0f} s: {out}")
+                self.procs.track_children(name)
+                firsts = [w.first[200] for w in watches if 200 in w.first]
+                if firsts and "first_active" not in out:
+                    out["first_active"] = min(firsts) - t0
+                uns = [w.unsealed_at() for w in watches]
+                if all(u is not None for u in uns) and "all_unsealed" not in out:
+                    out["all_unsealed"] = max(uns) - t0
+                texts = [p.read_text(errors="replace") if p.exists() else "" for p in logs]
+                if all("node ready" in t for t in texts) and "ready" not in out:
+                    if not all("started from its last known good files" in t for t in texts):
+                        raise BenchError(f"{name}: a rebooted agent did not start from disk (see {logs})")
+                    out["ready"] = time.monotonic() - t0
+                time.sleep(0.05)
+        finally:
+            stop.set()
+        log(f"  {name}: reboot without EC2/S3: first active {out['first_active']:.2f} s, "
+            f"all unsealed {out['all_unsealed']:.2f} s, every agent ready {out['ready']:.2f} s")
+        return out
 
     def _failover(self, ips, agents=None, group=None, servers=None) -> float:
         """SIGKILL the active node's server; seconds until a survivor answers 200."""
@@ -994,7 +1040,7 @@ telemetry {{
         for r in range(self.a.reps):
             log(f"3-node repetition {r + 1}/{self.a.reps}: agents")
             res = self.agent_cluster(f"agent3-r{r + 1}", f"bench-3n-r{r + 1}", self.groups[f"bench-3n-r{r + 1}"],
-                                     formation=True, failover=True)
+                                     formation=True, failover=True, reboot=True)
             self.results["agent3"].append(res)
             log(f"3-node repetition {r + 1}/{self.a.reps}: floor (bare bao servers)")
             self.results["floor3"].append(self.floor_cluster(f"floor3-r{r + 1}", 3, failover=True))
@@ -1076,6 +1122,13 @@ def summary(b: "Bench", meta: dict) -> list[str]:
     L.append(f"| c | SIGKILL of the active server → a survivor answers 200 (s, 3 nodes, median of "
              f"{len(R['agent3'])}) | {f1(fa, 2)} | {f1(ff, 2)} | "
              f"{f'{fa - ff:+.2f}' if fa is not None and ff is not None else '-'} |")
+    rb = [r["reboot"] for r in R["agent3"] if "reboot" in r]
+    if rb:
+        cold = med([r["milestones"].get("all_unsealed") for r in R["agent3"]])
+        L.append(f"| f | reboot to serving, 3 nodes, EC2 and S3 unreachable: one active; all unsealed "
+                 f"(s, median of {len(rb)}); baseline: the same cluster's cold boot, all unsealed | "
+                 f"{f1(med([x['first_active'] for x in rb]), 2)}; {f1(med([x['all_unsealed'] for x in rb]), 2)} | "
+                 f"{f1(cold, 2)} | |")
     fp = footprint(R)
     L.append(f"| d | agent peak RSS (VmHWM), initialiser / joiner (MB, median) | "
              f"{f1(fp['I']['hwm_med'])} / {f1(fp['J']['hwm_med'])} | - | |")

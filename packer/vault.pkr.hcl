@@ -1,5 +1,5 @@
 # Vault (or OpenBao) AMI with the vault-bootstrap agent: one Packer build replaces the manual
-# install steps. See README "Building the AMI".
+# install steps. See docs/operations.md "Building the AMI".
 #
 #   packer init packer/
 #   packer build \

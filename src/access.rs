@@ -12,6 +12,7 @@ use crate::vault_api::VaultClient;
 use base64::Engine;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 /// The admin policy: cluster administration without `root`.
 pub const ADMIN_POLICY: &str = r#"# vault-bootstrap: operators' policy. Administration of the cluster without root.
@@ -71,6 +72,9 @@ pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
             json!({
                 "certificate": operator_ca_pem,
                 "display_name": CERT_ROLE,
+                // Only the operators' own certificates: without a list, any certificate the
+                // CA ever signed (for a server, a test, anyone) would log in as admin.
+                "allowed_common_names": access.operator_common_names,
                 "token_policies": [policy],
                 // Short-lived admin tokens: re-login is cheap, a leaked token expires soon.
                 "token_ttl": "1h",
@@ -78,6 +82,52 @@ pub fn cert_calls(access: &AccessConfig, operator_ca_pem: &str) -> Vec<Call> {
             }),
         ),
     ]
+}
+
+/// Refuses an operator CA that is the cluster CA: the same certificate, or one with the
+/// same subject and public key (the CA re-issued). Every node holds a server certificate
+/// the cluster CA signed, so with one CA for both a node's own key (any root shell on any
+/// node) would log in as an administrator. Each certificate of either PEM bundle counts.
+pub fn check_separate(
+    operator_ca_pem: &str,
+    cluster_ca_pem: &[u8],
+) -> std::result::Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let parse = |pem: &[u8], what: &str| -> std::result::Result<Vec<Vec<u8>>, String> {
+        let ders: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
+            .map(|c| c.map(|c| c.as_ref().to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| format!("{what} is malformed PEM: {e}"))?;
+        if ders.is_empty() {
+            return Err(format!("{what} holds no PEM CERTIFICATE block"));
+        }
+        Ok(ders)
+    };
+    // (subject, SubjectPublicKeyInfo), both as DER.
+    let identity = |der: &[u8], what: &str| -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+        let (_, c) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("{what} holds a certificate that does not parse: {e}"))?;
+        Ok((
+            c.tbs_certificate.subject.as_raw().to_vec(),
+            c.tbs_certificate.subject_pki.raw.to_vec(),
+        ))
+    };
+    let operator = parse(operator_ca_pem.as_bytes(), "the operator CA")?;
+    let cluster = parse(cluster_ca_pem, "the cluster CA")?;
+    for o in &operator {
+        let (o_subject, o_key) = identity(o, "the operator CA")?;
+        for c in &cluster {
+            if o == c {
+                return Err("it is the cluster CA (the same certificate as tls.ca_key): every node's server certificate would log in as an administrator".into());
+            }
+            let (c_subject, c_key) = identity(c, "the cluster CA")?;
+            if o_subject == c_subject && o_key == c_key {
+                return Err("it is the cluster CA re-issued (the same subject and public key as tls.ca_key): every node's server certificate would log in as an administrator".into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// AWS IAM auth bound to the operators' role ARNs (Vault built in; OpenBao needs the
@@ -185,6 +235,7 @@ async fn cert_reads_back(
         .await?;
     let ca_ok =
         s == 200 && role["data"]["certificate"].as_str().map(str::trim) == Some(ca_pem.trim());
+    let names_ok = role["data"]["allowed_common_names"] == json!(access.operator_common_names);
     let policy_ok = role["data"]["token_policies"]
         .as_array()
         .is_some_and(|p| p.iter().any(|v| v == access.policy_name()));
@@ -196,11 +247,43 @@ async fn cert_reads_back(
             None,
         )
         .await?;
-    Ok(mounted && ca_ok && policy_ok && s == 200)
+    Ok(mounted && ca_ok && names_ok && policy_ok && s == 200)
 }
 
 /// Configures every operator login path the config asks for; returns the ones that read
 /// back as written. `operator_ca_pem` is the operator CA fetched from S3 (if configured).
+/// The operator CA (`access.operator_ca_key`) from the resources bucket, refused when it is
+/// the cluster CA. Called before `sys/init` too: a refusal then comes while no key exists,
+/// not with a cluster initialized and its root token kept.
+pub async fn operator_ca<S: crate::aws::s3::ObjectStore>(
+    cfg: &Config,
+    s3: &S,
+) -> Result<Option<String>> {
+    let Some(key) = &cfg.access.operator_ca_key else {
+        return Ok(None);
+    };
+    let aws = std::time::Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let object = format!("s3://{}/{key}", cfg.tls.bucket);
+    let pem = crate::retry::retry("fetch the operator CA", aws, || {
+        s3.get(&cfg.tls.bucket, key)
+    })
+    .await?;
+    let pem = String::from_utf8(pem).map_err(|_| Error::OperatorCa {
+        object: object.clone(),
+        problem: "not a PEM text file".into(),
+    })?;
+    let cluster_ca = crate::tls::paths(&cfg.vault.tls_dir).2;
+    let cluster_pem = std::fs::read(&cluster_ca).map_err(|e| Error::NoInput {
+        message: format!(
+            "cannot read the cluster CA {} to check the operator CA against it ({e}); boot writes it before the server starts",
+            cluster_ca.display()
+        ),
+    })?;
+    check_separate(&pem, &cluster_pem).map_err(|problem| Error::OperatorCa { object, problem })?;
+    Ok(Some(pem))
+}
+
+/// Writes the operator login paths; `operator_ca_pem` comes from [`operator_ca`] (checked).
 pub async fn configure(
     cfg: &Config,
     local: &VaultClient,
@@ -217,6 +300,7 @@ pub async fn configure(
         if cert_reads_back(local, root, access, ca).await? {
             tracing::info!(
                 policy = access.policy_name(),
+                common_names = ?access.operator_common_names,
                 "operator login: cert auth bound to the operator CA"
             );
             ready.push("cert".to_string());
@@ -282,49 +366,123 @@ pub fn decode_root_token(encoded: &str, otp: &str) -> Option<Secret> {
     String::from_utf8(token).ok().map(Secret::new)
 }
 
+/// How long `break-glass` waits out answers that mean "not now": a standby that does not know
+/// the active node yet (HTTP 500 "active cluster node not found" right after a leader
+/// change), a forward to an active node that just went away, a server still unsealing, rate
+/// limiting (429). A raft election settles in seconds; 60 s also covers a node of the
+/// cluster restarting meanwhile, and is still short for an operator at a terminal.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(60);
+
+/// Whether an answer (or no answer) of the cluster may change by itself shortly.
+fn transient(r: &Result<(u16, Value)>) -> bool {
+    match r {
+        Ok((s, _)) => *s == 429 || *s >= 500,
+        Err(_) => true,
+    }
+}
+
+/// One unauthenticated call, repeated (with backoff) while its answer is [`transient`] and
+/// `bound` allows; returns the last answer. Only the server's `errors` are logged: a
+/// generate-root answer carries the OTP and the encoded token.
+async fn call_settled(
+    local: &VaultClient,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    bound: Duration,
+) -> Result<(u16, Value)> {
+    let start = Instant::now();
+    // Elections take a second or two: poll fast first, then at most every 4 s.
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
+    loop {
+        let r = local.call(method.clone(), path, None, body.clone()).await;
+        let delay = backoff.next_delay();
+        if !transient(&r) || start.elapsed() + delay > bound {
+            return r;
+        }
+        let answer = match &r {
+            Ok((s, b)) => format!("HTTP {s} {}", b["errors"]),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            call = %format!("{method} {path}"),
+            retry_in_ms = delay.as_millis() as u64,
+            waited_secs = start.elapsed().as_secs(),
+            "the cluster is not ready for this yet (a leader change?), waiting: {answer}"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Runs a whole generate-root with `shares` (unauthenticated endpoints); returns the new root
-/// token. Fails, naming the progress, when the shares do not reach the threshold.
-pub async fn generate_root(local: &VaultClient, shares: &[Secret]) -> Result<Secret> {
+/// token. Fails, naming the progress, when the shares do not reach the threshold. Transient
+/// answers (no active node yet, 5xx, 429) are waited out for up to `settle` per call.
+pub async fn generate_root(
+    local: &VaultClient,
+    shares: &[Secret],
+    settle: Duration,
+) -> Result<Secret> {
     let fail = |message: String| Error::Init {
         message,
         retriable: false,
     };
+    // An answer still transient after `settle`: say so, and let a later run try again (75).
+    let refused = |call: &str, s: u16, body: &Value, hint: &str| {
+        let retriable = s == 429 || s >= 500;
+        let hint = if retriable {
+            format!(
+                "; still so after waiting {} s: does the cluster have an active node? Run break-glass again once it has",
+                settle.as_secs()
+            )
+        } else {
+            hint.to_owned()
+        };
+        Error::Init {
+            message: format!("{call} answered HTTP {s}: {}{hint}", body["errors"]),
+            retriable,
+        }
+    };
     // A stale attempt (someone else's, or an interrupted one) would swallow our shares.
-    let _ = local
-        .call(Method::DELETE, "sys/generate-root/attempt", None, None)
-        .await;
-    let (s, att) = local
-        .call(
-            Method::PUT,
-            "sys/generate-root/attempt",
-            None,
-            Some(json!({})),
-        )
-        .await?;
+    let _ = call_settled(
+        local,
+        Method::DELETE,
+        "sys/generate-root/attempt",
+        None,
+        settle,
+    )
+    .await;
+    let (s, att) = call_settled(
+        local,
+        Method::PUT,
+        "sys/generate-root/attempt",
+        Some(json!({})),
+        settle,
+    )
+    .await?;
     if s != 200 {
-        return Err(fail(format!(
-            "sys/generate-root/attempt answered HTTP {s}: {} (on OpenBao the listener needs disable_unauthed_generate_root_endpoints = false, which boot renders)",
-            att["errors"]
-        )));
+        return Err(refused(
+            "sys/generate-root/attempt",
+            s,
+            &att,
+            " (on OpenBao the listener needs disable_unauthed_generate_root_endpoints = false, which boot renders)",
+        ));
     }
     let nonce = att["nonce"].as_str().unwrap_or_default().to_string();
     let otp = Secret::new(att["otp"].as_str().unwrap_or_default());
     let required = att["required"].as_u64().unwrap_or(0);
     let mut last = Value::Null;
     for share in shares {
-        let (s, body) = local
-            .call(
-                Method::PUT,
-                "sys/generate-root/update",
-                None,
-                Some(json!({"key": share.expose(), "nonce": nonce})),
-            )
-            .await?;
+        let (s, body) = call_settled(
+            local,
+            Method::PUT,
+            "sys/generate-root/update",
+            Some(json!({"key": share.expose(), "nonce": nonce})),
+            settle,
+        )
+        .await?;
         if s != 200 {
-            return Err(fail(format!(
-                "sys/generate-root/update answered HTTP {s}: {}",
-                body["errors"]
-            )));
+            return Err(refused("sys/generate-root/update", s, &body, ""));
         }
         last = body;
         if last["complete"].as_bool() == Some(true) {
@@ -420,12 +578,66 @@ mod tests {
 
     #[test]
     fn golden_cert_auth_calls() {
-        golden(
-            "cert-auth-calls.txt",
-            &render(&cert_calls(
-                &AccessConfig::default(),
-                "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
-            )),
+        let a = AccessConfig {
+            operator_ca_key: Some("tls/operator-ca.pem".into()),
+            operator_common_names: vec!["alice".into(), "bob".into()],
+            ..Default::default()
+        };
+        let calls = cert_calls(
+            &a,
+            "-----BEGIN CERTIFICATE-----\nMII...\n-----END CERTIFICATE-----\n",
+        );
+        golden("cert-auth-calls.txt", &render(&calls));
+        assert_eq!(
+            calls[1].body["allowed_common_names"],
+            json!(["alice", "bob"])
+        );
+    }
+
+    #[test]
+    fn the_cluster_ca_is_refused_as_operator_ca() {
+        use crate::tls::testcerts;
+        let cluster = testcerts::ca();
+        let operators = testcerts::ca();
+        // A separate CA passes, also beside a rotation's two cluster CAs.
+        assert_eq!(
+            check_separate(&operators.pem, cluster.pem.as_bytes()),
+            Ok(())
+        );
+        let rotation = format!("{}{}", testcerts::ca().pem, cluster.pem);
+        assert_eq!(check_separate(&operators.pem, rotation.as_bytes()), Ok(()));
+        // The same certificate, alone or in a bundle on either side.
+        let e = check_separate(&cluster.pem, cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("is the cluster CA"), "{e}");
+        let bundle = format!("{}{}", operators.pem, cluster.pem);
+        assert!(check_separate(&bundle, cluster.pem.as_bytes()).is_err());
+        assert!(check_separate(&operators.pem, bundle.as_bytes()).is_err());
+        // Re-issued: same subject and key, another serial and validity -> other bytes.
+        let mut params = cluster.params.clone();
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![7u8, 7, 7]));
+        let reissued = params.self_signed(&cluster.key).unwrap().pem();
+        assert_ne!(reissued, cluster.pem);
+        let e = check_separate(&reissued, cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("re-issued"), "{e}");
+        // Same subject, another key: a different CA (its certificates do not chain to ours).
+        let other = testcerts::ca();
+        assert_eq!(check_separate(&other.pem, cluster.pem.as_bytes()), Ok(()));
+        // Not a certificate at all: refused with the reason.
+        let e = check_separate("not a pem", cluster.pem.as_bytes()).unwrap_err();
+        assert!(e.contains("operator CA holds no PEM CERTIFICATE"), "{e}");
+    }
+
+    #[test]
+    fn refusing_the_operator_ca_is_a_config_error() {
+        let e = Error::OperatorCa {
+            object: "s3://b/tls/ca.pem".into(),
+            problem: "it is the cluster CA".into(),
+        };
+        assert_eq!(e.exit_code(), 78);
+        let m = e.to_string();
+        assert!(
+            m.contains("s3://b/tls/ca.pem") && m.contains("access.operator_ca_key"),
+            "{m}"
         );
     }
 
@@ -445,6 +657,22 @@ mod tests {
     fn the_admin_policy_is_not_root() {
         assert!(!ADMIN_POLICY.contains("\"root\""));
         assert!(ADMIN_POLICY.contains("path \"sys/*\""));
+    }
+
+    #[test]
+    fn answers_that_change_by_themselves_are_waited_out() {
+        let answer = |s: u16| Ok((s, Value::Null));
+        // No active node yet (standby after a leader change), sealed, rate limited, no answer.
+        for s in [500, 502, 503, 429] {
+            assert!(transient(&answer(s)), "{s}");
+        }
+        assert!(transient(&Err(Error::Internal(
+            "connection refused".into()
+        ))));
+        // Answers that mean it: done, bad request (wrong key), forbidden, not found.
+        for s in [200, 204, 400, 403, 404] {
+            assert!(!transient(&answer(s)), "{s}");
+        }
     }
 
     #[test]

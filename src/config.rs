@@ -44,6 +44,12 @@ pub struct SnapshotConfig {
     pub keep: u32,
     /// Bound on streaming one snapshot from the server (and on a restore's upload to it).
     pub timeout_secs: u64,
+    /// CIDR blocks the snapshot AppRole may log in from and use its tokens from
+    /// (`secret_id_bound_cidrs`, `token_bound_cidrs`). Empty: the addresses of the instances
+    /// discovered when post-init provisions the role, each as a /32. Production should name
+    /// the VPC's (or the group's subnets') CIDR: an instance that replaces one of those
+    /// later has a new address, and the role cannot be rebound once the root token is gone.
+    pub bound_cidrs: Vec<String>,
 }
 
 impl Default for SnapshotConfig {
@@ -55,6 +61,7 @@ impl Default for SnapshotConfig {
             keep: 48,
             // A raft snapshot of a few GB streams in minutes inside a VPC; ten leave margin.
             timeout_secs: 600,
+            bound_cidrs: Vec::new(),
         }
     }
 }
@@ -64,8 +71,11 @@ impl Default for SnapshotConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// S3 key (in `tls.bucket`) of the operator CA: client certificates it signed log in
-    /// through `cert` auth with the admin policy.
+    /// through `cert` auth with the admin policy. Must not be the cluster CA.
     pub operator_ca_key: Option<String>,
+    /// The common names (globs allowed, as `allowed_common_names` takes them) of the
+    /// operators' client certificates; required with `operator_ca_key`.
+    pub operator_common_names: Vec<String>,
     /// Name of the admin policy (what operators need: sys, raft, policies, auth, mounts).
     pub admin_policy: Option<String>,
     /// IAM role ARNs whose sessions log in through AWS IAM auth (when the server has it).
@@ -353,6 +363,28 @@ pub fn parse_duration_secs(s: &str) -> Option<u64> {
     (total > 0 || s.trim() == "0s").then_some(total)
 }
 
+/// Checks that `s` is a CIDR block `address/prefix` (IPv4 or IPv6) that excludes some
+/// addresses; the error says what is wrong.
+pub fn parse_cidr(s: &str) -> std::result::Result<(IpAddr, u8), String> {
+    let Some((addr, len)) = s.split_once('/') else {
+        return Err("is not a CIDR block: write address/prefix, e.g. \"10.0.0.0/16\" (a single address is \"10.0.1.5/32\")".into());
+    };
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("does not start with an IP address ({addr:?})"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("has a prefix length that is not 0..={max}"))?;
+    if len == 0 {
+        // A /0 admits every address: the binding would bind nothing.
+        return Err("admits every address: name the VPC's CIDR, or remove the key for the instances' own addresses".into());
+    }
+    Ok((ip, len))
+}
+
 /// Where the address the server binds to comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindAddress {
@@ -522,6 +554,11 @@ impl Config {
                 "must not be empty; remove it to use the escrow bucket".into(),
             );
         }
+        for c in &self.snapshot.bound_cidrs {
+            if let Err(why) = parse_cidr(c) {
+                return bad("snapshot.bound_cidrs", format!("{c:?} {why}"));
+            }
+        }
         if let Some(ep) = &self.seal.endpoint {
             if !(ep.starts_with("https://") || ep.starts_with("http://")) {
                 return bad("seal.endpoint", format!("{ep:?} must be an http(s):// URL"));
@@ -563,6 +600,27 @@ impl Config {
                 return bad(
                     "access.aws_plugin_sha256",
                     "needs vault.plugin_directory and access.aws_plugin_command (the plugin's file name there)".into(),
+                );
+            }
+        }
+        let names = &self.access.operator_common_names;
+        if self.access.operator_ca_key.is_some() && names.is_empty() {
+            return bad(
+                "access.operator_common_names",
+                "must list the common names of the operators' client certificates when access.operator_ca_key is set: with no list, every certificate the operator CA signs (a server's, a test's, anyone's) would log in as an administrator".into(),
+            );
+        }
+        if self.access.operator_ca_key.is_none() && !names.is_empty() {
+            return bad(
+                "access.operator_common_names",
+                "has no effect without access.operator_ca_key (the CA whose certificates it names): set that too, or remove this key".into(),
+            );
+        }
+        for n in names {
+            if n.trim().is_empty() || n.trim().chars().all(|c| c == '*') {
+                return bad(
+                    "access.operator_common_names",
+                    format!("{n:?} names no one (or everyone): list each operator's common name, e.g. [\"alice\", \"bob\"]"),
                 );
             }
         }
@@ -751,6 +809,68 @@ kms_key_id = "alias/vault-unseal"
             parse("[tls]\nbucket = \"b\"\n[seal]\nkms_key_id = \"k\"\nendpoint = \"kms.local\"\n")
                 .unwrap_err();
         assert!(e.to_string().contains("seal.endpoint"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_bound_cidrs_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(
+            c.snapshot.bound_cidrs.is_empty(),
+            "default: the instances' addresses"
+        );
+        let c = parse(&format!(
+            "{MINIMAL}\n[snapshot]\nbound_cidrs = [\"10.0.0.0/16\", \"fd00::/8\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.snapshot.bound_cidrs, ["10.0.0.0/16", "fd00::/8"]);
+        for (bad, why) in [
+            ("10.0.0.5", "address/prefix"),
+            ("10.0.0.0/33", "0..=32"),
+            ("vpc/16", "IP address"),
+            ("0.0.0.0/0", "every address"),
+        ] {
+            let e = parse(&format!(
+                "{MINIMAL}\n[snapshot]\nbound_cidrs = [\"{bad}\"]\n"
+            ))
+            .unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("snapshot.bound_cidrs") && msg.contains(why),
+                "{bad}: {msg}"
+            );
+            assert_eq!(e.exit_code(), 78);
+        }
+    }
+
+    #[test]
+    fn an_operator_ca_needs_the_operators_common_names() {
+        let ca = "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n";
+        let e = parse(&format!("{MINIMAL}\n{ca}")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("access.operator_common_names") && msg.contains("every certificate"),
+            "{msg}"
+        );
+        assert_eq!(e.exit_code(), 78);
+        let c = parse(&format!(
+            "{MINIMAL}\n{ca}operator_common_names = [\"alice\", \"bob\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.access.operator_common_names, ["alice", "bob"]);
+        for names in ["[\"\"]", "[\"*\"]"] {
+            let e =
+                parse(&format!("{MINIMAL}\n{ca}operator_common_names = {names}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("access.operator_common_names"),
+                "{names}: {e}"
+            );
+        }
+        // Names without the CA they belong to: a mistake, not a silent no-op.
+        let e = parse(&format!(
+            "{MINIMAL}\n[access]\noperator_common_names = [\"alice\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("operator_ca_key"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Every variant names the thing that is wrong (config key, S3 object, address, path) and
 //! carries enough context for the operator to act. Exit codes follow sysexits(3) so that
 //! `RestartPreventExitStatus=` in the unit and scripts can tell causes apart; the table is
-//! documented in the README ("Exit codes") and must stay in sync with [`Error::exit_code`].
+//! documented in the docs/operations.md ("Exit codes") and must stay in sync with [`Error::exit_code`].
 
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ pub mod exit {
     pub const PROTOCOL: i32 = 76;
     /// AWS denied access (IAM policy, bucket policy, KMS key policy).
     pub const NOPERM: i32 = 77;
-    /// The configuration is invalid.
+    /// The configuration is invalid (also: the operator CA it names is the cluster CA).
     pub const CONFIG: i32 = 78;
     /// Recovery keys could not be escrowed and verified. The KMS-encrypted copy stays in
     /// `agent.state_dir`; the next `boot` resumes. Never ignore this one.
@@ -61,7 +61,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config file {path} not found: create it (see README \"Configuration\") or point --config / VAULT_BOOTSTRAP_CONFIG at it")]
+    #[error("config file {path} not found: create it (see docs/configuration.md) or point --config / VAULT_BOOTSTRAP_CONFIG at it")]
     ConfigMissing { path: PathBuf },
 
     #[error("cannot read config file {path}: {source}")]
@@ -106,7 +106,7 @@ pub enum Error {
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
 
-    #[error("Vault binary {path} {problem}: install it (see README \"Building the AMI\") or fix `vault.binary`")]
+    #[error("Vault binary {path} {problem}: install it (see docs/operations.md \"Building the AMI\") or fix `vault.binary`")]
     BinaryMissing { path: PathBuf, problem: String },
 
     #[error("SHA-256 of {path} is {actual}, expected {expected}: not the pinned release (corrupt or tampered download); nothing was installed")]
@@ -158,6 +158,10 @@ pub enum Error {
 
     #[error("refused: {message}")]
     Refused { message: String },
+
+    /// The operator CA cannot be trusted for administrator logins (it is the cluster CA).
+    #[error("operator CA {object} (access.operator_ca_key) refused: {problem}; upload a CA of its own for the operators' client certificates and point access.operator_ca_key at it, then run boot again (operator login was not configured, the root token is kept)")]
+    OperatorCa { object: String, problem: String },
 
     /// An operator command's guard is missing (e.g. `--yes` when stdout is not a terminal).
     #[error("{message}")]
@@ -213,6 +217,9 @@ impl Error {
             Error::Init { .. } => exit::UNAVAILABLE,
             Error::VaultApi { .. } => exit::UNAVAILABLE,
             Error::Refused { .. } => exit::TEMPFAIL,
+            // What to trust is configuration (which object the config names); retrying the
+            // same object cannot help, so systemd must not restart on it.
+            Error::OperatorCa { .. } => exit::CONFIG,
             Error::Usage { .. } => exit::USAGE,
             Error::NoInput { .. } => exit::NOINPUT,
             Error::NodeBusy { .. } => exit::TEMPFAIL,

@@ -209,6 +209,48 @@ pub async fn instance_facts<M: Metadata>(md: &M, deadline: Duration) -> Result<I
     .await
 }
 
+/// This instance's ARN, `arn:<partition>:ec2:<region>:<account>:instance/<id>`, from the
+/// instance identity document: the value IAM sees as `ec2:SourceInstanceARN` for requests
+/// signed with its role credentials, which binds the pending init file to this instance.
+pub async fn instance_arn<M: Metadata>(
+    md: &M,
+    facts: &InstanceFacts,
+    deadline: Duration,
+) -> Result<String> {
+    const DOC: &str = "dynamic/instance-identity/document";
+    let text = retry::retry("read the instance identity document", deadline, || {
+        required(md, DOC)
+    })
+    .await?;
+    let account = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["accountId"].as_str().map(str::to_owned))
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| Error::Imds {
+            what: format!("GET /latest/{DOC}"),
+            message: "no accountId in the instance identity document".into(),
+            retriable: false,
+            protocol: true,
+        })?;
+    Ok(format!(
+        "arn:{}:ec2:{}:{account}:instance/{}",
+        partition(&facts.region),
+        facts.region,
+        facts.instance_id
+    ))
+}
+
+/// The ARN partition a region belongs to.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
 /// The instance's own value of tag `key` from IMDS instance tags.
 /// `Ok(None)` when instance metadata tags are not enabled (the caller then asks EC2).
 pub async fn tag_value<M: Metadata>(

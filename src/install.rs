@@ -13,7 +13,7 @@
 //! build host's), files are owned by the ids found there, and the running systemd is
 //! left alone.
 //!
-//! The README's "Install layout" table documents [`DIRS`] and the files; keep them in sync.
+//! The docs/operations.md "Install layout" table documents [`DIRS`] and the files; keep them in sync.
 
 use crate::error::{Error, Result};
 use crate::fsutil::{self, FileSpec, Outcome, Owner};
@@ -126,7 +126,7 @@ const fn dir(path: &'static str, mode: u32, who: Who) -> Dir {
     Dir { path, mode, who }
 }
 
-/// Every directory `install` manages, parents first (README "Install layout").
+/// Every directory `install` manages, parents first (docs/operations.md "Install layout").
 const DIRS: &[Dir] = &[
     // System directories the files go into: created when missing (staging root).
     dir(BIN_DIR, 0o755, Who::Root),

@@ -4,9 +4,13 @@
 //! [`provision`]) a policy that can only read `sys/storage/raft/snapshot` and
 //! `sys/storage/raft/configuration`, an AppRole bound to it, and escrows its role_id and
 //! secret_id as one KMS-encrypted, write-once item (`snapshot-approle.enc`) next to the
-//! recovery keys. Any node can then log in for 15 minutes, take a snapshot and nothing
+//! recovery keys. Any node can then log in for 10 minutes, take a snapshot and nothing
 //! else; deleting the secret_id revokes it. Restoring is an operator act with the
 //! operator's own token: the AppRole cannot restore, by design.
+//!
+//! Scope: the role is bound to the cluster's addresses (`secret_id_bound_cidrs` and
+//! `token_bound_cidrs`, see [`bound_cidrs`]), so a secret_id or token copied off the cluster
+//! is refused elsewhere; and its tokens are short, so a copied token does not last.
 //!
 //! Names: `s3://<bucket>/<prefix>/<cluster>/<cluster>-<yyyymmddThhmmssZ>.snap` (UTC), so the
 //! names of one cluster sort by time; only names of exactly this form are ever pruned.
@@ -22,6 +26,7 @@ use crate::vault_api::{Health, VaultClient};
 use aws_lc_rs::digest;
 use reqwest::Method;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -36,8 +41,11 @@ path "sys/storage/raft/configuration" {
   capabilities = ["read"]
 }
 "#;
-/// Lifetime of a snapshot login: a snapshot of a large cluster streams in minutes.
-const TOKEN_TTL: &str = "15m";
+/// Lifetime of a snapshot login, and its maximum: a copied token must not last. A token is
+/// checked when a request starts, so a snapshot that streams for longer (up to
+/// `snapshot.timeout_secs`) still completes; the login, the download's start and the
+/// revoke-self at the end fit in seconds.
+pub const TOKEN_TTL: &str = "10m";
 /// User metadata keys on each snapshot object.
 pub const META_SHA256: &str = "sha256";
 pub const META_SIZE: &str = "size";
@@ -65,17 +73,60 @@ fn init_err(call: &str, status: u16, body: &serde_json::Value) -> Error {
     }
 }
 
+/// The CIDR blocks the snapshot AppRole is bound to: `snapshot.bound_cidrs` when set, else
+/// every node's own address (`/32`, or `/128` for IPv6), sorted. The agent cannot learn the
+/// VPC's CIDR (that would need `ec2:DescribeVpcs`, a grant the node role does without), so
+/// the default is the addresses known now; an instance that joins later with a new address
+/// is outside it until an operator widens the role (docs/operations.md "Snapshots").
+pub fn bound_cidrs(configured: &[String], nodes: impl IntoIterator<Item = IpAddr>) -> Vec<String> {
+    if !configured.is_empty() {
+        return configured.to_vec();
+    }
+    let mut v: Vec<String> = nodes
+        .into_iter()
+        .map(|ip| match ip {
+            IpAddr::V4(_) => format!("{ip}/32"),
+            IpAddr::V6(_) => format!("{ip}/128"),
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The body that writes the snapshot AppRole: its policy, its bound addresses, short
+/// tokens, and a secret_id that lives until an operator destroys it.
+pub fn role_body(cidrs: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "token_policies": [NAME],
+        "token_ttl": TOKEN_TTL,
+        "token_max_ttl": TOKEN_TTL,
+        // Login only from the cluster's addresses, and its tokens work only from there.
+        "secret_id_bound_cidrs": cidrs,
+        "token_bound_cidrs": cidrs,
+        // The secret_id lives in the escrow until an operator destroys it.
+        "secret_id_ttl": 0,
+        "secret_id_num_uses": 0,
+    })
+}
+
 /// Creates the snapshot policy and AppRole with the root token and escrows the AppRole's
-/// credentials (once). Idempotent: policy and role are rewritten as they are; when the
-/// item is already escrowed no new secret_id is made.
+/// credentials (once). Idempotent: policy and role are rewritten as they are (with the
+/// addresses of `local` and `peers` now, unless `snapshot.bound_cidrs` names them); when
+/// the item is already escrowed no new secret_id is made.
 pub async fn provision<S: ObjectStore, K: Kms>(
     cfg: &Config,
     local: &VaultClient,
+    peers: &[VaultClient],
     root: &Secret,
     s3: &S,
     kms: &K,
     layout: &Layout,
 ) -> Result<()> {
+    let cidrs = bound_cidrs(
+        &cfg.snapshot.bound_cidrs,
+        std::iter::once(local.ip()).chain(peers.iter().map(VaultClient::ip)),
+    );
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let call = |method: Method, path: String, body: Option<serde_json::Value>| async move {
         let (status, resp) = local.call(method.clone(), &path, Some(root), body).await?;
@@ -104,19 +155,13 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     let (s, b, c) = call(
         Method::POST,
         format!("auth/approle/role/{NAME}"),
-        Some(serde_json::json!({
-            "token_policies": [NAME],
-            "token_ttl": TOKEN_TTL,
-            "token_max_ttl": TOKEN_TTL,
-            // The secret_id lives in the escrow until an operator destroys it.
-            "secret_id_ttl": 0,
-            "secret_id_num_uses": 0,
-        })),
+        Some(role_body(&cidrs)),
     )
     .await?;
     if !(200..300).contains(&s) {
         return Err(init_err(&c, s, &b));
     }
+    tracing::info!(role = NAME, bound_cidrs = ?cidrs, token_ttl = TOKEN_TTL, "snapshot AppRole bound to the cluster's addresses");
 
     let key = layout.object(Layout::SNAPSHOT_APPROLE_ITEM);
     let existing = retry::retry("read the snapshot AppRole item", aws, || {
@@ -156,7 +201,8 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         })
         .map_err(|e| Error::Internal(e.to_string()))?,
     );
-    let put = escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
+    let (put, ct) =
+        escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
     if put == PutOutcome::Exists {
         // Another run escrowed its own secret_id meanwhile: ours must not stay valid unseen.
         let _ = call(
@@ -167,7 +213,9 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         .await;
         return Ok(());
     }
-    escrow::check_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
+    // Read back as the other escrow items are: the bytes and S3's checksum. Nodes may
+    // decrypt this class, but the comparison needs no key at all.
+    escrow::check_stored(s3, layout, Layout::SNAPSHOT_APPROLE_ITEM, &ct, aws).await?;
     tracing::info!(item = %layout.url(&key), role = NAME, "snapshot AppRole created and its credentials escrowed");
     Ok(())
 }
@@ -175,6 +223,12 @@ pub async fn provision<S: ObjectStore, K: Kms>(
 /// `<prefix>/<cluster>/`: where one cluster's snapshots live.
 pub fn dir(prefix: &str, cluster: &str) -> String {
     format!("{}/{cluster}/", prefix.trim_matches('/'))
+}
+
+/// Whether `s3://bucket/key` lies under `cluster`'s snapshot prefix in `ours` (the
+/// configured snapshot bucket): what `snapshot restore` accepts without `--foreign`.
+pub fn is_ours(ours: &str, prefix: &str, cluster: &str, bucket: &str, key: &str) -> bool {
+    bucket == ours && key.starts_with(&dir(prefix, cluster))
 }
 
 /// `yyyymmddThhmmssZ` of a Unix time (UTC).
@@ -257,7 +311,8 @@ pub async fn find_active(nodes: &[VaultClient]) -> Result<&VaultClient> {
     })
 }
 
-/// Logs in with the escrowed AppRole; returns a 15-minute token.
+/// Logs in with the escrowed AppRole; returns a 10-minute token, usable only from the
+/// role's bound addresses (so `active` should connect from this instance's own address).
 pub async fn login<S: ObjectStore, K: Kms>(
     active: &VaultClient,
     s3: &S,
@@ -269,7 +324,7 @@ pub async fn login<S: ObjectStore, K: Kms>(
         .await
         .map_err(|e| Error::Snapshot {
             message: format!(
-                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (README \"Snapshots\")",
+                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (docs/operations.md \"Snapshots\")",
                 layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
             ),
             exit: e.exit_code(),
@@ -287,13 +342,19 @@ pub async fn login<S: ObjectStore, K: Kms>(
         .await?;
     match resp["auth"]["client_token"].as_str() {
         Some(t) if status == 200 => Ok(Secret::new(t)),
-        _ => Err(Error::Snapshot {
-            message: format!(
-                "AppRole login as {NAME} refused (HTTP {status}: {}); was its secret_id destroyed? (README \"Snapshots\")",
-                resp["errors"]
-            ),
-            exit: exit::NOPERM,
-        }),
+        _ => {
+            let from = active
+                .source()
+                .map_or_else(|| "this node".to_string(), |ip| ip.to_string());
+            Err(Error::Snapshot {
+                message: format!(
+                    "AppRole login as {NAME} from {from} at {} refused (HTTP {status}: {}). Either {from} is outside the role's bound addresses (an instance that joined after init: an operator widens secret_id_bound_cidrs and token_bound_cidrs of auth/approle/role/{NAME} to the VPC's CIDR; snapshot.bound_cidrs does that for a new cluster), or its secret_id was destroyed (docs/operations.md \"Snapshots\")",
+                    active.base(),
+                    resp["errors"]
+                ),
+                exit: exit::NOPERM,
+            })
+        }
     }
 }
 
@@ -442,8 +503,10 @@ pub async fn take(
     })
 }
 
-/// Downloads `s3://bucket/key`, checks it against its sha256 metadata, and force-restores
-/// it into the cluster through `active` with the operator's `token`.
+/// Downloads `s3://bucket/key`, checks it against its sha256 metadata, and restores it into
+/// the cluster through `active` with the operator's `token`: through
+/// `sys/storage/raft/snapshot`, where the server refuses a snapshot sealed by another seal,
+/// or with `force` through `sys/storage/raft/snapshot-force`, which skips that check.
 pub async fn restore(
     cfg: &Config,
     bucket: &str,
@@ -451,6 +514,7 @@ pub async fn restore(
     active: &VaultClient,
     token: &Secret,
     s3: &SdkS3,
+    force: bool,
 ) -> Result<u64> {
     let url = format!("s3://{bucket}/{key}");
     let state_dir = &cfg.agent.state_dir;
@@ -494,25 +558,37 @@ pub async fn restore(
     tracing::info!(url = %url, size, sha256 = %sha256, "snapshot downloaded and verified; restoring");
     let body = std::fs::read(tmp.path()).map_err(|e| Error::write(tmp.path(), e.to_string()))?;
     drop(tmp);
+    let path = if force {
+        "sys/storage/raft/snapshot-force"
+    } else {
+        "sys/storage/raft/snapshot"
+    };
     let (status, resp) = active
         .post_bytes(
-            "sys/storage/raft/snapshot-force",
+            path,
             token,
             body,
             Duration::from_secs(cfg.snapshot.timeout_secs),
         )
         .await?;
     if !(200..300).contains(&status) {
+        // 400 on the checked path: the server could not verify the snapshot with this
+        // cluster's seal (another cluster's KMS key, or a corrupt file).
+        let hint = match (status, force) {
+            (400, false) => "; the server refused the snapshot, e.g. because it was sealed by another seal: such a snapshot cannot be restored here. --force skips that check, but the snapshot's seal must still be this cluster's or the cluster cannot decrypt its data afterwards",
+            (403, _) => "; VAULT_TOKEN may not do this (its policy needs update on this path)",
+            _ => "",
+        };
         return Err(Error::Snapshot {
             message: format!(
-                "POST sys/storage/raft/snapshot-force at {} answered HTTP {status}: {}",
+                "POST {path} at {} answered HTTP {status}: {}{hint}; nothing was restored",
                 active.base(),
                 resp["errors"]
             ),
-            exit: if status == 403 {
-                exit::NOPERM
-            } else {
-                exit::UNAVAILABLE
+            exit: match status {
+                403 => exit::NOPERM,
+                400 => exit::DATAERR,
+                _ => exit::UNAVAILABLE,
             },
         });
     }
@@ -567,6 +643,60 @@ mod tests {
         assert_eq!(crate::aws::s3::parse_url("s3://b/"), None);
         assert_eq!(crate::aws::s3::parse_url("https://b/k"), None);
         assert_eq!(crate::aws::s3::parse_url("s3:///k"), None);
+    }
+
+    #[test]
+    fn only_this_clusters_prefix_is_ours() {
+        let key = object_key("snaps", "prod", 1_700_000_000);
+        assert!(is_ours("b", "snaps", "prod", "b", &key));
+        assert!(is_ours("b", "/snaps/", "prod", "b", &key));
+        assert!(!is_ours("b", "snaps", "prod", "other-bucket", &key));
+        let other = object_key("snaps", "prod-2", 1_700_000_000);
+        assert!(!is_ours("b", "snaps", "prod", "b", &other), "{other}");
+        assert!(!is_ours("b", "snaps", "prod", "b", "elsewhere/prod/x.snap"));
+    }
+
+    #[test]
+    fn the_role_is_bound_to_the_cluster_and_short_lived() {
+        let ips: Vec<IpAddr> = ["10.0.1.7", "10.0.0.5", "10.0.1.7", "fd00::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Default: each node's own address, once, sorted.
+        let cidrs = bound_cidrs(&[], ips.clone());
+        assert_eq!(cidrs, ["10.0.0.5/32", "10.0.1.7/32", "fd00::1/128"]);
+        // Configured: exactly what the config says, whatever the nodes are.
+        let vpc = vec!["10.0.0.0/16".to_string()];
+        assert_eq!(bound_cidrs(&vpc, ips), vpc);
+        let body = role_body(&cidrs);
+        assert_eq!(body["secret_id_bound_cidrs"], serde_json::json!(cidrs));
+        assert_eq!(body["token_bound_cidrs"], serde_json::json!(cidrs));
+        assert_eq!(body["token_ttl"], "10m");
+        assert_eq!(body["token_max_ttl"], "10m");
+        assert_eq!(body["token_policies"], serde_json::json!([NAME]));
+    }
+
+    /// Exactly two paths, each `read` only: what a snapshot needs and nothing more.
+    #[test]
+    fn the_policy_is_exactly_the_snapshot_paths() {
+        let paths: Vec<&str> = POLICY_HCL
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("path \""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "sys/storage/raft/snapshot",
+                "sys/storage/raft/configuration"
+            ]
+        );
+        let caps: Vec<&str> = POLICY_HCL
+            .lines()
+            .filter(|l| l.contains("capabilities"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(caps, ["capabilities = [\"read\"]"; 2]);
     }
 
     #[test]

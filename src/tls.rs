@@ -286,6 +286,32 @@ pub fn paths(tls_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// The CAs a client of this cluster's nodes must trust: the CA fetched from S3 and, when it
+/// differs, the one `tls_dir` holds (PEM, concatenated). During a CA rotation the nodes that
+/// already refreshed serve certificates of the new CA and the others still of the old one;
+/// trusting only one of them would count half the cluster as down. An unreadable or
+/// unparseable file on disk adds nothing (a first boot has none).
+pub fn trust_anchors(tls_dir: &Path, fetched_ca: &[u8]) -> Vec<u8> {
+    let on_disk = std::fs::read(paths(tls_dir).2).unwrap_or_default();
+    let ders = |pem: &[u8]| -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(pem)
+            .map(|c| c.map(|c| c.as_ref().to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .unwrap_or_default()
+    };
+    let fetched = ders(fetched_ca);
+    let old = ders(&on_disk);
+    if old.is_empty() || old.iter().all(|c| fetched.contains(c)) {
+        return fetched_ca.to_vec();
+    }
+    let mut both = fetched_ca.to_vec();
+    if !both.ends_with(b"\n") {
+        both.push(b'\n');
+    }
+    both.extend_from_slice(&on_disk);
+    both
+}
+
 /// How fetched material differs from what `tls_dir` holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Changes {
@@ -494,6 +520,38 @@ mod tests {
         assert!(!dns_matches("*.example.com", "a.b.example.com"));
         assert!(!dns_matches("*.example.com", "example.com"));
         assert!(dns_matches("vault.internal", "VAULT.internal"));
+    }
+
+    #[test]
+    fn trust_anchors_hold_both_cas_during_a_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (ca(), ca());
+        // Nothing on disk yet (first boot): the fetched CA alone.
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
+        std::fs::write(d.path().join(CA_FILE), &old.pem).unwrap();
+        let both = trust_anchors(d.path(), new.pem.as_bytes());
+        assert_eq!(CertificateDer::pem_slice_iter(&both).count(), 2);
+        // Peers serving either CA's certificate verify against the bundle.
+        for issuer in [&old, &new] {
+            let (cert, key) = leaf(issuer, &["10.0.1.5"], &[], -1, 30);
+            let m = material(&cert, &key, std::str::from_utf8(&both).unwrap());
+            check(&m, &src(), &expect_ip(), SystemTime::now()).unwrap();
+        }
+        // Rotation finished (the file is the new CA): the fetched CA alone again.
+        std::fs::write(d.path().join(CA_FILE), &new.pem).unwrap();
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
+        // A file that is not PEM adds nothing.
+        std::fs::write(d.path().join(CA_FILE), "garbage").unwrap();
+        assert_eq!(
+            trust_anchors(d.path(), new.pem.as_bytes()),
+            new.pem.as_bytes()
+        );
     }
 
     #[test]

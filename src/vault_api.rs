@@ -57,6 +57,10 @@ impl std::fmt::Display for Health {
 pub struct VaultClient {
     http: reqwest::Client,
     base: String,
+    /// The node's address (what the URL resolves to, also behind a server name).
+    ip: IpAddr,
+    /// The local address connections leave from, when pinned ([`VaultClient::from_source`]).
+    source: Option<IpAddr>,
 }
 
 /// Per-request bound for quick calls; health answers in milliseconds when the server is up.
@@ -69,12 +73,38 @@ impl VaultClient {
     /// to `ip`), so the certificate is checked against it, as peers do with
     /// `leader_tls_servername`.
     pub fn new(ca_pem: &[u8], ip: IpAddr, port: u16, server_name: Option<&str>) -> Result<Self> {
+        Self::build(ca_pem, ip, port, server_name, None)
+    }
+
+    /// Like [`VaultClient::new`], every connection made from the local address `source`.
+    /// For credentials bound to the cluster's addresses (the snapshot AppRole's
+    /// `token_bound_cidrs`): the server must see this instance's own address, not whichever
+    /// one the kernel picks for the route (on loopback, 127.0.0.1; with several network
+    /// interfaces, maybe another).
+    pub fn from_source(
+        ca_pem: &[u8],
+        ip: IpAddr,
+        port: u16,
+        server_name: Option<&str>,
+        source: IpAddr,
+    ) -> Result<Self> {
+        Self::build(ca_pem, ip, port, server_name, Some(source))
+    }
+
+    fn build(
+        ca_pem: &[u8],
+        ip: IpAddr,
+        port: u16,
+        server_name: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<Self> {
         let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
             .map_err(|e| Error::Internal(format!("CA bundle for the Vault API: {e}")))?;
         let mut b = reqwest::Client::builder()
             .tls_certs_only(certs)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(QUICK_TIMEOUT)
+            .local_address(source)
             .no_proxy();
         let base = match server_name {
             Some(name) => {
@@ -86,11 +116,26 @@ impl VaultClient {
         let http = b
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client for the Vault API: {e}")))?;
-        Ok(VaultClient { http, base })
+        Ok(VaultClient {
+            http,
+            base,
+            ip,
+            source,
+        })
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The node's address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// The local address connections leave from, when pinned.
+    pub fn source(&self) -> Option<IpAddr> {
+        self.source
     }
 
     /// One `GET /v1/sys/health`. Transport errors are returned as text (the caller decides

@@ -251,9 +251,13 @@ async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
     // Every later boot keeps warning: restart a non-winner's agent.
     let other = (winner.index + 1) % 3;
     drop(agents);
+    // It comes back from its disk, and says it again once it reads the escrow's records.
     let mut a = tb.spawn_agent(other, &["boot"]);
-    let log = a.wait_log("node ready", Duration::from_secs(120));
-    assert!(log.contains("ROOT TOKEN NOT REVOKED"), "{log}");
+    let log = a.wait_log("ROOT TOKEN NOT REVOKED", Duration::from_secs(120));
+    assert!(
+        log.contains("started from its last known good files"),
+        "{log}"
+    );
     a.stop();
 }
 

@@ -107,24 +107,25 @@ impl Trial<'_> {
         self.boot(k);
     }
 
-    fn winner(&mut self) -> Option<usize> {
-        (0..self.agents.len()).find(|k| self.agents[*k].stderr().contains("won the init lock"))
+    /// The node that won the init lock, in this run of its agent or an earlier one.
+    fn winner(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&k| self.node_log(k).contains("won the init lock"))
+    }
+
+    /// Every run's log of node `k`, oldest last.
+    fn node_log(&self, k: usize) -> String {
+        let dir = self.tb.node_dir(self.nodes[k]);
+        tree(&dir)
+            .into_iter()
+            .filter(|f| f.starts_with("agent-boot.log"))
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+            .collect()
     }
 
     fn logs(&self) -> String {
-        let mut out = String::new();
-        for &i in &self.nodes {
-            for f in tree(&self.tb.node_dir(i)) {
-                if f.starts_with("agent-boot.log") {
-                    let p = self.tb.node_dir(i).join(&f);
-                    out.push_str(&format!(
-                        "\n===== node {i} {f}\n{}",
-                        std::fs::read_to_string(p).unwrap_or_default()
-                    ));
-                }
-            }
-        }
-        out
+        (0..self.nodes.len())
+            .map(|k| format!("\n===== node {}\n{}", self.nodes[k], self.node_log(k)))
+            .collect()
     }
 }
 

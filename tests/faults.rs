@@ -11,7 +11,7 @@
 //!
 //! Cases that need clusters live with their kind: 3/5/7 simultaneous boots in
 //! `boot_cluster.rs`, a boot racing a rejoin in `rejoin.rs`, KMS/S3 down during the escrow
-//! and the missing lock bucket in `init_escrow.rs`. README "Evidence" lists them all.
+//! and the missing lock bucket in `init_escrow.rs`. docs/evidence.md lists them all.
 
 mod common;
 use common::*;
@@ -447,7 +447,7 @@ fn matrix() -> Vec<Case> {
         b.boot_fails(
             FAST,
             77,
-            &["DescribeInstances", "UnauthorizedOperation", "IAM policy"],
+            &["DescribeInstances", "UnauthorizedOperation", "IAM policies"],
         );
     }));
     m.push(case(
@@ -522,7 +522,7 @@ fn matrix() -> Vec<Case> {
             &[
                 "s3://vault-resources/tls/server.key",
                 "AccessDenied",
-                "IAM policy",
+                "IAM policies",
             ],
         );
     }));
@@ -966,4 +966,28 @@ fn init_slower_than_raft_timing_still_forms_one_cluster() {
     for a in agents.iter_mut() {
         a.stop();
     }
+}
+
+/// S3: two conditional writes to one key at once make S3 answer one of them `409
+/// ConditionalRequestConflict` ("retry"). The init lock's write-once PutObject gets that
+/// answer once: the agent retries it (transient, like a 503) and the node boots, one init.
+#[test]
+fn a_conditional_write_conflict_on_the_init_lock_is_retried() {
+    let mut tb = Testbed::start(74, 1);
+    tb.start_proxy();
+    tb.proxy_rules("PUT .*/init-lock/.* status 409 ConditionalRequestConflict x1\n");
+    tb.write_config(0, &NodeOpts::default());
+    let mut a = tb.spawn_agent(0, &["boot"]);
+    let log = a.wait_log("node ready", Duration::from_secs(120));
+    let proxy = std::fs::read_to_string(tb.path().join("proxy.log")).unwrap_or_default();
+    assert!(
+        proxy.contains("409") && proxy.contains("init-lock"),
+        "the fault was not injected:\n{proxy}"
+    );
+    assert!(
+        log.contains("ConditionalRequestConflict") && log.contains("write the init lock"),
+        "the conflict was not retried visibly:\n{log}"
+    );
+    assert_eq!(log.matches("sys/init succeeded").count(), 1, "{log}");
+    a.stop();
 }

@@ -800,7 +800,7 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let mut agents = boot_all_env(
         &tb,
         N,
-        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\n",
+        "[access]\noperator_ca_key = \"tls/operator-ca.pem\"\noperator_common_names = [\"hygiene-operator\"]\n",
         TRACE,
     );
     // Read from now on; what the boots wrote so far waits in the pipes (a boot blocked on a
@@ -915,6 +915,8 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let (code, out, err) = run_cmd(&tb, 0, &["status"], Some(&bg), &mut holders);
     assert_eq!(code, 0, "status: {err}");
     streams.push(("stdout of status".into(), out));
+    // doctor passes only where S3 makes the escrow write-once.
+    tb.escrow_write_once().await;
     let (code, out, err) = run_cmd(&tb, 1, &["doctor"], None, &mut holders);
     assert_eq!(code, 0, "doctor: {}\n{err}", String::from_utf8_lossy(&out));
     streams.push(("stdout of doctor".into(), out));

@@ -57,6 +57,7 @@ fn restart(tb: &Testbed, i: usize) -> (Agent, String) {
 async fn kill_9_at_every_point_between_init_and_marker_loses_nothing() {
     let points = [
         "pending-written",
+        "items-recorded",
         "uploaded-recovery-key-1",
         "uploaded-recovery-key-3",
         "uploaded-root-token",
@@ -90,12 +91,14 @@ async fn kill_9_at_every_point_between_init_and_marker_loses_nothing() {
 
         let (mut a, log) = restart(&tb, i);
         if before_removal {
+            // The pending file holds the keys and the root token: escrow and post-init resume
+            // from it (a node never decrypts the escrowed root token).
             assert!(log.contains("resuming its escrow"), "{point}:\n{log}");
+            assert!(log.contains("post-init complete"), "{point}:\n{log}");
         } else {
-            assert!(
-                log.contains("redoing it with the escrowed root token"),
-                "{point}:\n{log}"
-            );
+            // The pending file goes only once post-init is done: nothing left to redo.
+            assert!(!log.contains("resuming its escrow"), "{point}:\n{log}");
+            assert!(!log.contains("POST-INIT UNFINISHED"), "{point}:\n{log}");
         }
         assert!(
             !log.contains("sys/init succeeded"),
@@ -507,5 +510,100 @@ async fn a_node_serving_another_cluster_is_never_ready() {
             "{log}"
         );
         assert!(!log.contains("node ready"), "{log}");
+    }
+}
+
+/// Issue 12, item 5: post-init interrupted on the initializer. Every other member and
+/// `status` say it is unfinished; the initializer, back as a standby, says so and settles
+/// instead of waiting for leadership (it exited 75 on every boot before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
+    let tb = Testbed::start(65, 3);
+    let extra = "[init]\nrevoke_root_token = false\n";
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra.into(),
+                ..Default::default()
+            },
+        );
+    }
+    // Only the initializer reaches this point; it dies there, its server lives on (as
+    // vault.service would under systemd).
+    let crash = [("VAULT_BOOTSTRAP_CRASH_AT", "marker-written")];
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| tb.spawn_agent_env(i, &["boot"], &crash))
+        .collect();
+    let winner = poll(
+        "the initializer to die at its crash point",
+        Duration::from_secs(120),
+        || {
+            // `exited` also records each agent's server while the agent lives: the
+            // winner's must be known, to be killed later.
+            let dead: Vec<bool> = agents.iter_mut().map(|a| a.exited().is_some()).collect();
+            let found = (0..agents.len())
+                .find(|&k| dead[k] && agents[k].stderr().contains("sys/init succeeded"));
+            async move { found }
+        },
+    )
+    .await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != winner).collect();
+    for &i in &others {
+        let log = agents[i].wait_log("node ready", Duration::from_secs(120));
+        assert!(log.contains("post_init_done=false"), "{log}");
+        assert!(
+            log.contains("post-init is in progress on the initializer"),
+            "{log}"
+        );
+    }
+    let (code, out, _) = tb.run_agent(others[0], &["status"], Duration::from_secs(60));
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["post_init"]["state"], "UNFINISHED", "{doc}");
+    assert_eq!(
+        doc["post_init"]["initialized_by"].as_str(),
+        Some(tb.instances[winner].id.as_str())
+    );
+
+    // Leadership moves away from the initializer, whose server then restarts: it comes back
+    // as a standby.
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, others[0], &root, 3).await;
+    tb.api(winner)
+        .put_ok("sys/step-down", &root, serde_json::json!({}))
+        .await;
+    let new_leader = poll("a new active node", Duration::from_secs(60), || async {
+        match roles(&tb, 3).await.0 {
+            Some(a) if a != winner => Some(a),
+            _ => None,
+        }
+    })
+    .await;
+    agents[winner].kill_servers();
+    // A killed server's last threads may hold its port for a moment after it is reaped.
+    let api = format!("{}:8200", tb.instances[winner].ip);
+    wait_for(
+        "the old server's port to close",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            std::net::TcpStream::connect_timeout(&api.parse().unwrap(), Duration::from_millis(200))
+                .is_err()
+                .then_some(())
+        },
+    );
+    let mut again = tb.respawn_agent(winner, &["boot"], &[]);
+    let log = again.wait_log("node ready", Duration::from_secs(90));
+    assert!(log.contains("it is a standby now"), "{log}");
+    assert!(log.contains("post_init_done=false"), "{log}");
+    assert_eq!(
+        roles(&tb, 3).await.0,
+        Some(new_leader),
+        "it did not take leadership back"
+    );
+    again.stop();
+    for a in agents.iter_mut() {
+        a.stop();
     }
 }

@@ -1,4 +1,4 @@
-//! `vault-bootstrap install --root <tempdir>`: the image layout exactly as README "Install
+//! `vault-bootstrap install --root <tempdir>`: the image layout exactly as docs/operations.md "Install
 //! layout" documents it, idempotence, and refusal of a release whose SHA-256 is not the
 //! pinned one. Runs the real binary; needs root (chown), as CI is.
 
@@ -97,7 +97,7 @@ enum Own {
     Vault,
 }
 
-/// README "Install layout" plus the parents a staging root gets: (path, kind, mode, owner).
+/// docs/operations.md "Install layout" plus the parents a staging root gets: (path, kind, mode, owner).
 fn documented(server: &str) -> Vec<(String, char, u32, Own)> {
     let mut v: Vec<(String, char, u32, Own)> = [
         ("/etc", 'd', 0o755, Own::Root),

@@ -1,5 +1,6 @@
 //! `refresh-tls`: a rotated certificate is served after a reload, by the same server
-//! process (no restart); a bad new certificate is refused and the old one keeps serving.
+//! process (no restart); a bad new certificate is refused and the old one keeps serving; a
+//! rotated CA goes through every node in turn, each restarted, the cluster keeping quorum.
 
 mod common;
 use common::*;
@@ -8,8 +9,17 @@ use std::time::Duration;
 /// The serial of the certificate the server presents on a TLS handshake.
 async fn served_serial(tb: &Testbed) -> String {
     let ca = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    let (_, serial) = served(&ca, &tb.instances[0].ip)
+        .await
+        .expect("TLS handshake");
+    serial
+}
+
+/// (issuer, serial) of the certificate the server at `ip` presents, verified against the
+/// CAs in `ca_pem`; None when the handshake or the request fails.
+async fn served(ca_pem: &[u8], ip: &str) -> Option<(String, String)> {
     let http = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem).unwrap())
         .tls_info(true)
         // A new connection each time: a pooled one would show the old handshake.
         .pool_max_idle_per_host(0)
@@ -18,17 +28,20 @@ async fn served_serial(tb: &Testbed) -> String {
         .build()
         .unwrap();
     let r = http
-        .get(format!("https://{}:8200/v1/sys/health", tb.instances[0].ip))
+        .get(format!("https://{ip}:8200/v1/sys/health"))
         .send()
         .await
-        .expect("TLS handshake");
+        .ok()?;
     let info = r
         .extensions()
         .get::<reqwest::tls::TlsInfo>()
         .expect("tls info");
     let der = info.peer_certificate().expect("peer certificate").to_vec();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    cert.raw_serial_as_string().replace(':', "")
+    Some((
+        cert.issuer().to_string(),
+        cert.raw_serial_as_string().replace(':', ""),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,4 +104,149 @@ async fn rotated_certificate_is_served_without_a_restart_and_bad_ones_are_refuse
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("unchanged"), "{log}");
     a.stop();
+}
+
+/// What `systemctl restart vault.service` does, played by the test (the agents run under the
+/// exec launcher here): the server is started again on the files in node `i`'s directory.
+fn start_server(tb: &Testbed, i: usize) -> Owned {
+    let d = tb.node_dir(i);
+    let ip = &tb.instances[i].ip;
+    // The stopped server must have let go of its ports (all its threads gone).
+    wait_for(
+        &format!("node {i}'s ports to be free"),
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            [8200, 8201]
+                .iter()
+                .all(|p| std::net::TcpListener::bind(format!("{ip}:{p}")).is_ok())
+                .then_some(())
+        },
+    );
+    let log = std::fs::File::create(d.join("server-restarted.log")).unwrap();
+    let child = std::process::Command::new(bao())
+        .arg("server")
+        .arg(format!("-config={}", d.join("etc/vault.hcl").display()))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", &d)
+        .envs(tb.agent_env(i))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn the server");
+    Owned {
+        name: format!("node {i}'s restarted server"),
+        child,
+    }
+}
+
+/// A CA rotation as the daily timer runs it: a new CA and certificates it signed are
+/// uploaded, then `refresh-tls` runs on one node after the other. Each must see its peers as
+/// healthy (the ones already rotated serve the new CA's certificate, the others the old
+/// one's), install the new CA and restart its server; the cluster keeps its quorum and its
+/// three voters throughout, and every node ends serving the new CA's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
+    let extra = "[init]\nrevoke_root_token = false\n";
+    let (tb, mut agents) = form(70, 3, extra);
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 3).await;
+
+    tb.tls_variant("new-ca");
+    let new_ca = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+    let both = [
+        new_ca.clone(),
+        std::fs::read(tb.seed_dir().join("ca-old.pem")).unwrap(),
+    ]
+    .concat();
+    let rotated = |issuer: &str| issuer.contains("(rotated)");
+
+    // systemd, as far as refresh-tls sees it: a stub systemctl that records each call.
+    let bin = tb.path().join("stub-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = tb.path().join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let mut restarted = Vec::new();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: format!("{extra}[vault]\nlauncher = \"systemd\"\n"),
+                ..Default::default()
+            },
+        );
+        let (code, _, log) = tb.run_agent_env(
+            i,
+            &["refresh-tls"],
+            &[("PATH", path.as_str())],
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, 0, "node {i}'s refresh-tls:\n{log}");
+        assert!(log.contains("new CA installed; server restarted"), "{log}");
+        let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert_eq!(
+            recorded.lines().last(),
+            Some("restart vault.service"),
+            "{recorded}"
+        );
+        assert_eq!(
+            std::fs::read(tb.node_dir(i).join("tls/ca.pem")).unwrap(),
+            new_ca,
+            "node {i} holds the new CA"
+        );
+        // The restart refresh-tls asked systemd for.
+        agent.stop();
+        restarted.push(start_server(&tb, i));
+        let ip = tb.instances[i].ip.clone();
+        poll(
+            &format!("node {i} unsealed, serving the new CA's certificate"),
+            Duration::from_secs(60),
+            || {
+                let (tb, ip, both) = (&tb, ip.clone(), both.clone());
+                async move {
+                    let (issuer, _) = served(&both, &ip).await?;
+                    let (code, _) = tb.api(i).health().await?;
+                    (rotated(&issuer) && (code == 200 || code == 429)).then_some(())
+                }
+            },
+        )
+        .await;
+        // Quorum kept: a leader, and all three voters, as the restarted node sees them.
+        wait_voters(&tb, i, &root, 3).await;
+    }
+
+    // Done: every node serves the new CA's certificate, and a later run has nothing to do.
+    for inst in &tb.instances {
+        let (issuer, _) = served(&new_ca, &inst.ip)
+            .await
+            .unwrap_or_else(|| panic!("{} does not verify against the new CA", inst.ip));
+        assert!(rotated(&issuer), "{}: {issuer}", inst.ip);
+    }
+    active(&tb, 3).await;
+    let (code, _, log) = tb.run_agent_env(
+        1,
+        &["refresh-tls"],
+        &[("PATH", path.as_str())],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("unchanged"), "{log}");
+    drop(restarted);
 }

@@ -188,3 +188,122 @@ async fn a_boot_racing_a_rejoin_waits_for_it_and_the_node_comes_back() {
         a.stop();
     }
 }
+
+/// Terminates instance `i` in EC2 (moto): discovery no longer lists it.
+fn terminate(tb: &Testbed, i: usize) {
+    let out = std::process::Command::new(python())
+        .arg(testbed_script("seed.py"))
+        .args([
+            "terminate",
+            "--moto",
+            &tb.moto_url,
+            "--id",
+            &tb.instances[i].id,
+        ])
+        .output()
+        .expect("seed.py terminate");
+    assert!(
+        out.status.success(),
+        "terminate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With VAULT_TOKEN the quorum is counted on the raft configuration, dead voters included.
+/// Four voters; node 3 dies and its instance is terminated, so EC2 lists three instances
+/// while raft still counts four voters (autopilot removes a dead server only after
+/// `dead_server_last_contact_threshold`, 10 min). Restarting node 2 would leave two of four
+/// serving, below the quorum of three, although two of EC2's three looks like a majority:
+/// rejoin must refuse and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_rejoin_counts_raft_voters_dead_ones_included() {
+    let (tb, mut agents) = form(71, 4, "[init]\nrevoke_root_token = false\n");
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 4).await;
+    agents[3].kill_servers();
+    terminate(&tb, 3);
+    // The three others still hold a quorum of four: wait for their leader.
+    active(&tb, 3).await;
+    let dead = tb.instances[3].id.clone();
+    assert!(raft_servers(&tb, 0, &root)
+        .await
+        .expect("raft configuration")
+        .contains(&(dead.clone(), true)));
+
+    let before = snapshot_tree(&tb, 2);
+    let (code, out, err) = tb.run_agent_env(
+        2,
+        &["rejoin"],
+        &[("VAULT_TOKEN", root.as_str())],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 75, "{out}\n{err}");
+    assert!(
+        err.contains("4 voter(s)") && err.contains(&dead) && err.contains("quorum"),
+        "{err}"
+    );
+    assert!(out.contains("3 instance(s)"), "EC2 lists three: {out}");
+    assert_eq!(
+        snapshot_tree(&tb, 2),
+        before,
+        "a refused rejoin changes nothing"
+    );
+    let (code, _) = tb.api(2).health().await.expect("node 2 still serves");
+    assert!(code == 200 || code == 429, "node 2 unsealed: {code}");
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}
+
+/// A sealed node is no evidence that the cluster forgot it. Without a token rejoin cannot
+/// tell, so it refuses and moves nothing (it used to move the raft data aside and join the
+/// node afresh). With the token the raft configuration lists the node: it is restarted with
+/// its own data and is an unsealed voter again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_node_keeps_its_data() {
+    let (tb, mut agents) = form(72, 3, "[init]\nrevoke_root_token = false\n");
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 3).await;
+    let me = tb.instances[2].id.clone();
+    tb.api(2)
+        .put_ok("sys/seal", &root, serde_json::json!({}))
+        .await;
+    assert_eq!(tb.api(2).health().await.map(|h| h.0), Some(503));
+    let removed = || {
+        std::fs::read_dir(tb.node_dir(2))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("data.removed-"))
+            .count()
+    };
+
+    let before = snapshot_tree(&tb, 2);
+    let (code, out, err) = tb.run_agent(2, &["rejoin"], Duration::from_secs(60));
+    assert_eq!(code, 75, "{out}\n{err}");
+    assert!(
+        err.contains("cannot tell whether the cluster still knows this node")
+            && err.contains("sealed")
+            && err.contains("VAULT_TOKEN"),
+        "{err}"
+    );
+    assert_eq!(snapshot_tree(&tb, 2), before, "nothing changed");
+    assert_eq!(removed(), 0, "no raft data moved aside");
+    assert_eq!(tb.api(2).health().await.map(|h| h.0), Some(503));
+
+    let mut r = tb.spawn_agent_env(2, &["rejoin"], &[("VAULT_TOKEN", root.as_str())]);
+    let stdout = Drain::of(&mut r);
+    r.wait_log("rejoin complete", Duration::from_secs(180));
+    assert_eq!(removed(), 0, "restarted with its own data");
+    assert!(wait_voters(&tb, 0, &root, 3).await.contains(&me));
+    let (code, _) = tb.api(2).health().await.expect("node 2 serves");
+    assert!(code == 200 || code == 429, "unsealed again: {code}");
+    r.stop();
+    let out = String::from_utf8_lossy(&stdout.get("rejoin")).into_owned();
+    assert!(
+        out.contains("Known(") && !out.contains("moved aside"),
+        "{out}"
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}

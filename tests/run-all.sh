@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command, in one place: the README's "Quick start" and .ci/run both run
 # exactly this. Unit tests, then the integration tests, which start real OpenBao servers
-# against a local moto (see README "Test-bed").
+# against a local moto (see docs/internals.md "Test-bed").
 #
 #   bash tests/run-all.sh                 everything
 #   bash tests/run-all.sh three_agents    extra arguments go to the test binaries (a name filter)

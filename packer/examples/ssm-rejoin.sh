@@ -1,7 +1,9 @@
 #!/bin/bash
 # Runs `vault-bootstrap rejoin` on one instance through SSM Run Command, without SSH.
-# The `rejoin` command is not in the agent yet (it lands with a later issue); until then the
-# same line with `systemctl restart vault-bootstrap.service` reruns the boot path.
+# Without VAULT_TOKEN, rejoin moves raft data aside only when the node serves another
+# cluster id, and refuses (exit 75) when it cannot tell; a removed node needs the raft view:
+# run rejoin with VAULT_TOKEN in an interactive session (`aws ssm start-session`), never in
+# this command's parameters, which SSM keeps in its command history.
 #
 # Usage: ssm-rejoin.sh INSTANCE_ID [REGION]
 # Needs: the SSM agent on the instance (Amazon Linux 2023 has it), the

@@ -82,6 +82,12 @@ dead_server_last_contact_threshold = "10m"
 init_timeout_secs = 120
 join_timeout_secs = 600
 
+[snapshot]
+# The VPC's CIDR: the snapshot AppRole logs in, and its tokens work, only from these
+# addresses. The default (the instances' own IPs when the cluster is initialised) would
+# leave out every instance that replaces one later.
+bound_cidrs = ["10.0.0.0/16"]
+
 [access]
 # Operators log in with client certificates this CA signed (cert auth, README "Operator
 # access"). Only with a login path is the root token revoked after init; without one it

@@ -45,11 +45,37 @@ pub trait ObjectStore: Send + Sync {
         sse_kms_key: Option<&str>,
     ) -> impl Future<Output = Result<PutOutcome>> + Send;
 
+    /// The object and the SHA-256 checksum S3 stored with it (base64), when it has one:
+    /// what a write-once item's read-back compares with what was written.
+    fn get_checked(&self, bucket: &str, key: &str) -> impl Future<Output = Result<Stored>> + Send {
+        async move {
+            Ok(Stored {
+                body: self.get(bucket, key).await?,
+                sha256: None,
+            })
+        }
+    }
+
     /// Keys under `prefix`.
     fn list(&self, bucket: &str, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Deletes `s3://bucket/key`; deleting a key that does not exist is not an error.
     fn delete(&self, bucket: &str, key: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// An object as read back, with S3's own checksum of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub body: Vec<u8>,
+    /// `ChecksumSHA256` (base64) that S3 stored at the write, validated by the SDK on read.
+    pub sha256: Option<String>,
+}
+
+/// The base64 SHA-256 of `body`, as S3 reports `ChecksumSHA256`.
+pub fn sha256_b64(body: &[u8]) -> String {
+    use base64::Engine;
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
+    base64::engine::general_purpose::STANDARD.encode(d.as_ref())
 }
 
 /// What `HeadObject` says about an object.
@@ -231,12 +257,15 @@ impl ObjectStore for SdkS3 {
         sse_kms_key: Option<&str>,
     ) -> Result<PutOutcome> {
         let url = format!("s3://{bucket}/{key}");
+        // SHA-256 computed by the SDK, checked and stored by S3: the read-back compares it,
+        // and S3 Object Lock buckets refuse a PutObject without a checksum.
         let mut req = self
             .client
             .put_object()
             .bucket(bucket)
             .key(key)
             .if_none_match("*")
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
             .body(body.into());
         if let Some(k) = sse_kms_key {
             req = req
@@ -244,6 +273,33 @@ impl ObjectStore for SdkS3 {
                 .ssekms_key_id(k);
         }
         put_once(req, url).await
+    }
+
+    async fn get_checked(&self, bucket: &str, key: &str) -> Result<Stored> {
+        let url = format!("s3://{bucket}/{key}");
+        let out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetObject", url.clone(), e))?;
+        let sha256 = out.checksum_sha256().map(str::to_owned);
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| Error::Aws {
+                operation: "GetObject",
+                resource: url,
+                failure: AwsFailure::Transient,
+                message: format!("reading the body failed (or its checksum did not match): {e}"),
+            })?
+            .into_bytes()
+            .to_vec();
+        Ok(Stored { body, sha256 })
     }
 
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {

@@ -334,6 +334,7 @@ pub(crate) async fn initialize_or_join(
         cfg,
         &init::Me {
             instance_id: &node.facts.instance_id,
+            facts: &node.facts,
             cluster: &node.tag_value,
             vault_owner: r.owner,
             flavor: r.flavor,

@@ -2,6 +2,9 @@
 //! (the unauthenticated generate-root path `boot` keeps open). For when every operator login
 //! path is broken. The keys come typed on stdin (one per line) or, with `--from-escrow`, from
 //! the escrow (needs kms:Decrypt on the escrow key). The token is printed once, never logged.
+//! Run on a standby, the calls are forwarded to the active node; right after a leader change
+//! there is none for a moment, and those answers are waited out (bounded, see
+//! [`access::SETTLE_BOUND`]).
 
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
@@ -52,8 +55,8 @@ pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
             cfg.vault.tls_dir.display()
         ),
     })?;
-    let local = super::boot::local_client(cfg, &id.facts, &ca)?;
-    let token = access::generate_root(&local, &shares).await?;
+    let local = crate::boot::local_client(cfg, &id.facts, &ca)?;
+    let token = access::generate_root(&local, &shares, access::SETTLE_BOUND).await?;
     tracing::warn!(
         shares = shares.len(),
         "break-glass: a new root token was generated; revoke it when done"

@@ -21,7 +21,7 @@ use std::path::PathBuf;
     name = "vault-bootstrap",
     version,
     about = "Turns a booted EC2 instance into a healthy member of a Vault/OpenBao Raft cluster",
-    after_help = "Exit codes: see README \"Exit codes\" (78 config, 75 retriable, 65 TLS refused, ...)."
+    after_help = "Exit codes: see docs/operations.md \"Exit codes\" (78 config, 75 retriable, 65 TLS refused, ...)."
 )]
 pub struct Cli {
     /// Configuration file.
@@ -101,14 +101,23 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Force-restore the cluster from a snapshot (operator's VAULT_TOKEN; needs --yes).
+    /// Restore the cluster from one of its snapshots (operator's VAULT_TOKEN; needs --yes).
     Restore {
-        /// s3://bucket/key of a snapshot written by `vault-bootstrap snapshot`.
+        /// s3://bucket/key of a snapshot written by `vault-bootstrap snapshot`, under this
+        /// cluster's prefix (`snapshot.bucket`/`snapshot.prefix`/<cluster>/).
         #[arg(long, value_name = "S3_URL")]
         from: String,
         /// Replace all of the cluster's data: required.
         #[arg(long)]
         yes: bool,
+        /// Accept a snapshot outside this cluster's prefix (another cluster's data).
+        #[arg(long)]
+        foreign: bool,
+        /// Restore through sys/storage/raft/snapshot-force, which skips the server's check
+        /// that the snapshot was sealed by this cluster's seal. If it was not, the cluster
+        /// cannot decrypt its data afterwards.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -136,9 +145,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
             only_if_active,
         }) => snapshot::take(&cfg, only_if_active).await,
         Command::Snapshot(SnapshotArgs {
-            command: Some(SnapshotCommand::Restore { from, yes }),
+            command:
+                Some(SnapshotCommand::Restore {
+                    from,
+                    yes,
+                    foreign,
+                    force,
+                }),
             ..
-        }) => snapshot::restore(&cfg, &from, yes).await,
+        }) => {
+            let how = snapshot::Restore {
+                yes,
+                foreign,
+                force,
+            };
+            snapshot::restore(&cfg, &from, how).await
+        }
         Command::Install(args) => install::run(&args),
     }
 }

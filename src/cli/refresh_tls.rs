@@ -3,9 +3,11 @@
 //! nothing and the old certificate keeps serving. A changed certificate/key is swapped
 //! atomically and the server reloaded (SIGHUP re-reads the listener's files). A changed CA
 //! needs a restart (peers verify each other with it), done only when every peer is healthy,
-//! so that this restart can never cost the cluster its quorum.
+//! so that this restart can never cost the cluster its quorum. Peers are checked against the
+//! old and the new CA together: during a rotation both are served (see
+//! [`tls::trust_anchors`]).
 
-use crate::cli::boot::vault_owner;
+use crate::boot::vault_owner;
 use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
 use crate::vault_api::Health;
@@ -15,7 +17,7 @@ use std::time::SystemTime;
 pub async fn run(cfg: &Config) -> Result<i32> {
     let owner = vault_owner(cfg)?;
     let id = node::identity(cfg).await?;
-    let (m, checked) = crate::cli::boot::fetch_tls(cfg, &id.sdk, id.facts.local_ipv4).await?;
+    let (m, checked) = crate::boot::fetch_tls(cfg, &id.sdk, id.facts.local_ipv4).await?;
 
     // Compared and written under the node lock: a boot or rejoin may be rewriting them.
     let _lock = crate::node_lock::acquire(
@@ -41,11 +43,13 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         }
         // Who is in the cluster now (the identity read above is reused: no second IMDS pass).
         let n = node::current(cfg, id).await?;
-        // Peers still present the old CA's certificates until they refresh too.
-        let ca = std::fs::read(tls::paths(&cfg.vault.tls_dir).2).unwrap_or_default();
+        // A rotation goes node by node: peers that refreshed before us serve the new CA's
+        // certificates, the others still the old one's. Trust both, or every node after the
+        // first would count the first as down and never restart (exit 75 every day).
+        let ca = tls::trust_anchors(&cfg.vault.tls_dir, &m.ca_pem);
         let mut down = Vec::new();
         for p in n.peers.iter().filter(|p| !p.is_self) {
-            let c = crate::cli::boot::peer_client(cfg, &ca, p.ip)?;
+            let c = crate::boot::peer_client(cfg, &ca, p.ip)?;
             if !matches!(
                 c.health().await,
                 Ok(Health::Active | Health::Standby | Health::PerfStandby)

@@ -1,7 +1,7 @@
 //! `vault-bootstrap render`: what `boot` would write to `vault.config_file`, on stdout.
 //! Reads IMDS and EC2 like `boot`; writes nothing.
 
-use crate::cli::boot;
+use crate::boot;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::node;

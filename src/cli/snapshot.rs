@@ -1,17 +1,19 @@
 //! `vault-bootstrap snapshot` (run hourly by its timer) and `snapshot restore --from s3://...
-//! --yes` (an operator's act). The work is in [`crate::snapshot`]; this file finds the
-//! nodes, the credentials and the buckets.
+//! --yes [--foreign] [--force]` (an operator's act). The work is in [`crate::snapshot`]; this
+//! file finds the nodes, the credentials and the buckets, and guards the restore: only this
+//! cluster's snapshots unless `--foreign`, the server's seal check unless `--force`.
 
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
-use crate::cli::boot;
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
+use crate::imds::InstanceFacts;
 use crate::secret::Secret;
 use crate::vault_api::VaultClient;
 use crate::{node, snapshot, tls};
 use std::io::Write;
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// The cluster CA `boot` wrote: the only trust anchor for the API calls.
@@ -26,6 +28,31 @@ fn cluster_ca(cfg: &Config) -> Result<Vec<u8>> {
     })
 }
 
+/// The API client of the node at `ip`, connecting from this instance's own address: the
+/// snapshot AppRole and its tokens work only from the cluster's addresses
+/// (`snapshot::bound_cidrs`), and without a pinned source the kernel picks one by route
+/// (127.0.0.1 towards a loopback address, maybe another interface's on a multi-homed host).
+fn client(cfg: &Config, ca: &[u8], ip: IpAddr, me: IpAddr) -> Result<VaultClient> {
+    VaultClient::from_source(
+        ca,
+        ip,
+        cfg.vault.api_port,
+        cfg.tls.server_name.as_deref(),
+        me,
+    )
+}
+
+/// This node's own client: at the address its server listens on (as `boot` reaches it).
+fn local_client(cfg: &Config, facts: &InstanceFacts, ca: &[u8]) -> Result<VaultClient> {
+    let bind = crate::render::bind_ip(cfg, facts);
+    let ip = if bind.is_unspecified() {
+        facts.local_ipv4
+    } else {
+        bind
+    };
+    client(cfg, ca, ip, facts.local_ipv4)
+}
+
 /// This node first, then its peers as EC2 lists them now: the clients
 /// [`snapshot::find_active`] tries.
 async fn nodes(
@@ -34,10 +61,11 @@ async fn nodes(
     ca: &[u8],
     local: VaultClient,
 ) -> Result<(node::Node, Vec<VaultClient>)> {
+    let me = id.facts.local_ipv4;
     let n = node::current(cfg, id).await?;
     let mut clients = vec![local];
     for p in n.peers.iter().filter(|p| !p.is_self) {
-        clients.push(boot::peer_client(cfg, ca, p.ip)?);
+        clients.push(client(cfg, ca, p.ip, me)?);
     }
     Ok((n, clients))
 }
@@ -46,7 +74,7 @@ async fn nodes(
 pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     let id = node::identity(cfg).await?;
     let ca = cluster_ca(cfg)?;
-    let local = boot::local_client(cfg, &id.facts, &ca)?;
+    let local = local_client(cfg, &id.facts, &ca)?;
     // The hourly timer runs on every node: a standby stops here, before any EC2 call.
     if only_if_active && !matches!(local.health().await, Ok(crate::vault_api::Health::Active)) {
         tracing::info!(
@@ -61,7 +89,7 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     let layout = Layout::new(cfg, &n.tag_value);
     let token = snapshot::login(active, &s3, &SdkKms::new(&n.sdk), &layout, aws).await?;
     let result = snapshot::take(cfg, &n.tag_value, active, &token, &s3).await;
-    // The login lives 15 minutes anyway; end it now (best effort, the default policy allows it).
+    // The login lives 10 minutes anyway; end it now (best effort, the default policy allows it).
     let _ = active
         .call(
             reqwest::Method::POST,
@@ -88,15 +116,26 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// The operator's choices for `snapshot restore`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restore {
+    /// Replacing the cluster's data is meant (required).
+    pub yes: bool,
+    /// A snapshot outside this cluster's prefix is meant.
+    pub foreign: bool,
+    /// Skip the server's seal check (`snapshot-force`).
+    pub force: bool,
+}
+
 /// Restores `from` into the cluster with the operator's `VAULT_TOKEN`.
-pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
+pub async fn restore(cfg: &Config, from: &str, how: Restore) -> Result<i32> {
     let usage = |message: String| Error::Snapshot {
         message,
         exit: exit::USAGE,
     };
-    if !yes {
+    if !how.yes {
         return Err(usage(format!(
-            "restoring {from} replaces ALL of the cluster's data with the snapshot's (force restore); pass --yes if you mean it"
+            "restoring {from} replaces ALL of the cluster's data with the snapshot's; pass --yes if you mean it"
         )));
     }
     let Some((bucket, key)) = crate::aws::s3::parse_url(from) else {
@@ -111,8 +150,24 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
         )),
     };
     let id = node::identity(cfg).await?;
+    // A URL pasted from another cluster's listing (or a typo in the cluster name) would
+    // replace this cluster's data with someone else's: only this cluster's prefix, unless
+    // the operator says so. Checked before anything is downloaded.
+    let (prefix, ours) = (&cfg.snapshot.prefix, cfg.snapshot_bucket());
+    if !how.foreign && !snapshot::is_ours(ours, prefix, &id.tag_value, &bucket, &key) {
+        return Err(usage(format!(
+            "{from} is not one of this cluster's snapshots (those are under s3://{ours}/{}); restoring it replaces this cluster's data with another's. Pass --foreign if you mean it; nothing was restored",
+            snapshot::dir(prefix, &id.tag_value)
+        )));
+    }
+    if how.force {
+        tracing::warn!(
+            from = %from,
+            "--force: restoring through sys/storage/raft/snapshot-force, which skips the server's check that the snapshot was sealed by this cluster's seal. The snapshot's seal must be this cluster's (the same KMS key): if it is not, the cluster cannot decrypt its data after the restore"
+        );
+    }
     let ca = cluster_ca(cfg)?;
-    let local = boot::local_client(cfg, &id.facts, &ca)?;
+    let local = local_client(cfg, &id.facts, &ca)?;
     let (n, clients) = nodes(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let size = snapshot::restore(
@@ -122,9 +177,10 @@ pub async fn restore(cfg: &Config, from: &str, yes: bool) -> Result<i32> {
         active,
         &token,
         &SdkS3::for_streams(&n.sdk),
+        how.force,
     )
     .await?;
-    tracing::warn!(from = %from, size, via = %active.base(), "cluster restored from the snapshot");
+    tracing::warn!(from = %from, size, via = %active.base(), force = how.force, "cluster restored from the snapshot");
     let _ = writeln!(std::io::stdout(), "restored {from} ({size} bytes)");
     Ok(exit::OK)
 }

@@ -43,7 +43,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             Value::Null,
         ),
         Some(ca) => {
-            let local = crate::cli::boot::local_client(cfg, &n.facts, ca)?;
+            let local = crate::boot::local_client(cfg, &n.facts, ca)?;
             let answer = local.health().await;
             let health = match &answer {
                 Ok(h) => json!(h.to_string()),

@@ -20,9 +20,34 @@ use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Encryption-context keys (stable: operators use them to decrypt by hand).
+/// Encryption-context keys (stable: operators use them to decrypt by hand, and the IAM
+/// policies grant `kms:Decrypt` by them).
 pub const CTX_CLUSTER: &str = "vault-bootstrap:cluster";
 pub const CTX_ITEM: &str = "vault-bootstrap:item";
+pub const CTX_CLASS: &str = "vault-bootstrap:class";
+/// The pending init file's data key only: the ARN of the instance that wrote it.
+pub const CTX_INSTANCE: &str = "vault-bootstrap:instance";
+
+/// Who may decrypt an item, as the policies tell classes apart (docs/security.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Recovery shares and the root token: operators only, never a node.
+    Recovery,
+    /// Credentials the nodes themselves use (the snapshot AppRole).
+    NodeCredential,
+    /// The pending init file's data key: only the instance that wrote it.
+    Pending,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Recovery => "recovery",
+            Class::NodeCredential => "node-credential",
+            Class::Pending => "pending",
+        }
+    }
+}
 
 /// Where one cluster's escrow lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,10 +88,25 @@ impl Layout {
     pub fn url(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
     }
+    /// The class of an escrow item, by its name.
+    pub fn class_of(item: &str) -> Class {
+        if item == Self::SNAPSHOT_APPROLE_ITEM {
+            Class::NodeCredential
+        } else {
+            Class::Recovery
+        }
+    }
+
+    /// An escrow item's encryption context: cluster, item and class.
     pub fn context(&self, item: &str) -> Context {
+        self.context_of(item, Self::class_of(item))
+    }
+
+    pub fn context_of(&self, item: &str, class: Class) -> Context {
         vec![
             (CTX_CLUSTER.to_owned(), self.cluster.clone()),
             (CTX_ITEM.to_owned(), item.to_owned()),
+            (CTX_CLASS.to_owned(), class.as_str().to_owned()),
         ]
     }
 }
@@ -136,33 +176,58 @@ pub fn fault_point(point: &str) -> bool {
 
 use crate::clock::now_unix;
 
-/// Uploads every item write-once, verifies each by reading it back and decrypting it, then
-/// writes the marker. Safe to run again after a crash at any point: an item already
-/// present is accepted only if it decrypts to the same secret.
-pub async fn escrow<S: ObjectStore, K: Kms>(
-    s3: &S,
+/// Each item's ciphertext as this node wrote it (not secret): what the read-back compares
+/// with S3's bytes, and what a resumed run uploads again (KMS never encrypts the same way
+/// twice, so a fresh encryption could not be compared with what an earlier run uploaded).
+pub type Sealed = Vec<(String, Vec<u8>)>;
+
+/// Encrypts every item under the escrow key, each with its own context.
+pub async fn encrypt_items<K: Kms>(
     kms: &K,
     layout: &Layout,
+    secrets: &InitSecrets,
+    deadline: Duration,
+) -> Result<Sealed> {
+    let mut sealed = Vec::new();
+    for (name, secret) in secrets.items() {
+        let ctx = layout.context(&name);
+        let ct = retry::retry("encrypt escrow item", deadline, || {
+            kms.encrypt(&layout.kms_key_id, secret.expose().as_bytes(), &ctx)
+        })
+        .await?;
+        sealed.push((name, ct));
+    }
+    Ok(sealed)
+}
+
+/// Uploads every sealed item write-once, verifies each by reading it back (the bytes and
+/// S3's SHA-256 checksum against what was written; nothing is decrypted: a node may write
+/// the escrow but never read a recovery key), then writes the marker. Safe to run again
+/// after a crash at any point with the same `sealed`: an item already present is accepted
+/// only if it holds exactly these bytes.
+pub async fn escrow<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    sealed: &Sealed,
     secrets: &InitSecrets,
     instance_id: &str,
     cluster_id: Option<&str>,
     deadline: Duration,
 ) -> Result<Marker> {
-    let items = secrets.items();
-    for (name, secret) in &items {
-        if put_item(s3, kms, layout, name, secret, deadline).await? == PutOutcome::Exists {
+    for (name, ct) in sealed {
+        if upload_item(s3, layout, name, ct, deadline).await? == PutOutcome::Exists {
             // A previous run (crashed) wrote it: the read-back below accepts it only if it
-            // is the same secret.
+            // holds these bytes.
             tracing::info!(item = %name, "escrow item already present (resumed)");
         }
         crash_point(&format!("uploaded-{name}"));
     }
-    for (name, secret) in &items {
-        check_item(s3, kms, layout, name, secret, deadline).await?;
+    for (name, ct) in sealed {
+        check_stored(s3, layout, name, ct, deadline).await?;
     }
     tracing::info!(
-        items = items.len(),
-        "every escrow item read back and decrypted"
+        items = sealed.len(),
+        "every escrow item read back: the bytes and S3's SHA-256 are what was written"
     );
     crash_point("verified");
 
@@ -204,29 +269,61 @@ pub async fn escrow<S: ObjectStore, K: Kms>(
     Ok(marker)
 }
 
-/// Reads item `name` back and decrypts it; an error unless it is `secret`.
-pub(crate) async fn check_item<S: ObjectStore, K: Kms>(
+/// Writes one sealed item write-once; `Exists` when an earlier run wrote it.
+pub async fn upload_item<S: ObjectStore>(
     s3: &S,
-    kms: &K,
     layout: &Layout,
     name: &str,
-    secret: &Secret,
+    ct: &[u8],
+    deadline: Duration,
+) -> Result<PutOutcome> {
+    let key = layout.object(name);
+    retry::retry("upload escrow item", deadline, || {
+        s3.put_if_absent(&layout.bucket, &key, ct.to_vec(), Some(&layout.kms_key_id))
+    })
+    .await
+}
+
+/// Reads item `name` back: an error unless S3 holds exactly `ct`, with S3's SHA-256 of it.
+pub async fn check_stored<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    name: &str,
+    ct: &[u8],
     deadline: Duration,
 ) -> Result<()> {
-    let plain = decrypt_item(s3, kms, layout, name, deadline).await?;
-    if plain.expose() != secret.expose() {
+    let key = layout.object(name);
+    let stored = retry::retry("read escrow item back", deadline, || {
+        s3.get_checked(&layout.bucket, &key)
+    })
+    .await?;
+    if stored.body != ct {
         return Err(Error::Escrow {
             message: format!(
-                "{} holds a different secret than this node's init produced; not overwriting it",
-                layout.url(&layout.object(name))
+                "{} holds other bytes than this node's init wrote (another writer, or an earlier init's item); not overwriting it: investigate before anything else",
+                layout.url(&key)
             ),
         });
     }
-    Ok(())
+    match stored.sha256 {
+        Some(sum) if sum == crate::aws::s3::sha256_b64(ct) => Ok(()),
+        Some(_) => Err(Error::Escrow {
+            message: format!(
+                "{}: S3's SHA-256 checksum does not match the bytes read back; read it again, and check the bucket for tampering",
+                layout.url(&key)
+            ),
+        }),
+        None => Err(Error::Escrow {
+            message: format!(
+                "{} has no SHA-256 checksum: it was not written by this agent's write-once upload",
+                layout.url(&key)
+            ),
+        }),
+    }
 }
 
-/// Encrypts one item under the escrow key (context: cluster and item name) and writes it
-/// write-once; `Exists` when an earlier run wrote it (nothing is overwritten).
+/// Encrypts one node-credential item and writes it write-once; `Exists` when an earlier run
+/// wrote it (nothing is overwritten). Returns the ciphertext for [`check_stored`].
 pub async fn put_item<S: ObjectStore, K: Kms>(
     s3: &S,
     kms: &K,
@@ -234,20 +331,18 @@ pub async fn put_item<S: ObjectStore, K: Kms>(
     name: &str,
     secret: &Secret,
     deadline: Duration,
-) -> Result<PutOutcome> {
+) -> Result<(PutOutcome, Vec<u8>)> {
     let ctx = layout.context(name);
     let ct = retry::retry("encrypt escrow item", deadline, || {
         kms.encrypt(&layout.kms_key_id, secret.expose().as_bytes(), &ctx)
     })
     .await?;
-    let key = layout.object(name);
-    retry::retry("upload escrow item", deadline, || {
-        s3.put_if_absent(&layout.bucket, &key, ct.clone(), Some(&layout.kms_key_id))
-    })
-    .await
+    let put = upload_item(s3, layout, name, &ct, deadline).await?;
+    Ok((put, ct))
 }
 
-/// Reads and decrypts one item.
+/// Reads and decrypts one item. A recovery item decrypts only with the operator role: a
+/// denial says so.
 pub async fn decrypt_item<S: ObjectStore, K: Kms>(
     s3: &S,
     kms: &K,
@@ -261,7 +356,23 @@ pub async fn decrypt_item<S: ObjectStore, K: Kms>(
     })
     .await?;
     let ctx = layout.context(name);
-    let plain = retry::retry("decrypt escrow item", deadline, || kms.decrypt(&ct, &ctx)).await?;
+    let plain = retry::retry("decrypt escrow item", deadline, || kms.decrypt(&ct, &ctx))
+        .await
+        .map_err(|e| match e {
+            // Not "grant the instance role": the node role must never read these.
+            Error::Aws {
+                operation,
+                resource,
+                failure: crate::error::AwsFailure::Denied,
+                ..
+            } if Layout::class_of(name) == Class::Recovery => Error::Aws {
+                operation,
+                resource,
+                failure: crate::error::AwsFailure::Denied,
+                message: "access denied: recovery keys and the root token decrypt only with the operator role (packer/examples/iam-policy-operator.json), never with a node's role. Run this with operator credentials".into(),
+            },
+            e => e,
+        })?;
     let s = std::str::from_utf8(&plain).map_err(|_| Error::Escrow {
         message: format!(
             "{} decrypts to something that is not text",
@@ -348,6 +459,14 @@ pub async fn verify<S: ObjectStore, K: Kms>(
         let name = Layout::share_item(n);
         match decrypt_item(s3, kms, layout, &name, deadline).await {
             Ok(_) => r.shares_ok += 1,
+            // Denied is not a finding about the escrow: these credentials may not read it
+            // (the node role), and the error says which role can.
+            Err(
+                e @ Error::Aws {
+                    failure: crate::error::AwsFailure::Denied,
+                    ..
+                },
+            ) => return Err(e),
             Err(e) => r.problems.push(format!("{name}: {e}")),
         }
     }
@@ -416,6 +535,12 @@ pub(crate) mod fake {
             o.insert(k, body);
             Ok(PutOutcome::Created)
         }
+        async fn get_checked(&self, bucket: &str, key: &str) -> Result<crate::aws::s3::Stored> {
+            // S3 computes the checksum at the write; so does this fake (of what it holds).
+            let body = self.get(bucket, key).await?;
+            let sha256 = Some(crate::aws::s3::sha256_b64(&body));
+            Ok(crate::aws::s3::Stored { body, sha256 })
+        }
         async fn delete(&self, bucket: &str, key: &str) -> Result<()> {
             if *self.down.lock().unwrap() {
                 return Err(down_err());
@@ -438,10 +563,28 @@ pub(crate) mod fake {
         }
     }
 
-    /// "Encrypts" by framing the plaintext with its context; decrypt checks the context.
+    /// "Encrypts" by framing the plaintext with its context and a fresh nonce (real KMS
+    /// never returns the same ciphertext twice); decrypt checks the context and records it.
     #[derive(Default)]
     pub struct FakeKms {
         pub down: Mutex<bool>,
+        pub nonce: std::sync::atomic::AtomicU64,
+        /// The context of every decrypt asked for, in order.
+        pub decrypts: Mutex<Vec<Context>>,
+        /// Decrypts of this class are denied, as the node policy denies class `recovery`.
+        pub deny_class: Mutex<Option<Class>>,
+    }
+
+    impl FakeKms {
+        /// How many decrypts asked for a context of `class`.
+        pub fn decrypts_of(&self, class: Class) -> usize {
+            self.decrypts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.iter().any(|(k, v)| k == CTX_CLASS && v == class.as_str()))
+                .count()
+        }
     }
 
     fn frame(ctx: &Context) -> String {
@@ -453,7 +596,10 @@ pub(crate) mod fake {
             if *self.down.lock().unwrap() {
                 return Err(down_err());
             }
-            let mut v = format!("{key_id}|{}|", frame(ctx)).into_bytes();
+            let n = self
+                .nonce
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut v = format!("{key_id}|{}|{n}|", frame(ctx)).into_bytes();
             v.extend(plaintext.iter().map(|b| b ^ 0x5a));
             Ok(v)
         }
@@ -461,10 +607,22 @@ pub(crate) mod fake {
             if *self.down.lock().unwrap() {
                 return Err(down_err());
             }
+            self.decrypts.lock().unwrap().push(ctx.clone());
+            if let Some(c) = *self.deny_class.lock().unwrap() {
+                if ctx.iter().any(|(k, v)| k == CTX_CLASS && v == c.as_str()) {
+                    return Err(Error::Aws {
+                        operation: "kms:Decrypt",
+                        resource: "fake".into(),
+                        failure: crate::error::AwsFailure::Denied,
+                        message: "AccessDeniedException".into(),
+                    });
+                }
+            }
             let s = ct.to_vec();
-            let mut parts = s.splitn(3, |b| *b == b'|');
+            let mut parts = s.splitn(4, |b| *b == b'|');
             let _key = parts.next();
             let c = parts.next().unwrap_or_default();
+            let _nonce = parts.next();
             if c != frame(ctx).as_bytes() {
                 return Err(Error::Aws {
                     operation: "kms:Decrypt",
@@ -481,6 +639,9 @@ pub(crate) mod fake {
                     .map(|b| b ^ 0x5a)
                     .collect(),
             ))
+        }
+        async fn describe(&self, key_id: &str) -> Result<String> {
+            Ok(format!("arn:aws:kms:us-east-1:111122223333:key/{key_id}"))
         }
         async fn data_key(
             &self,
@@ -519,73 +680,124 @@ mod tests {
 
     const D: Duration = Duration::from_secs(2);
 
+    async fn sealed(kms: &FakeKms, l: &Layout) -> Sealed {
+        encrypt_items(kms, l, &secrets(), D).await.unwrap()
+    }
+
     #[tokio::test]
     async fn escrow_then_verify() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
-        let m = escrow(&s3, &kms, &layout(), &secrets(), "i-1", Some("cid"), D)
+        let l = layout();
+        let items = sealed(&kms, &l).await;
+        let m = escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
         assert_eq!(m.recovery_shares, 5);
+        assert_eq!(m.cluster_id.as_deref(), Some("cid"));
         let keys = s3.list("esc", "vault-bootstrap/prod/").await.unwrap();
         assert_eq!(keys.len(), 7, "{keys:?}");
         // Nothing in S3 is plain text.
         for v in s3.objects.lock().unwrap().values() {
             assert!(!String::from_utf8_lossy(v).contains("share-1"));
         }
-        let r = verify(&s3, &kms, &layout(), D).await.unwrap();
+        // The node's escrow never decrypted anything: it compared bytes.
+        assert_eq!(kms.decrypts.lock().unwrap().len(), 0);
+        // The operator's verify decrypts each item under its class.
+        let r = verify(&s3, &kms, &l, D).await.unwrap();
         assert!(r.ok(), "{r:?}");
         assert_eq!(r.shares_ok, 5);
         assert!(r.root_token_ok);
-        let s = decrypt_item(&s3, &kms, &layout(), "recovery-key-2", D)
+        assert_eq!(kms.decrypts_of(Class::Recovery), 6);
+        let s = decrypt_item(&s3, &kms, &l, "recovery-key-2", D)
             .await
             .unwrap();
         assert_eq!(s.expose(), "share-2");
     }
 
     #[tokio::test]
-    async fn rerun_after_partial_upload_resumes() {
+    async fn verify_without_the_operator_role_is_a_denial_naming_it() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
-        let ct = kms
-            .encrypt(&l.kms_key_id, b"share-1", &l.context("recovery-key-1"))
+        let items = sealed(&kms, &l).await;
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
-        s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
+        *kms.deny_class.lock().unwrap() = Some(Class::Recovery);
+        let e = verify(&s3, &kms, &l, D).await.unwrap_err();
+        assert_eq!(e.exit_code(), 77, "{e}");
+        assert!(e.to_string().contains("operator role"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn items_carry_their_class_in_the_context() {
+        let l = layout();
+        let class = |item: &str| {
+            l.context(item)
+                .into_iter()
+                .find(|(k, _)| k == CTX_CLASS)
+                .map(|(_, v)| v)
+        };
+        assert_eq!(class("recovery-key-1").as_deref(), Some("recovery"));
+        assert_eq!(class(Layout::ROOT_ITEM).as_deref(), Some("recovery"));
+        assert_eq!(
+            class(Layout::SNAPSHOT_APPROLE_ITEM).as_deref(),
+            Some("node-credential")
+        );
+    }
+
+    #[tokio::test]
+    async fn rerun_after_partial_upload_resumes_with_the_same_bytes() {
+        let (s3, kms) = (FakeS3::default(), FakeKms::default());
+        let l = layout();
+        let items = sealed(&kms, &l).await;
+        upload_item(&s3, &l, &items[0].0, &items[0].1, D)
             .await
             .unwrap();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
         assert!(verify(&s3, &kms, &l, D).await.unwrap().ok());
         // And running it all again is harmless.
-        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
+        // A fresh encryption of the same secrets is other bytes: refused, not overwritten.
+        let again = sealed(&kms, &l).await;
+        let e = escrow(&s3, &l, &again, &secrets(), "i-1", Some("cid"), D)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("holds other bytes"), "{e}");
     }
 
     #[tokio::test]
-    async fn a_different_secret_is_never_overwritten() {
+    async fn another_writers_item_is_never_overwritten() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
         let ct = kms
             .encrypt(&l.kms_key_id, b"someone-else", &l.context("recovery-key-1"))
             .await
             .unwrap();
-        s3.put_if_absent("esc", &l.object("recovery-key-1"), ct, None)
+        s3.put_if_absent("esc", &l.object("recovery-key-1"), ct.clone(), None)
             .await
             .unwrap();
-        let e = escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+        let items = sealed(&kms, &l).await;
+        let e = escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("different secret"), "{e}");
+        assert!(e.to_string().contains("holds other bytes"), "{e}");
         assert!(!e.to_string().contains("share-1"));
+        assert_eq!(
+            s3.get("esc", &l.object("recovery-key-1")).await.unwrap(),
+            ct
+        );
     }
 
     #[tokio::test]
     async fn verify_reports_missing_pieces() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+        let items = sealed(&kms, &l).await;
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
         s3.objects
@@ -602,7 +814,8 @@ mod tests {
     async fn wrong_context_does_not_decrypt() {
         let (s3, kms) = (FakeS3::default(), FakeKms::default());
         let l = layout();
-        escrow(&s3, &kms, &l, &secrets(), "i-1", Some("cid"), D)
+        let items = sealed(&kms, &l).await;
+        escrow(&s3, &l, &items, &secrets(), "i-1", Some("cid"), D)
             .await
             .unwrap();
         // Swap two objects: each decrypts only under its own item name.

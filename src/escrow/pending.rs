@@ -1,11 +1,16 @@
-//! The crash-safe bridge between `sys/init` and a verified escrow.
+//! The crash-safe bridge between `sys/init` and a finished escrow and post-init.
 //!
-//! Before `sys/init` is called, the agent asks KMS for a data key (bound by encryption
-//! context to this cluster). The moment the init response arrives, it is sealed locally
-//! with AES-256-GCM under that key (no network in between) and written to
-//! `<state_dir>/pending-init.json` (0600, fsync, rename, dir fsync). The file holds only
-//! ciphertext and the KMS-encrypted data key. A `boot` that finds the file decrypts it
-//! through KMS and resumes the upload; the file is removed only after the escrow verified.
+//! Before `sys/init` is called, the agent asks KMS for a data key, bound by encryption
+//! context to this cluster, class `pending` and the ARN of this instance: the node policy
+//! lets an instance decrypt it only when that ARN is its own (`ec2:SourceInstanceARN`), so
+//! no other node and no stolen copy of the file opens it elsewhere. The moment the init
+//! response arrives, it is sealed locally with AES-256-GCM under that key (no network in
+//! between) and written to `<state_dir>/pending-init.json` (0600, fsync, rename, dir fsync).
+//! Then the escrow items' ciphertexts are recorded in it before any is uploaded, so that a
+//! resumed run uploads and compares the very same bytes. The file holds only ciphertext
+//! and the KMS-encrypted data key. A `boot` that finds the file decrypts it through KMS
+//! and resumes; the file is removed only once post-init is done (the root token in it is
+//! what finishes post-init: nodes never decrypt the escrowed one).
 
 use super::{InitSecrets, Layout};
 use crate::aws::kms::{Context, Kms};
@@ -26,17 +31,25 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-/// The file's format (everything secret is ciphertext).
+/// The file's format (everything secret is ciphertext). Version 2 binds the data key to
+/// the instance's ARN and records the escrow items' ciphertexts.
 #[derive(Debug, Serialize, Deserialize)]
 struct PendingFile {
     version: u32,
     cluster: String,
     instance_id: String,
+    #[serde(default)]
+    instance_arn: String,
     kms_key_id: String,
     encrypted_data_key: String,
     nonce: String,
     ciphertext: String,
+    /// Escrow item name -> its KMS ciphertext (base64), once encrypted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    items: Vec<(String, String)>,
 }
+
+const VERSION: u32 = 2;
 
 /// The sealed plaintext (only ever in memory, zeroized).
 #[derive(Serialize, Deserialize)]
@@ -61,16 +74,33 @@ pub struct Sealer {
     encrypted_key: Vec<u8>,
     layout: Layout,
     instance_id: String,
+    instance_arn: String,
 }
 
-fn context(layout: &Layout) -> Context {
-    layout.context(ITEM)
+/// The data key's context: cluster, item, class `pending`, and (version 2) the instance.
+fn context(layout: &Layout, version: u32, instance_arn: &str) -> Context {
+    if version < 2 {
+        // Written by an agent before classes existed.
+        return vec![
+            (super::CTX_CLUSTER.to_owned(), layout.cluster.clone()),
+            (super::CTX_ITEM.to_owned(), ITEM.to_owned()),
+        ];
+    }
+    let mut ctx = layout.context_of(ITEM, super::Class::Pending);
+    ctx.push((super::CTX_INSTANCE.to_owned(), instance_arn.to_owned()));
+    ctx
 }
 
 impl Sealer {
     /// Gets the data key; failing here (KMS down or denied) stops the init before it starts.
-    pub async fn prepare<K: Kms>(kms: &K, layout: &Layout, instance_id: &str) -> Result<Sealer> {
-        let (key, encrypted_key) = kms.data_key(&layout.kms_key_id, &context(layout)).await?;
+    pub async fn prepare<K: Kms>(
+        kms: &K,
+        layout: &Layout,
+        instance_id: &str,
+        instance_arn: &str,
+    ) -> Result<Sealer> {
+        let ctx = context(layout, VERSION, instance_arn);
+        let (key, encrypted_key) = kms.data_key(&layout.kms_key_id, &ctx).await?;
         if key.len() != 32 {
             return Err(Error::Escrow {
                 message: format!("KMS returned a {}-byte data key; expected 32", key.len()),
@@ -81,6 +111,7 @@ impl Sealer {
             encrypted_key,
             layout: layout.clone(),
             instance_id: instance_id.to_owned(),
+            instance_arn: instance_arn.to_owned(),
         })
     }
 
@@ -112,16 +143,16 @@ impl Sealer {
         )
         .map_err(|_| Error::Internal("AES-GCM seal failed".into()))?;
         let file = PendingFile {
-            version: 1,
+            version: VERSION,
             cluster: self.layout.cluster.clone(),
             instance_id: self.instance_id.clone(),
+            instance_arn: self.instance_arn.clone(),
             kms_key_id: self.layout.kms_key_id.clone(),
             encrypted_data_key: B64.encode(&self.encrypted_key),
             nonce: B64.encode(nonce),
             ciphertext: B64.encode(&*buf),
+            items: Vec::new(),
         };
-        let text = serde_json::to_vec_pretty(&file).map_err(|e| Error::Internal(e.to_string()))?;
-        fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
         let p = path(state_dir);
         if super::fault_point("pending-write") {
             return Err(Error::write(
@@ -129,14 +160,34 @@ impl Sealer {
                 "injected failure (VAULT_BOOTSTRAP_FAIL_AT)",
             ));
         }
-        fsutil::write_atomic(&FileSpec {
-            path: &p,
-            contents: &text,
-            mode: 0o600,
-            owner: Owner::default(),
-        })?;
+        store(state_dir, &file)?;
         Ok(p)
     }
+}
+
+fn store(state_dir: &Path, file: &PendingFile) -> Result<()> {
+    let text = serde_json::to_vec_pretty(file).map_err(|e| Error::Internal(e.to_string()))?;
+    fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
+    fsutil::write_atomic(&FileSpec {
+        path: &path(state_dir),
+        contents: &text,
+        mode: 0o600,
+        owner: Owner::default(),
+    })?;
+    Ok(())
+}
+
+/// Records the escrow items' ciphertexts in the pending file, before any is uploaded.
+pub fn record_items(state_dir: &Path, sealed: &super::Sealed) -> Result<()> {
+    let p = path(state_dir);
+    let text = std::fs::read(&p).map_err(|e| Error::write(&p, format!("read: {e}")))?;
+    let mut file: PendingFile = serde_json::from_slice(&text)
+        .map_err(|e| Error::write(&p, format!("not a pending file: {e}")))?;
+    file.items = sealed
+        .iter()
+        .map(|(name, ct)| (name.clone(), B64.encode(ct)))
+        .collect();
+    store(state_dir, &file)
 }
 
 /// What a pending file says about itself without decrypting anything.
@@ -144,6 +195,8 @@ impl Sealer {
 pub struct PendingInfo {
     pub cluster: String,
     pub instance_id: String,
+    /// The escrow items' ciphertexts, once recorded (see [`record_items`]).
+    pub sealed: Option<super::Sealed>,
 }
 
 /// Reads and decrypts a pending file, if there is one.
@@ -162,11 +215,13 @@ pub async fn read<K: Kms>(
             })
         }
     };
-    let bad = |what: &str| Error::Escrow {
+    let bad = |what: &str| {
+        Error::Escrow {
         message: format!(
-            "{} is damaged ({what}); keep it and decrypt it by hand (README \"Init and escrow\")",
+            "{} is damaged ({what}); keep it and decrypt it by hand (docs/internals.md \"Init and escrow\")",
             p.display()
         ),
+    }
     };
     let f: PendingFile = serde_json::from_slice(&text).map_err(|_| bad("not JSON"))?;
     if f.cluster != layout.cluster {
@@ -188,7 +243,9 @@ pub async fn read<K: Kms>(
         .and_then(|n| n.try_into().ok())
         .ok_or_else(|| bad("nonce"))?;
     let mut buf = Zeroizing::new(B64.decode(&f.ciphertext).map_err(|_| bad("ciphertext"))?);
-    let key_bytes = kms.decrypt(&ek, &context(layout)).await?;
+    let key_bytes = kms
+        .decrypt(&ek, &context(layout, f.version, &f.instance_arn))
+        .await?;
     let key = LessSafeKey::new(
         UnboundKey::new(&AES_256_GCM, &key_bytes).map_err(|_| bad("data key length"))?,
     );
@@ -211,10 +268,21 @@ pub async fn read<K: Kms>(
         pgp: plain.pgp,
         threshold: plain.threshold,
     };
+    let sealed = if f.items.is_empty() {
+        None
+    } else {
+        Some(
+            f.items
+                .iter()
+                .map(|(name, ct)| Ok((name.clone(), B64.decode(ct).map_err(|_| bad("items"))?)))
+                .collect::<Result<super::Sealed>>()?,
+        )
+    };
     Ok(Some((
         PendingInfo {
             cluster: f.cluster.clone(),
             instance_id: f.instance_id.clone(),
+            sealed,
         },
         secrets,
     )))
@@ -246,6 +314,8 @@ mod tests {
         }
     }
 
+    const ARN: &str = "arn:aws:ec2:us-east-1:123456789012:instance/i-1";
+
     fn secrets() -> InitSecrets {
         InitSecrets {
             shares: vec![Secret::new("aa11"), Secret::new("bb22")],
@@ -260,7 +330,7 @@ mod tests {
         let kms = FakeKms::default();
         let d = tempfile::tempdir().unwrap();
         let state = d.path().join("state");
-        let sealer = Sealer::prepare(&kms, &layout(), "i-1").await.unwrap();
+        let sealer = Sealer::prepare(&kms, &layout(), "i-1", ARN).await.unwrap();
         let p = sealer.write(&secrets(), &state).unwrap();
         let raw = std::fs::read_to_string(&p).unwrap();
         for needle in ["aa11", "bb22", "s.rootroot"] {
@@ -270,6 +340,23 @@ mod tests {
         assert_eq!(std::fs::metadata(&state).unwrap().mode() & 0o777, 0o700);
         let (info, back) = read(&kms, &layout(), &state).await.unwrap().unwrap();
         assert_eq!(info.instance_id, "i-1");
+        assert_eq!(info.sealed, None);
+        assert_eq!(back, secrets());
+        // The data key is bound to this instance and class `pending`.
+        let ctx = kms.decrypts.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            ctx.contains(&(super::super::CTX_INSTANCE.into(), ARN.into())),
+            "{ctx:?}"
+        );
+        assert!(
+            ctx.contains(&(super::super::CTX_CLASS.into(), "pending".into())),
+            "{ctx:?}"
+        );
+        // Recorded ciphertexts come back as written.
+        let sealed = vec![("recovery-key-1".to_string(), vec![1u8, 2, 3])];
+        record_items(&state, &sealed).unwrap();
+        let (info, back) = read(&kms, &layout(), &state).await.unwrap().unwrap();
+        assert_eq!(info.sealed, Some(sealed));
         assert_eq!(back, secrets());
         remove(&state).unwrap();
         assert!(read(&kms, &layout(), &state).await.unwrap().is_none());
@@ -279,7 +366,7 @@ mod tests {
     async fn tampering_is_detected() {
         let kms = FakeKms::default();
         let d = tempfile::tempdir().unwrap();
-        let sealer = Sealer::prepare(&kms, &layout(), "i-1").await.unwrap();
+        let sealer = Sealer::prepare(&kms, &layout(), "i-1", ARN).await.unwrap();
         let p = sealer.write(&secrets(), d.path()).unwrap();
         let mut f: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         let mut ct = B64.decode(f["ciphertext"].as_str().unwrap()).unwrap();
@@ -294,7 +381,7 @@ mod tests {
     async fn another_clusters_file_is_refused() {
         let kms = FakeKms::default();
         let d = tempfile::tempdir().unwrap();
-        Sealer::prepare(&kms, &layout(), "i-1")
+        Sealer::prepare(&kms, &layout(), "i-1", ARN)
             .await
             .unwrap()
             .write(&secrets(), d.path())

@@ -73,7 +73,9 @@ async fn try_create<S: ObjectStore>(
     let bytes = serde_json::to_vec_pretty(&body).map_err(|e| Error::Internal(e.to_string()))?;
     let k = key(layout, generation);
     let put = retry::retry("write the init lock", deadline, || {
-        s3.put_if_absent(&layout.bucket, &k, bytes.clone(), None)
+        // SSE-KMS as every object under the escrow prefix: the shipped bucket policy refuses
+        // a PutObject there without it.
+        s3.put_if_absent(&layout.bucket, &k, bytes.clone(), Some(&layout.kms_key_id))
     })
     .await?;
     match put {

@@ -66,6 +66,8 @@ pub struct Settled {
 /// This node's identity for init purposes.
 pub struct Me<'a> {
     pub instance_id: &'a str,
+    /// Region and id for the instance ARN the pending file is bound to.
+    pub facts: &'a crate::imds::InstanceFacts,
     pub cluster: &'a str,
     /// Owner of the audit log's directory (the Vault user).
     pub vault_owner: Owner,
@@ -77,12 +79,12 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
 ) -> Result<Settled> {
-    let outcome = init_or_join(cfg, me, d).await?;
-    let layout = Layout::new(cfg, me.cluster);
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let layout = with_key_arn(Layout::new(cfg, me.cluster), d.kms, aws).await;
+    let (outcome, finished) = init_or_join(cfg, me, d, &layout).await?;
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
     let post_init_done = match outcome {
-        Outcome::Initialized | Outcome::Resumed => true,
+        Outcome::Initialized | Outcome::Resumed => finished,
         Outcome::Joined => resume_post_init(cfg, me, d, &layout).await?,
     };
     Ok(Settled {
@@ -90,6 +92,30 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
         cluster_id,
         post_init_done,
     })
+}
+
+/// The escrow key by its ARN when the config names an alias or a key id: every object
+/// under the escrow prefix is written with SSE-KMS under it, and the shipped bucket policy
+/// compares `s3:x-amz-server-side-encryption-aws-kms-key-id` with the key ARN. A failed
+/// `DescribeKey` keeps the configured name (then a policy that compares ARNs refuses the
+/// write, and says so).
+async fn with_key_arn<K: Kms>(mut layout: Layout, kms: &K, aws: Duration) -> Layout {
+    if layout.kms_key_id.starts_with("arn:") {
+        return layout;
+    }
+    match retry::retry("DescribeKey (escrow key)", aws, || {
+        kms.describe(&layout.kms_key_id)
+    })
+    .await
+    {
+        Ok(arn) if arn.starts_with("arn:") => layout.kms_key_id = arn,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            key = %layout.kms_key_id,
+            "could not resolve the escrow key to its ARN ({e}); writing with the configured name"
+        ),
+    }
+    layout
 }
 
 /// Checks that this node serves the cluster the escrow marker names; returns its id.
@@ -122,25 +148,26 @@ pub fn check_cluster_id(local: Option<&str>, recorded: Option<&str>, source: &st
     }
 }
 
+/// What this boot did, and whether post-init is done when this node did init.
 async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
-) -> Result<Outcome> {
-    let layout = Layout::new(cfg, me.cluster);
+    layout: &Layout,
+) -> Result<(Outcome, bool)> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
     let state_dir = &cfg.agent.state_dir;
 
-    if let Some((info, secrets)) = pending::read(d.kms, &layout, state_dir).await? {
+    if let Some((info, secrets)) = pending::read(d.kms, layout, state_dir).await? {
         tracing::warn!(
             written_by = %info.instance_id,
             path = %pending::path(state_dir).display(),
             "found the encrypted init response of an interrupted run: resuming its escrow"
         );
-        finish(cfg, me, d, &layout, &secrets).await?;
+        let done = finish(cfg, me, d, layout, &secrets, info.sealed, false).await?;
         wait_unsealed(d.local, join).await?;
-        return Ok(Outcome::Resumed);
+        return Ok((Outcome::Resumed, done));
     }
 
     let start = Instant::now();
@@ -152,20 +179,20 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
         match d.local.health().await {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
                 tracing::info!("this node is unsealed and part of an initialized cluster");
-                return Ok(Outcome::Joined);
+                return Ok((Outcome::Joined, false));
             }
             Ok(Health::Uninitialized) if cfg.init.enabled => {
                 initialized_elsewhere =
-                    initialized_elsewhere || cluster_initialized(d, &layout, aws).await?;
+                    initialized_elsewhere || cluster_initialized(d, layout, aws).await?;
                 if !initialized_elsewhere {
-                    match lock::acquire(d.s3, &layout, me.instance_id, aws).await? {
+                    match lock::acquire(d.s3, layout, me.instance_id, aws).await? {
                         lock::Lock::Mine(g) => {
                             tracing::info!(generation = g, lock = %layout.url(&layout.lock_dir()), "won the init lock");
-                            return winner(cfg, me, d, &layout).await;
+                            return winner(cfg, me, d, layout).await;
                         }
                         lock::Lock::Held(holder) => {
                             if holder_gone(d.ec2, &holder, aws).await?
-                                && !cluster_initialized(d, &layout, aws).await?
+                                && !cluster_initialized(d, layout, aws).await?
                             {
                                 tracing::warn!(
                                     holder = %holder.instance_id,
@@ -173,11 +200,11 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
                                     "the init lock's holder is terminated and left no initialized cluster: taking the lock over"
                                 );
                                 if let lock::Lock::Mine(g) =
-                                    lock::take_over(d.s3, &layout, me.instance_id, &holder, aws)
+                                    lock::take_over(d.s3, layout, me.instance_id, &holder, aws)
                                         .await?
                                 {
                                     tracing::warn!(generation = g, "took over the init lock");
-                                    return winner(cfg, me, d, &layout).await;
+                                    return winner(cfg, me, d, layout).await;
                                 }
                             } else if !said_waiting {
                                 tracing::info!(holder = %holder.instance_id, "another node holds the init lock: waiting to join it");
@@ -251,12 +278,21 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
-) -> Result<Outcome> {
+) -> Result<(Outcome, bool)> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    // The pending file opens only on the instance that wrote it: its data key's context
+    // names this instance's ARN, which the node policy compares with ec2:SourceInstanceARN.
+    // Read here, from IMDS, only on the one node that inits.
+    let instance_arn = crate::imds::instance_arn(
+        &crate::imds::SdkImds::new(),
+        me.facts,
+        Duration::from_secs(cfg.agent.imds_timeout_secs),
+    )
+    .await?;
     // The data key that will seal the init response, obtained before init: this also
     // proves the escrow key is usable, so a KMS problem stops us while no key exists yet.
     let sealer = retry::retry("KMS data key for the init response", aws, || {
-        pending::Sealer::prepare(d.kms, layout, me.instance_id)
+        pending::Sealer::prepare(d.kms, layout, me.instance_id, &instance_arn)
     })
     .await?;
     let pgp_keys = pgp::load_all(&cfg.init.recovery_pgp_keys, d.s3, aws).await?;
@@ -264,9 +300,23 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
     if cluster_initialized(d, layout, aws).await? {
         tracing::info!("a peer initialized meanwhile: joining instead");
         wait_unsealed(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
-        return Ok(Outcome::Joined);
+        return Ok((Outcome::Joined, false));
     }
 
+    // Refused now rather than in post-init, where the cluster would be initialized already.
+    crate::access::operator_ca(cfg, d.s3).await?;
+    // S3 lets exactly one conditional writer of a lock generation succeed. A store that does
+    // not (the test-bed's moto, under load, once let two racing writers both succeed) is
+    // caught here: the holder is read back after the steps above, long after any racing
+    // write landed, and only the one whose body S3 kept goes on.
+    match lock::holder(d.s3, layout, aws).await? {
+        Some(h) if h.instance_id == me.instance_id => {}
+        other => {
+            tracing::warn!(holder = ?other.map(|h| h.instance_id), "the init lock reads back as another node's: joining instead of initializing");
+            wait_unsealed(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
+            return Ok((Outcome::Joined, false));
+        }
+    }
     // The pending file's directory takes a write before any key exists (else no init), and
     // the record says, if this run dies, that the store may hold a cluster nobody has keys for.
     let state_dir = &cfg.agent.state_dir;
@@ -288,11 +338,11 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
         pgp = secrets.pgp,
         "sys/init succeeded"
     );
-    make_durable(cfg, me, d, layout, &sealer, &secrets).await;
+    let sealed = make_durable(cfg, me, d, layout, &sealer, &secrets).await;
     attempt::end(state_dir)?;
     crash_point("pending-written");
-    finish(cfg, me, d, layout, &secrets).await?;
-    Ok(Outcome::Initialized)
+    let done = finish(cfg, me, d, layout, &secrets, sealed, true).await?;
+    Ok((Outcome::Initialized, done))
 }
 
 /// Returns only once the init response is durable: sealed in the pending file, or (when the
@@ -307,67 +357,79 @@ async fn make_durable<S: ObjectStore, K: Kms, E>(
     layout: &Layout,
     sealer: &pending::Sealer,
     secrets: &InitSecrets,
-) {
+) -> Option<escrow::Sealed> {
     let state_dir = &cfg.agent.state_dir;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let loud = |e: &dyn std::fmt::Display| {
+        tracing::error!(
+            "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
+            state_dir.display()
+        )
+    };
+    // Encrypted once, then kept across rounds: items a round uploaded are compared by their
+    // bytes, which a fresh encryption would not reproduce.
+    let mut sealed: Option<escrow::Sealed> = None;
     loop {
         match sealer.write(secrets, state_dir) {
             Ok(p) => {
                 tracing::info!(path = %p.display(), "init response sealed to the local pending file");
-                return;
+                match &sealed {
+                    None => return None,
+                    // Some items may be in S3 already: the file must carry their bytes.
+                    Some(s) => match pending::record_items(state_dir, s) {
+                        Ok(()) => return sealed,
+                        Err(e) => tracing::error!("could not record the escrow items in the pending file ({e})"),
+                    },
+                }
             }
             Err(e) => tracing::error!(
                 "could not write the local pending copy of the init response ({e}); escrowing straight to S3"
             ),
         }
-        let cluster_id = d.local.cluster_id().await;
-        match escrow::escrow(
-            d.s3,
-            d.kms,
-            layout,
-            secrets,
-            me.instance_id,
-            cluster_id.as_deref(),
-            aws,
-        )
-        .await
-        {
-            Ok(_) => return,
-            Err(e) => tracing::error!(
-                "THE RECOVERY KEYS EXIST ONLY IN THIS PROCESS: the pending file could not be written and the escrow failed ({e}). Fix {} (disk, permissions) or S3/KMS now; retrying both. Do not stop this process",
-                state_dir.display()
-            ),
+        if sealed.is_none() {
+            match escrow::encrypt_items(d.kms, layout, secrets, aws).await {
+                Ok(s) => sealed = Some(s),
+                Err(e) => loud(&e),
+            }
+        }
+        if let Some(s) = &sealed {
+            let cluster_id = d.local.cluster_id().await;
+            match escrow::escrow(
+                d.s3,
+                layout,
+                s,
+                secrets,
+                me.instance_id,
+                cluster_id.as_deref(),
+                aws,
+            )
+            .await
+            {
+                Ok(_) => return sealed,
+                Err(e) => loud(&e),
+            }
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
-/// Escrow, then drop the pending file, then post-init.
+/// Escrow (the items' ciphertexts recorded in the pending file before any upload), then
+/// post-init with the root token from the init response, then drop the pending file: until
+/// post-init is done it is the only copy of the root token a node may read. Returns whether
+/// post-init is done (a resumed run on a standby leaves it, and the pending file, for later).
 async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
     secrets: &InitSecrets,
-) -> Result<()> {
+    sealed: Option<escrow::Sealed>,
+    first_run: bool,
+) -> Result<bool> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let state_dir = &cfg.agent.state_dir;
-    // The marker records the cluster this init made; the node that made it is unsealed by
-    // now (it just initialized, or its pending file says it did).
-    let cluster_id =
-        wait_cluster_id(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
-    if let Err(e) = escrow::escrow(
-        d.s3,
-        d.kms,
-        layout,
-        secrets,
-        me.instance_id,
-        Some(&cluster_id),
-        aws,
-    )
-    .await
-    {
+    let not_escrowed = |e: Error| {
         let kept = pending::path(state_dir);
         let where_ = if kept.exists() {
             format!("the KMS-encrypted init response is kept in {}; run `vault-bootstrap boot` again to resume", kept.display())
@@ -375,13 +437,45 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
             "no local copy could be written: the keys exist only in this process; fix S3/KMS now"
                 .to_string()
         };
-        return Err(Error::Escrow {
+        Error::Escrow {
             message: format!("recovery keys not escrowed ({e}); {where_}"),
-        });
+        }
+    };
+    // The marker records the cluster this init made; the node that made it is unsealed by
+    // now (it just initialized, or its pending file says it did).
+    let cluster_id =
+        wait_cluster_id(d.local, Duration::from_secs(cfg.init.join_timeout_secs)).await?;
+    let sealed = match sealed {
+        Some(s) => s,
+        None => {
+            let s = escrow::encrypt_items(d.kms, layout, secrets, aws)
+                .await
+                .map_err(not_escrowed)?;
+            // Before any upload: a resumed run must upload, and compare, these same bytes.
+            if has_pending(state_dir) {
+                pending::record_items(state_dir, &s)?;
+            }
+            s
+        }
+    };
+    crash_point("items-recorded");
+    escrow::escrow(
+        d.s3,
+        layout,
+        &sealed,
+        secrets,
+        me.instance_id,
+        Some(&cluster_id),
+        aws,
+    )
+    .await
+    .map_err(not_escrowed)?;
+    let done = post_init(cfg, me, d, layout, &secrets.root_token, first_run).await?;
+    if done {
+        pending::remove(state_dir)?;
+        crash_point("pending-removed");
     }
-    pending::remove(state_dir)?;
-    crash_point("pending-removed");
-    post_init(cfg, me, d, layout, &secrets.root_token).await
+    Ok(done)
 }
 
 fn revoked_earlier() -> PostInit {
@@ -410,7 +504,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         // Keep saying it on every boot while the root token is alive.
         if !p.root_revoked {
             tracing::warn!(
-                "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (README \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
+                "ROOT TOKEN NOT REVOKED: {}. Configure an operator login path (docs/operations.md \"Operator access\"); until then the root token stays valid, escrowed KMS-encrypted",
                 p.reason.unwrap_or_default()
             );
         }
@@ -424,23 +518,16 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         // Only the initializer can finish it (it alone may read the root token back); every
         // other member says so, quietly while the initializer is plausibly still at it.
         if age > POST_INIT_GRACE_SECS {
-            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (README \"Init and escrow\")", marker.instance_id);
+            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (docs/internals.md \"Init and escrow\")", marker.instance_id);
         } else {
             tracing::info!(initializer = %marker.instance_id, "post-init is in progress on the initializer");
         }
         return Ok(false);
     }
-    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
-    if d.local.health().await != Ok(Health::Active) {
-        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; post-init resumes when it boots as the active node (or finish it by hand, README \"Init and escrow\")");
-        return Ok(false);
-    }
-    tracing::warn!(
-        "post-init was interrupted on this node: redoing it with the escrowed root token"
-    );
-    let root = escrow::decrypt_item(d.s3, d.kms, layout, Layout::ROOT_ITEM, aws).await?;
-    post_init(cfg, me, d, layout, &root).await?;
-    Ok(true)
+    // This node initialized the cluster, and its pending file (the only root token a node
+    // may read) is gone: nodes never decrypt the escrowed root token.
+    tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but its pending init file, which held the root token for post-init, is gone; an operator finishes post-init by hand (docs/internals.md \"Init and escrow\")");
+    Ok(false)
 }
 
 /// How long after the marker a missing post-init record is still "in progress": post-init
@@ -477,15 +564,25 @@ async fn unescrowed<S: ObjectStore, K, E>(
 
 /// Audit device, autopilot, root token revocation (seed article, steps 4-7). Each step is
 /// idempotent, so a repeat after a crash is harmless.
+/// Returns false, with a warning, when it cannot run here now: a resumed run (`patient` is
+/// false) on a node that is a standby. The first run waits until its node is active (it
+/// just initialized a one-node cluster, so it will be).
 async fn post_init<S: ObjectStore, K: Kms, E>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
     root: &Secret,
-) -> Result<()> {
+    patient: bool,
+) -> Result<bool> {
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
-    wait_active(d.local, join).await?;
+    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
+    if patient {
+        wait_active(d.local, join).await?;
+    } else if d.local.health().await != Ok(Health::Active) {
+        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; the pending init file is kept, and post-init resumes when this node boots as the active node (or an operator finishes it by hand, docs/internals.md \"Init and escrow\")");
+        return Ok(false);
+    }
     let api = |call: &str, status: u16, body: &serde_json::Value| Error::Init {
         message: format!("{call} answered HTTP {status}: {}", body["errors"]),
         retriable: false,
@@ -519,7 +616,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
             403 => {
                 // Only a revoked root token answers 403 here, and revocation is the last step.
                 tracing::info!("root token already revoked: post-init was complete");
-                return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
+                mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
+                return Ok(true);
             }
             s => return Err(api("PUT sys/audit/file", s, &body)),
         }
@@ -542,7 +640,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         .await?;
     if status == 403 {
         tracing::info!("root token already revoked: post-init was complete");
-        return mark_post_init_done(d.s3, layout, &revoked_earlier()).await;
+        mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
+        return Ok(true);
     }
     if !(200..300).contains(&status) {
         return Err(api(
@@ -556,27 +655,11 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         dead_server_last_contact_threshold_secs = threshold,
         "autopilot configured"
     );
-    crate::snapshot::provision(cfg, d.local, root, d.s3, d.kms, layout).await?;
+    crate::snapshot::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.
-    let operator_ca = match &cfg.access.operator_ca_key {
-        Some(key) => {
-            let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-            let pem = retry::retry("fetch the operator CA", aws, || {
-                d.s3.get(&cfg.tls.bucket, key)
-            })
-            .await?;
-            Some(String::from_utf8(pem).map_err(|_| Error::Init {
-                message: format!(
-                    "s3://{}/{key} (access.operator_ca_key) is not a PEM text file",
-                    cfg.tls.bucket
-                ),
-                retriable: false,
-            })?)
-        }
-        None => None,
-    };
+    let operator_ca = crate::access::operator_ca(cfg, d.s3).await?;
     let paths = crate::access::configure(cfg, d.local, root, operator_ca.as_deref()).await?;
     let glass = crate::access::break_glass_open(d.local).await;
     let keep_reason = if !cfg.init.revoke_root_token {
@@ -609,7 +692,8 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         login_paths: paths,
         reason: keep_reason,
     };
-    mark_post_init_done(d.s3, layout, &record).await
+    mark_post_init_done(d.s3, layout, &record).await?;
+    Ok(true)
 }
 
 /// What post-init left behind (no secret): read on every boot to keep warning while the

@@ -353,6 +353,61 @@ pub struct NodeOpts {
     pub binary: Option<PathBuf>,
 }
 
+/// AWS keys: a user's, or a role session's (with its token).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: Option<String>,
+}
+
+impl Keys {
+    fn from_json(v: &serde_json::Value) -> Keys {
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        Keys {
+            access_key_id: s("AccessKeyId").expect("AccessKeyId"),
+            secret_access_key: s("SecretAccessKey").expect("SecretAccessKey"),
+            token: s("Token"),
+        }
+    }
+
+    pub fn credentials(&self) -> aws_sdk_s3::config::Credentials {
+        aws_sdk_s3::config::Credentials::new(
+            &self.access_key_id,
+            &self.secret_access_key,
+            self.token.clone(),
+            None,
+            "testbed",
+        )
+    }
+}
+
+/// The identities of a test-bed whose moto enforces IAM (`seed.py iam`, see
+/// [`Testbed::start_enforced`]).
+#[derive(Debug, Clone)]
+pub struct Iam {
+    /// Allowed everything: the harness and the test-bed's scripts sign with it.
+    pub admin: Keys,
+    /// The shipped operator policy.
+    pub operator: Keys,
+    /// The node policy's seal statement: the servers' awskms seal signs with it.
+    pub seal: Keys,
+    /// Each instance's session of the node role (what its IMDS serves), by instance IP.
+    pub sessions: HashMap<String, Keys>,
+    /// The policies as applied (`node`, `operator`, `vault-seal`).
+    pub policies: serde_json::Value,
+}
+
+/// Variants of an IAM-enforcing test-bed.
+#[derive(Debug, Clone, Default)]
+pub struct IamOpts {
+    /// The node role's policy without any `kms:Decrypt`.
+    pub no_decrypt: bool,
+    /// An escrow bucket of its own with S3 Object Lock (COMPLIANCE default retention); the
+    /// nodes' config must name it (`init.escrow_bucket`).
+    pub object_lock_escrow_bucket: Option<String>,
+}
+
 pub struct Testbed {
     pub block: String,
     pub dir: tempfile::TempDir,
@@ -360,6 +415,8 @@ pub struct Testbed {
     pub proxy_url: Option<String>,
     pub env: serde_json::Value,
     pub instances: Vec<Instance>,
+    /// Set when moto enforces IAM ([`Testbed::start_enforced`]).
+    pub iam: Option<Iam>,
     moto: Option<Owned>,
     imds: Option<Owned>,
     proxy: Option<Owned>,
@@ -414,10 +471,71 @@ fn http_ok(url: &str) -> bool {
     .is_ok()
 }
 
+/// Runs `seed.py iam` (moto does not check yet), which turns moto's checks on when done;
+/// returns the identities it made.
+fn seed_iam(moto_url: &str, seed_dir: &Path, opts: &IamOpts) -> Iam {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("packer/examples");
+    let mut cmd = Command::new(python());
+    cmd.arg(testbed_script("seed.py"))
+        .args(["iam", "--moto", moto_url, "--bucket", "vault-resources"])
+        .arg("--out")
+        .arg(seed_dir)
+        .arg("--node-policy")
+        .arg(examples.join("iam-policy.json"))
+        .arg("--operator-policy")
+        .arg(examples.join("iam-policy-operator.json"))
+        .arg("--enforce");
+    if opts.no_decrypt {
+        cmd.arg("--no-decrypt");
+    }
+    if let Some(b) = &opts.object_lock_escrow_bucket {
+        cmd.args(["--escrow-bucket", b, "--object-lock"]);
+    }
+    let out = cmd.output().expect("run seed.py iam");
+    assert!(
+        out.status.success(),
+        "seed.py iam failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(seed_dir.join("iam.json")).expect("iam.json"))
+            .expect("iam.json parses");
+    Iam {
+        admin: Keys::from_json(&v["users"]["admin"]),
+        operator: Keys::from_json(&v["users"]["operator"]),
+        seal: Keys::from_json(&v["users"]["vault-seal"]),
+        sessions: v["sessions"]
+            .as_object()
+            .expect("sessions")
+            .iter()
+            .map(|(ip, k)| (ip.clone(), Keys::from_json(k)))
+            .collect(),
+        policies: v["policies"].clone(),
+    }
+}
+
 impl Testbed {
     /// Starts moto on `127.0.<n>.1:5000`, seeds `nodes` instances at `127.0.<n>.11..`, and
     /// starts one IMDS listener per instance on port 1338.
     pub fn start(n: u8, nodes: usize) -> Testbed {
+        Self::start_inner(n, nodes, None)
+    }
+
+    /// [`Testbed::start`] with moto enforcing IAM (signatures and identity policies' actions;
+    /// see docs/evidence.md for what it ignores). `seed.py iam` creates an admin user (the
+    /// harness, seed.py and imds.py sign with it from then on: the dummy keys are refused),
+    /// the node role with the shipped `packer/examples/iam-policy.json` adapted to the
+    /// test-bed's names, one session of it per instance served by that instance's IMDS, a
+    /// seal user and an operator user (`iam-policy-operator.json`). Agents then run with no
+    /// keys in their environment and take the node role from IMDS ([`Testbed::agent_env`]);
+    /// operator commands take [`Testbed::operator_env`]. `add_instance` does not give a new
+    /// instance a session.
+    pub fn start_enforced(n: u8, nodes: usize, opts: &IamOpts) -> Testbed {
+        Self::start_inner(n, nodes, Some(opts))
+    }
+
+    fn start_inner(n: u8, nodes: usize, iam: Option<&IamOpts>) -> Testbed {
         let block = format!("127.0.{n}");
         let dir = tempfile::Builder::new()
             .prefix(&format!("vb-testbed-{n}-"))
@@ -483,6 +601,7 @@ impl Testbed {
                 ip: i["ip"].as_str().unwrap().into(),
             })
             .collect();
+        let iam = iam.map(|opts| seed_iam(&moto_url, &seed_dir, opts));
         let mut tb = Testbed {
             block,
             dir,
@@ -490,6 +609,7 @@ impl Testbed {
             proxy_url: None,
             env,
             instances,
+            iam,
             moto: Some(moto),
             imds: None,
             proxy: None,
@@ -522,6 +642,11 @@ impl Testbed {
         for i in &self.instances {
             cmd.args(["--listen", &i.ip]);
         }
+        if self.iam.is_some() {
+            cmd.arg("--credentials")
+                .arg(self.seed_dir().join("imds-credentials.json"));
+        }
+        cmd.args(self.moto_keys_args());
         let mut o = spawn_logged("imds.py", &mut cmd, &log, Stdio::piped());
         wait_ready(&mut o, Duration::from_secs(30), &log);
         self.imds = Some(o);
@@ -547,6 +672,7 @@ impl Testbed {
                     .as_str()
                     .expect("subnet_id in env.json"),
             )
+            .args(self.moto_keys_args())
             .output()
             .expect("seed.py add-instance");
         assert!(
@@ -566,24 +692,26 @@ impl Testbed {
     }
 
     /// Starts the fault proxy in front of moto on `127.0.<n>.2:5001`; rules in `proxy.rules`.
+    /// When moto enforces IAM it keeps the client's Host header (the signature covers it)
+    /// and logs who signed each request and each KMS request's encryption context
+    /// (`--keep-host --log-auth`).
     pub fn start_proxy(&mut self) -> String {
         let url = format!("http://{}.2:5001", self.block);
         let log = self.path().join("proxy.log");
-        let mut o = spawn_logged(
-            "faultproxy.py",
-            Command::new(python())
-                .arg(testbed_script("faultproxy.py"))
-                .args([
-                    "--listen",
-                    url.trim_start_matches("http://"),
-                    "--upstream",
-                    &self.moto_url,
-                    "--rules",
-                ])
-                .arg(self.path().join("proxy.rules")),
-            &log,
-            Stdio::piped(),
-        );
+        let mut cmd = Command::new(python());
+        cmd.arg(testbed_script("faultproxy.py"))
+            .args([
+                "--listen",
+                url.trim_start_matches("http://"),
+                "--upstream",
+                &self.moto_url,
+                "--rules",
+            ])
+            .arg(self.path().join("proxy.rules"));
+        if self.iam.is_some() {
+            cmd.args(["--keep-host", "--log-auth"]);
+        }
+        let mut o = spawn_logged("faultproxy.py", &mut cmd, &log, Stdio::piped());
         wait_ready(&mut o, Duration::from_secs(20), &log);
         self.proxy = Some(o);
         self.proxy_url = Some(url.clone());
@@ -609,6 +737,7 @@ impl Testbed {
                 "--dir",
             ])
             .arg(self.seed_dir())
+            .args(self.moto_keys_args())
             .output()
             .expect("seed.py tls");
         assert!(
@@ -700,6 +829,19 @@ join_timeout_secs = 120
         // (its client ignores AWS_EC2_METADATA_SERVICE_ENDPOINT). The agent's own IMDS
         // client is not affected by this variable.
         env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
+        if let Some(iam) = &self.iam {
+            // The agent takes the node role's session from its IMDS: no keys in the
+            // environment, IMDS credentials not disabled (the SDK's chain reads the
+            // environment first). The server child inherits this environment; its awskms
+            // seal (the Go SDK) also reads AWS_ACCESS_KEY/AWS_SECRET_KEY, older names the
+            // Rust SDK does not read, so the seal signs as the seal user and every call of
+            // the agent's as the node role.
+            env.remove("AWS_ACCESS_KEY_ID");
+            env.remove("AWS_SECRET_ACCESS_KEY");
+            env.remove("AWS_EC2_METADATA_DISABLED");
+            env.insert("AWS_ACCESS_KEY".into(), iam.seal.access_key_id.clone());
+            env.insert("AWS_SECRET_KEY".into(), iam.seal.secret_access_key.clone());
+        }
         env.insert("AWS_REGION".into(), "us-east-1".into());
         env.insert("VAULT_BOOTSTRAP_LOG".into(), "info".into());
         // The tests read the agent's stderr, also where a journald socket exists.
@@ -822,16 +964,53 @@ join_timeout_secs = 120
 }
 
 impl Testbed {
-    /// SDK configuration pointed at moto (for assertions and setup).
+    /// SDK configuration pointed at moto (for assertions and setup); the admin's keys when
+    /// moto enforces IAM.
     pub async fn sdk(&self) -> aws_config::SdkConfig {
+        let keys = match &self.iam {
+            Some(iam) => iam.admin.clone(),
+            None => Keys {
+                access_key_id: "testing".into(),
+                secret_access_key: "testing".into(),
+                token: None,
+            },
+        };
+        self.sdk_as(&keys).await
+    }
+
+    /// SDK configuration pointed at moto, signing with `keys`.
+    pub async fn sdk_as(&self, keys: &Keys) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&self.moto_url)
             .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "testing", "testing", None, None, "testbed",
-            ))
+            .credentials_provider(keys.credentials())
             .load()
             .await
+    }
+
+    /// The environment an operator command adds to an agent's: the operator user's keys
+    /// (the SDK's chain takes them before IMDS). Panics unless moto enforces IAM.
+    pub fn operator_env(&self) -> [(&str, &str); 2] {
+        let op = &self
+            .iam
+            .as_ref()
+            .expect("an IAM-enforcing test-bed")
+            .operator;
+        [
+            ("AWS_ACCESS_KEY_ID", op.access_key_id.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", op.secret_access_key.as_str()),
+        ]
+    }
+
+    /// `--moto-keys <admin keys>` for seed.py and imds.py when moto enforces IAM.
+    fn moto_keys_args(&self) -> Vec<std::ffi::OsString> {
+        match self.iam {
+            Some(_) => vec![
+                "--moto-keys".into(),
+                self.seed_dir().join("admin-keys.json").into(),
+            ],
+            None => Vec::new(),
+        }
     }
 
     /// Adds tag `key=value` to instance `i` (e.g. to put it in a cluster of its own).
@@ -875,11 +1054,54 @@ impl Testbed {
         s.expose().to_string()
     }
 
+    /// Makes the escrow prefix write-once in S3 with the shipped bucket policy's rules
+    /// ([`write_once_policy`]), as `doctor` expects of a healthy cluster.
+    pub async fn escrow_write_once(&self) {
+        aws_sdk_s3::Client::new(&self.sdk().await)
+            .put_bucket_policy()
+            .bucket("vault-resources")
+            .policy(write_once_policy(false))
+            .send()
+            .await
+            .expect("PutBucketPolicy");
+    }
+
     /// Runs `escrow verify` as node `i`; returns (code, stdout).
     pub fn escrow_verify(&self, i: usize) -> (i32, String) {
         let (code, out, err) = self.run_agent(i, &["escrow", "verify"], Duration::from_secs(60));
         (code, format!("{out}\n{err}"))
     }
+}
+
+/// The statements of `packer/examples/escrow-bucket-policy.json` that make the escrow
+/// write-once, for the test-bed's bucket and cluster (`only_put`: without the delete rule).
+/// The TLS and SSE-KMS rules are left out: the test-bed speaks plain HTTP to moto.
+pub fn write_once_policy(only_put: bool) -> String {
+    let shipped: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("packer/examples/escrow-bucket-policy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let keep: &[&str] = if only_put {
+        &["EscrowWriteOnceOnly"]
+    } else {
+        &["EscrowWriteOnceOnly", "EscrowNeverDeleted"]
+    };
+    let statements: Vec<serde_json::Value> = shipped["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| keep.iter().any(|k| s["Sid"] == *k))
+        .cloned()
+        .collect();
+    assert_eq!(statements.len(), keep.len());
+    serde_json::json!({"Version": "2012-10-17", "Statement": statements})
+        .to_string()
+        .replace("acme-vault-resources", "vault-resources")
+        .replace("/prod-vault/", "/test-vault/")
 }
 
 /// Starts a test-bed of `n` instances on block `127.0.<block>` and boots a cluster on it

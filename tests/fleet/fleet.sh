@@ -184,7 +184,8 @@ EOF
     echo "ip-${ip//./-}" >"$d/root/etc/hostname"
 }
 
-# packer/examples/user-data.sh with this fleet's values, as a user would adapt it.
+# packer/examples/user-data.sh with this fleet's values, as a user would adapt it: bucket,
+# server name, the `bao` binary, no PGP keys, the cluster size, the VPC's CIDR, endpoints.
 userdata() {
     local n=$1 bucket
     bucket=$(jq_env bucket)
@@ -198,6 +199,7 @@ userdata() {
         -e "s|^dead_server_last_contact_threshold = \"10m\"|dead_server_last_contact_threshold = \"${FLEET_DEAD_THRESHOLD:-10m}\"|" \
         -e "s|^AWS_ENDPOINT_URL=\"\"|AWS_ENDPOINT_URL=\"$MOTO\"|" \
         -e "s|^# endpoint = \"https://vpce-.*|endpoint = \"$MOTO\"|" \
+        -e 's|^bound_cidrs = \["10.0.0.0/16"\]|bound_cidrs = ["198.18.0.0/16"]|' \
         ${sed_extra:+-e "$sed_extra"} \
         "$REPO/packer/examples/user-data.sh"
 }

@@ -353,7 +353,7 @@ for ((n = 0; n < NODES; n++)); do
         case $code in 200 | 429 | 472 | 473 | 501 | 503) break ;; esac
         if ! alive "${AGENT_PIDS[n]}"; then
             wait "${AGENT_PIDS[n]}" && arc=0 || arc=$?
-            fail "agent $n (${IDS[n]}) exited with code $arc before its server answered (see README \"Exit codes\")" "$WORK/node-$n/agent.log"
+            fail "agent $n (${IDS[n]}) exited with code $arc before its server answered (see docs/operations.md \"Exit codes\")" "$WORK/node-$n/agent.log"
         fi
         ((SECONDS < deadline)) || fail "node $n (${IPS[n]}) did not answer sys/health within 90 s (last: ${code:-none})" "$WORK/node-$n/agent.log"
         sleep 0.5
@@ -370,7 +370,7 @@ for ((n = 0; n < NODES; n++)); do
     until grep -q "node ready" "$WORK/node-$n/agent.log" 2>/dev/null; do
         if ! alive "${AGENT_PIDS[n]}"; then
             wait "${AGENT_PIDS[n]}" && arc=0 || arc=$?
-            fail "agent $n (${IDS[n]}) exited with code $arc before its node was ready (see README \"Exit codes\")" "$WORK/node-$n/agent.log"
+            fail "agent $n (${IDS[n]}) exited with code $arc before its node was ready (see docs/operations.md \"Exit codes\")" "$WORK/node-$n/agent.log"
         fi
         ((SECONDS < deadline)) || fail "node $n was not ready within 180 s" "$WORK/node-$n/agent.log"
         sleep 0.5
@@ -405,7 +405,7 @@ for ((n = 0; n < NODES; n++)); do
 done
 echo "Logs:     $WORK/node-N/agent.log (agent + its server), $WORK/{moto,imds,seed}.log"
 echo "Config:   $WORK/node-N/config.toml -> $WORK/node-N/etc/vault.hcl"
-echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see README \"Init and escrow\")"
+echo "Escrow:   s3://$BUCKET/vault-bootstrap/<cluster tag>/ (KMS-encrypted; see docs/internals.md \"Init and escrow\")"
 echo
 
 SUCCESS=1

@@ -38,6 +38,14 @@ Example:  ``GET .*server\\.key status 403 AccessDenied``
 
 Prints READY on stdout once listening; one log line per request on stderr, naming the AWS
 service and operation of forwarded requests (``svc=S3 op=GetObject``), which bench/ counts.
+
+For a moto that enforces IAM (it checks SigV4 signatures, which cover the Host header):
+``--keep-host`` forwards the client's Host header unchanged instead of rewriting it to the
+upstream's, and ``--log-auth`` adds to each forwarded request's line the access key id that
+signed it (``key=ASIA...``, from the Authorization header; never the secret or the
+signature) and, for KMS requests, the EncryptionContext of the JSON body
+(``ctx={"vault-bootstrap:class":"recovery",...}``, compact and last on the line; never the
+plaintext or ciphertext), so a test can count who decrypted what.
 """
 
 from __future__ import annotations
@@ -177,7 +185,10 @@ class ProxyServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, upstream: urllib.parse.SplitResult, rules: Path | None, timeout: float):
+    def __init__(self, addr, upstream: urllib.parse.SplitResult, rules: Path | None, timeout: float,
+                 keep_host: bool = False, log_auth: bool = False):
+        self.keep_host = keep_host
+        self.log_auth = log_auth
         self.upstream = upstream
         self.upstream_host = upstream.hostname or "127.0.0.1"
         self.upstream_port = upstream.port or 80
@@ -307,7 +318,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if lk in HOP_BY_HOP or lk in extra_hop or lk in ("host", "content-length"):
                     continue
                 conn.putheader(k, v)
-            conn.putheader("Host", srv.upstream_netloc)
+            # A SigV4 signature covers Host: with --keep-host it reaches moto as signed.
+            host = self.headers.get("Host") if srv.keep_host else None
+            conn.putheader("Host", host or srv.upstream_netloc)
             if body or self.headers.get("Content-Length") is not None or \
                     self.headers.get("Transfer-Encoding") or self.command in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", str(len(body)))
@@ -342,6 +355,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             conn.close()
 
+    def _auth_note(self, svc: str, body: bytes) -> str:
+        """With --log-auth: ` key=<access key id>` and, for KMS, ` ctx=<EncryptionContext>`."""
+        if not self.server.log_auth:
+            return ""
+        m = re.search(r"Credential=([A-Z0-9]+)/", self.headers.get("Authorization") or "")
+        note = f" key={m.group(1) if m else '-'}"
+        if svc == "KMS":
+            try:
+                ctx = json.loads(body or b"{}").get("EncryptionContext")
+            except (ValueError, AttributeError):
+                ctx = None
+            note += " ctx=" + json.dumps(ctx, sort_keys=True, separators=(",", ":"))
+        return note
+
     def _handle(self) -> None:
         target = self.path
         if target.startswith(("http://", "https://")):  # absolute-form request target
@@ -364,7 +391,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if rule is None:
             status = self._forward(target, body)
             svc, op = classify(self.command, target, amz_target, body)
-            log(f"{self.command} {target} -> {status} svc={svc} op={op}")
+            log(f"{self.command} {target} -> {status} svc={svc} op={op}{self._auth_note(svc, body)}")
         elif rule.action == "status":
             self._inject_status(rule, body)
             log(f"{self.command} {target} -> {rule.args[0]} (injected by rule {rule.text!r})")
@@ -400,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", required=True, help="upstream base URL, e.g. http://127.0.0.1:5000")
     p.add_argument("--rules", type=Path, default=None, help="rules file (read at every request)")
     p.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument("--keep-host", action="store_true",
+                   help="forward the client's Host header unchanged (SigV4 checked upstream)")
+    p.add_argument("--log-auth", action="store_true",
+                   help="log the signing access key id, and each KMS request's EncryptionContext")
     args = p.parse_args(argv)
 
     up = urllib.parse.urlsplit(args.upstream)
@@ -412,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"cannot resolve upstream host: {e}")
 
     try:
-        server = ProxyServer(args.listen, up, args.rules, args.upstream_timeout)
+        server = ProxyServer(args.listen, up, args.rules, args.upstream_timeout,
+                             args.keep_host, args.log_auth)
     except OSError as e:
         log(f"cannot bind {args.listen[0]}:{args.listen[1]}: {e}")
         return 1

@@ -35,6 +35,13 @@ address, or with ``--by-source`` the request's source address; absent = healthy)
   lifecycle <value>       target-lifecycle-state answers <value> (e.g. Warmed:Running)
   get500 <path-substring> GETs whose path contains the substring answer 500
 
+Role credentials: ``iam/security-credentials/vault-node`` serves the dummy keys
+``testing`` unless ``--credentials FILE`` is given: a JSON object {listen-ip: {AccessKeyId,
+SecretAccessKey, Token, Expiration}} (``seed.py iam`` writes one, each instance's session of
+the node role), read at every request; an IP it does not name still gets ``testing``.
+``--moto-keys FILE`` ({AccessKeyId, SecretAccessKey}) signs this service's own moto calls,
+for a moto that enforces IAM and refuses the dummy keys.
+
 Instance data is looked up in moto (DescribeInstances, filter private-ip-address) and
 cached for at most 1 s; if moto does not answer (e.g. a test stopped it to simulate a KMS
 outage) the last known data is served, so IMDS itself keeps working.  Prints READY on
@@ -84,10 +91,10 @@ def iso_z(t: dt.datetime) -> str:
 class InstanceSource:
     """DescribeInstances by private IP, cached briefly, stale data served on moto errors."""
 
-    def __init__(self, moto: str, region: str):
+    def __init__(self, moto: str, region: str, keys: tuple[str, str] = ("testing", "testing")):
         self.region = region
         session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
+            aws_access_key_id=keys[0], aws_secret_access_key=keys[1], region_name=region
         )
         # The SDK's IMDS client gives up on a read after 1 s: keep moto calls short.
         self.ec2 = session.client(
@@ -203,12 +210,13 @@ class ImdsServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, ip: str, port: int, source: InstanceSource, control_dir: Path | None,
-                 by_source: bool = False):
+                 credentials: Path | None = None, by_source: bool = False):
         self.listen_ip = ip
         # True: the instance is the request's source address, not the listener's.
         self.by_source = by_source
         self.source = source
         self.control_dir = control_dir
+        self.credentials = credentials
         self.tokens: dict[str, tuple[float, str]] = {}
         self.tokens_lock = threading.Lock()
         super().__init__((ip, port), ImdsHandler)
@@ -409,14 +417,21 @@ class ImdsHandler(BaseHTTPRequestHandler):
 
         if rel == f"meta-data/iam/security-credentials/{ROLE_NAME}":
             now = dt.datetime.now(dt.timezone.utc)
-            return self._send(200, json.dumps({
-                "Code": "Success",
-                "LastUpdated": iso_z(now),
-                "Type": "AWS-HMAC",
+            creds = {
                 "AccessKeyId": "testing",
                 "SecretAccessKey": "testing",
                 "Token": "testing",
                 "Expiration": iso_z(now + dt.timedelta(hours=6)),
+            }
+            if self.server.credentials is not None:
+                session = json.loads(self.server.credentials.read_text()).get(ip)
+                if session:
+                    creds = {k: session[k] for k in creds}
+            return self._send(200, json.dumps({
+                "Code": "Success",
+                "LastUpdated": iso_z(now),
+                "Type": "AWS-HMAC",
+                **creds,
             }, indent=2))
 
         if rel == "meta-data/iam/info":
@@ -503,16 +518,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --by-source: instance IPs to look up at start (moto's first call is slow)")
     p.add_argument("--control-dir", type=Path, default=None,
                    help="directory with one fault file per listen IP (read at every request)")
+    p.add_argument("--credentials", type=Path, default=None,
+                   help="JSON {ip: {AccessKeyId, SecretAccessKey, Token, Expiration}}: the role "
+                        "credentials each instance gets (default: the dummy keys `testing`)")
+    p.add_argument("--moto-keys", type=Path, default=None,
+                   help="JSON {AccessKeyId, SecretAccessKey} for this service's own moto calls")
     args = p.parse_args(argv)
 
-    source = InstanceSource(args.moto, args.region)
+    keys = ("testing", "testing")
+    if args.moto_keys is not None:
+        k = json.loads(args.moto_keys.read_text())
+        keys = (k["AccessKeyId"], k["SecretAccessKey"])
+    source = InstanceSource(args.moto, args.region, keys)
     servers: list[ImdsServer] = []
     try:
         if args.by_source:
-            servers.append(ImdsServer(args.by_source, args.port, source, args.control_dir, by_source=True))
+            servers.append(ImdsServer(args.by_source, args.port, source, args.control_dir,
+                                      args.credentials, by_source=True))
         else:
             for ip in dict.fromkeys(args.listen):
-                servers.append(ImdsServer(ip, args.port, source, args.control_dir))
+                servers.append(ImdsServer(ip, args.port, source, args.control_dir, args.credentials))
     except OSError as e:
         log(f"cannot bind: {e}")
         for s in servers:

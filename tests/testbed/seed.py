@@ -16,11 +16,25 @@ Sub-commands:
                 DIR/server.pem, DIR/server.key and prints the path of env.json.
   tls           Re-upload the TLS objects as a (deliberately bad) variant for negative
                 tests, signed with DIR/ca.key: good, expired, notyet, mismatch, wrong-ca,
-                san, malformed-cert, malformed-key, missing-key.
+                san, malformed-cert, malformed-key, missing-key.  new-ca rotates the CA:
+                a new CA and a server certificate it signed are uploaded, DIR/ca.pem and
+                DIR/ca.key become the new CA's, the old CA is kept as DIR/ca-old.pem.
   add-instance  Run one more instance (same tags) at a given IP; prints its id.
   terminate     Terminate one instance; prints its id and new state.
+  iam           Create the identities of a test-bed whose moto enforces IAM (run after
+                `up`, while moto does not check yet): an `admin` user allowed everything
+                (the harness, seed.py and imds.py use its keys from then on), the node role
+                `vault-node` whose role policy is the shipped node policy adapted to the
+                test-bed's names, assumed once per instance (session name = instance id), a
+                `vault-seal` user for the servers' awskms seal (the node policy's seal
+                statement), and an `operator` user with the shipped operator policy.
+                Writes DIR/iam.json (every key) and DIR/imds-credentials.json (each
+                instance's role session, by IP, for imds.py --credentials); --enforce then
+                turns moto's checks on (POST /moto-api/reset-auth 0).
 
-Only talks to the given --moto endpoint (loopback), with static dummy credentials.
+Only talks to the given --moto endpoint (loopback), with static dummy credentials, or with
+the keys in --moto-keys (a JSON file {"AccessKeyId": ..., "SecretAccessKey": ...}) once moto
+enforces IAM and refuses the dummy ones.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -51,7 +66,7 @@ MALFORMED_CERT = "-----BEGIN CERTIFICATE-----\nnot base64!!\n-----END CERTIFICAT
 MALFORMED_KEY = "-----BEGIN PRIVATE KEY-----\nthis is !! not a key ~~ garbage\n-----END PRIVATE KEY-----\n"
 VARIANTS = (
     "good", "expired", "notyet", "mismatch", "wrong-ca", "san",
-    "malformed-cert", "malformed-key", "missing-key",
+    "malformed-cert", "malformed-key", "missing-key", "new-ca",
 )
 
 
@@ -61,11 +76,23 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- AWS clients
 
-def client(service: str, args: argparse.Namespace):
-    """A boto3 client for moto with static dummy credentials."""
+def moto_keys(args: argparse.Namespace) -> tuple[str, str]:
+    """The keys to sign with: --moto-keys when given (moto enforcing IAM), else dummy ones."""
+    path = getattr(args, "moto_keys", None)
+    if not path:
+        return "testing", "testing"
+    k = json.loads(Path(path).read_text())
+    return k["AccessKeyId"], k["SecretAccessKey"]
+
+
+def client(service: str, args: argparse.Namespace, keys: tuple[str, str] | None = None,
+           token: str | None = None):
+    """A boto3 client for moto with static dummy credentials (or --moto-keys, or `keys`)."""
+    ak, sk = keys or moto_keys(args)
     return boto3.session.Session(
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=ak,
+        aws_secret_access_key=sk,
+        aws_session_token=token,
         region_name=args.region,
     ).client(
         service,
@@ -268,7 +295,7 @@ def make_ca(kind: str, cn: str = "vault-bootstrap test CA"):
 
 def default_sans(block: str, server_name: str) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address(f"{block}.{n}")) for n in range(1, 41)
+        x509.IPAddress(ipaddress.ip_address(f"{block}.{n}")) for n in range(1, 200)
     ]
     sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     sans.append(x509.DNSName("localhost"))
@@ -428,6 +455,18 @@ def cmd_tls(args: argparse.Namespace) -> int:
     if v == "good":
         write_file(d / "server.pem", server_pem)
         write_file(d / "server.key", server_key, 0o600)
+    elif v == "new-ca":
+        # A CA rotation: everything is the new CA's; the old one stays beside it for
+        # clients that must trust both while the nodes refresh one by one.
+        new_ca_key, new_ca_cert = make_ca(kind, "vault-bootstrap test CA (rotated)")
+        srv_key, srv_cert = good_server(new_ca_key, new_ca_cert, kind, block, server_name)
+        server_pem, server_key = cert_pem(srv_cert), key_pem(srv_key)
+        write_file(d / "ca-old.pem", ca_pem)
+        ca_pem = cert_pem(new_ca_cert)
+        write_file(d / "ca.pem", ca_pem)
+        write_file(d / "ca.key", key_pem(new_ca_key), 0o600)
+        write_file(d / "server.pem", server_pem)
+        write_file(d / "server.key", server_key, 0o600)
     elif v in ("expired", "notyet"):
         nb, na = ((start - dt.timedelta(days=30), start - dt.timedelta(days=1)) if v == "expired"
                   else (start + dt.timedelta(days=1), start + dt.timedelta(days=30)))
@@ -480,10 +519,169 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- IAM (enforced)
+
+# The names the shipped policies (packer/examples/) are written for.
+SHIPPED_BUCKET = "acme-vault-resources"
+SHIPPED_CLUSTER = "prod-vault"
+SHIPPED_REGION = "eu-west-1"
+ESCROW_PREFIX = "vault-bootstrap/"
+ROLE_NAME = "vault-node"
+SEAL_SID = "AwsKmsSeal"
+
+
+def listify(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def unique(xs: list) -> list:
+    return list(dict.fromkeys(xs))
+
+
+def adapt_s3_arn(arn: str, bucket: str, escrow_bucket: str) -> list[str]:
+    """The shipped bucket's ARNs as the test-bed names them: objects under the escrow
+    prefix live in the escrow bucket, every other object in the resources bucket, and a
+    statement on the bucket itself (ListBucket) covers both."""
+    arn = arn.replace(SHIPPED_CLUSTER, "{cluster}")
+    base = f"arn:aws:s3:::{SHIPPED_BUCKET}"
+    if arn == base:
+        return unique([f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{escrow_bucket}"])
+    if arn.startswith(f"{base}/{ESCROW_PREFIX}"):
+        return [f"arn:aws:s3:::{escrow_bucket}{arn[len(base):]}"]
+    if arn.startswith(f"{base}/"):
+        return [f"arn:aws:s3:::{bucket}{arn[len(base):]}"]
+    return [arn]
+
+
+def adapt_policy(doc: dict, bucket: str, escrow_bucket: str, cluster: str, region: str,
+                 drop_decrypt: bool = False) -> dict:
+    """A shipped policy with the test-bed's names. Two changes beyond names, both because of
+    what moto 5.2.5 evaluates: every KMS statement's Resource becomes "*" (moto matches KMS
+    actions against "*" only, never a key ARN), and the Conditions are kept as written
+    although moto ignores every one of them (an Allow with a Condition allows). With
+    `drop_decrypt`, kms:Decrypt is taken out of every statement (a statement left with no
+    action goes)."""
+    out = []
+    for st in doc["Statement"]:
+        st = json.loads(json.dumps(st))
+        actions = listify(st["Action"])
+        if drop_decrypt:
+            actions = [a for a in actions if a.lower() != "kms:decrypt"]
+            if not actions:
+                continue
+        st["Action"] = actions
+        resources: list[str] = []
+        for r in listify(st["Resource"]):
+            if r.startswith("arn:aws:kms:"):
+                resources.append("*")
+            else:
+                resources += adapt_s3_arn(r, bucket, escrow_bucket)
+        st["Resource"] = unique([r.replace("{cluster}", cluster) for r in resources])
+        if "Condition" in st:
+            cond = {}
+            for op, kv in st["Condition"].items():
+                cond[op] = {}
+                for k, v in kv.items():
+                    vals: list[str] = []
+                    for x in listify(v):
+                        xs = adapt_s3_arn(x, bucket, escrow_bucket) if x.startswith("arn:aws:s3:::") else [x]
+                        vals += [y.replace("{cluster}", cluster).replace(SHIPPED_CLUSTER, cluster)
+                                 .replace(SHIPPED_REGION, region) for y in xs]
+                    vals = unique(vals)
+                    cond[op][k] = vals if isinstance(v, list) or len(vals) > 1 else vals[0]
+            st["Condition"] = cond
+        out.append(st)
+    return {"Version": doc["Version"], "Statement": out}
+
+
+def iso(t) -> str:
+    if isinstance(t, dt.datetime):
+        return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(t)
+
+
+def cmd_iam(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    env = json.loads((out / "env.json").read_text())
+    bucket = args.bucket
+    escrow_bucket = args.escrow_bucket or bucket
+    cluster = args.cluster or env["asg"]
+    node_shipped = json.loads(Path(args.node_policy).read_text())
+    node = adapt_policy(node_shipped, bucket, escrow_bucket, cluster, args.region,
+                        drop_decrypt=args.no_decrypt)
+    seal_stmts = [st for st in adapt_policy(node_shipped, bucket, escrow_bucket, cluster, args.region)["Statement"]
+                  if st.get("Sid") == SEAL_SID]
+    if not seal_stmts:
+        raise SeedError(f"{args.node_policy} has no statement {SEAL_SID!r} for the seal")
+    seal = {"Version": "2012-10-17", "Statement": seal_stmts}
+    operator = adapt_policy(json.loads(Path(args.operator_policy).read_text()),
+                            bucket, escrow_bucket, cluster, args.region)
+    admin = {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+    iam = client("iam", args)
+
+    def user(name: str, doc: dict) -> dict:
+        arn = iam.create_user(UserName=name)["User"]["Arn"]
+        iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(doc))
+        k = iam.create_access_key(UserName=name)["AccessKey"]
+        log(f"created IAM user {name}")
+        return {"Arn": arn, "AccessKeyId": k["AccessKeyId"], "SecretAccessKey": k["SecretAccessKey"]}
+
+    keys = {"admin": user("admin", admin), "vault-seal": user("vault-seal", seal),
+            "operator": user("operator", operator)}
+    # The trust policy names the admin user: moto answers 500 to a Service principal
+    # (ec2.amazonaws.com) when the role is assumed. The admin assumes it per instance.
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": keys["admin"]["Arn"]}, "Action": "sts:AssumeRole"}]}
+    role_arn = iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    iam.put_role_policy(RoleName=ROLE_NAME, PolicyName=ROLE_NAME, PolicyDocument=json.dumps(node))
+    log(f"created role {ROLE_NAME} ({'without kms:Decrypt' if args.no_decrypt else 'shipped node policy'})")
+
+    admin_keys = (keys["admin"]["AccessKeyId"], keys["admin"]["SecretAccessKey"])
+    if args.object_lock:
+        if escrow_bucket == bucket:
+            raise SeedError("--object-lock needs --escrow-bucket: retention is bucket-wide")
+        s3 = client("s3", args, admin_keys)
+        s3.create_bucket(Bucket=escrow_bucket, ObjectLockEnabledForBucket=True)
+        s3.put_object_lock_configuration(Bucket=escrow_bucket, ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": args.retention_days}}})
+        log(f"created bucket {escrow_bucket} with Object Lock, COMPLIANCE {args.retention_days} d")
+
+    sts = client("sts", args, admin_keys)
+    sessions = {}
+    for inst in env["instances"]:
+        c = sts.assume_role(RoleArn=role_arn, RoleSessionName=inst["id"])["Credentials"]
+        sessions[inst["ip"]] = {"AccessKeyId": c["AccessKeyId"], "SecretAccessKey": c["SecretAccessKey"],
+                                "Token": c["SessionToken"], "Expiration": iso(c["Expiration"])}
+    log(f"assumed {ROLE_NAME} for {len(sessions)} instances")
+
+    write_file(out / "iam.json", (json.dumps({
+        "users": keys, "role_arn": role_arn, "sessions": sessions,
+        "policies": {"node": node, "vault-seal": seal, "operator": operator},
+    }, indent=2) + "\n").encode(), 0o600)
+    write_file(out / "imds-credentials.json", (json.dumps(sessions, indent=2) + "\n").encode(), 0o600)
+    write_file(out / "admin-keys.json", (json.dumps({
+        "AccessKeyId": admin_keys[0], "SecretAccessKey": admin_keys[1]}) + "\n").encode(), 0o600)
+
+    if args.enforce:
+        # From the next request on, moto checks every signature and identity policy.
+        # Not form-encoded: moto reads the raw body, which Flask empties for a form.
+        req = urllib.request.Request(f"{args.moto.rstrip('/')}/moto-api/reset-auth", data=b"0",
+                                     method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            log(f"moto enforces IAM now: {r.read().decode()[:200]}")
+    print(out / "iam.json", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--moto", required=True, help="moto endpoint URL, e.g. http://127.0.0.1:5000")
     common.add_argument("--region", default="us-east-1")
+    common.add_argument("--moto-keys", default=None,
+                        help="JSON file with the keys to sign with (moto enforcing IAM)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -519,9 +717,27 @@ def main(argv: list[str] | None = None) -> int:
     term.add_argument("--id", required=True)
     term.set_defaults(func=cmd_terminate)
 
+    iam = sub.add_parser("iam", parents=[common], help="IAM identities of an enforced test-bed")
+    iam.add_argument("--out", required=True, help="the --out directory of `up` (env.json)")
+    iam.add_argument("--bucket", default="vault-resources")
+    iam.add_argument("--escrow-bucket", default=None, help="default: --bucket")
+    iam.add_argument("--cluster", default=None, help="cluster tag value (default: the ASG name)")
+    iam.add_argument("--node-policy", required=True, help="packer/examples/iam-policy.json")
+    iam.add_argument("--operator-policy", required=True,
+                     help="packer/examples/iam-policy-operator.json")
+    iam.add_argument("--no-decrypt", action="store_true",
+                     help="take every kms:Decrypt out of the node role's policy")
+    iam.add_argument("--object-lock", action="store_true",
+                     help="create --escrow-bucket with Object Lock, COMPLIANCE default retention")
+    iam.add_argument("--retention-days", type=int, default=1)
+    iam.add_argument("--enforce", action="store_true",
+                     help="turn moto's IAM checks on when done (POST /moto-api/reset-auth 0)")
+    iam.set_defaults(func=cmd_iam)
+
     args = p.parse_args(argv)
-    if getattr(args, "nodes", 1) < 1 or getattr(args, "nodes", 1) > 30:
-        p.error("--nodes must be 1..30 (IPs .11 .. .40, covered by the certificate)")
+    # The crash trials at full count use 140 instances of one test-bed.
+    if getattr(args, "nodes", 1) < 1 or getattr(args, "nodes", 1) > 180:
+        p.error("--nodes must be 1..180 (IPs .11 .. .190, covered by the certificate)")
     try:
         return args.func(args)
     except SeedError as e:
