@@ -367,23 +367,38 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         let keep = std::thread::panicking();
         if keep {
+            // From each host's disk: works whether or not the host still runs.
             for h in self.hosts() {
-                let o = self.exec(
-                    &h,
-                    &[
-                        "journalctl",
+                let dir = self
+                    .run
+                    .join("hosts")
+                    .join(&h)
+                    .join("upper/var/log/journal");
+                let o = Command::new("journalctl")
+                    .arg("-D")
+                    .arg(dir)
+                    .args([
+                        "-q",
                         "-u",
                         "vault-bootstrap",
                         "-u",
                         "vault",
                         "-o",
                         "short-monotonic",
-                        "--no-pager",
-                        "-n",
-                        "60",
-                    ],
+                    ])
+                    .args(["--no-pager", "-n", "60"])
+                    .output();
+                let text = o.map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                });
+                eprintln!(
+                    "----- {h} journal (last 60 lines)\n{}",
+                    text.unwrap_or_default()
                 );
-                eprintln!("----- {h} journal (last 60 lines)\n{}", o.stdout);
             }
             eprintln!("fleet run directory kept: {}", self.run.display());
         }

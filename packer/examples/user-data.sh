@@ -93,6 +93,8 @@ bound_cidrs = ["10.0.0.0/16"]
 # access"). Only with a login path is the root token revoked after init; without one it
 # stays valid (escrowed) and every boot says so.
 operator_ca_key = "tls/operator-ca.pem"
+# Only these certificate common names log in as administrators.
+operator_common_names = ["alice", "bob"]
 CONFIG
 chmod 0640 /etc/vault-bootstrap/config.toml.new
 mv -f /etc/vault-bootstrap/config.toml.new /etc/vault-bootstrap/config.toml
