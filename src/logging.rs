@@ -1,5 +1,8 @@
-//! Logging: journald when its socket exists, stderr otherwise (and also stderr when a person
-//! is watching a terminal, e.g. `rejoin` over SSM). No ANSI codes off a terminal.
+//! Logging: journald when its socket exists, stderr otherwise; and also stderr whenever
+//! stderr is not the journal itself: a terminal, or a pipe someone reads (SSM Run Command,
+//! `systemd-run --pipe`, Packer's SSH session), where an operator would otherwise see no
+//! error at all. A unit whose stderr is the journal (systemd's `JOURNAL_STREAM`) logs once.
+//! `VAULT_BOOTSTRAP_LOG_TARGET` forces one of the two. No ANSI codes off a terminal.
 //!
 //! Also owns the caps on third-party log targets: whatever `VAULT_BOOTSTRAP_LOG` asks for,
 //! the AWS SDK, its signer and the HTTP/TLS stacks never log below [`CAP`].
@@ -65,16 +68,58 @@ where
     user.and(caps())
 }
 
+/// Whether the journal stream systemd names in `JOURNAL_STREAM` (`<device>:<inode>`, set for
+/// a unit whose stdout or stderr goes to the journal) is the file `stderr` is: `dev`/`ino`.
+fn is_journal_stream(journal_stream: Option<&str>, dev: u64, ino: u64) -> bool {
+    journal_stream
+        .and_then(|v| v.split_once(':'))
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
+}
+
+/// Whether stderr is the journal (so logging to both would write every line twice).
+fn stderr_is_journal() -> bool {
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    is_journal_stream(
+        std::env::var("JOURNAL_STREAM").ok().as_deref(),
+        st.st_dev,
+        st.st_ino,
+    )
+}
+
+/// Whether the logs reach stderr (see the module header). Callers that print an error
+/// themselves ask, so that an operator sees it once, wherever they look.
+pub fn stderr_gets_logs() -> bool {
+    match std::env::var(TARGET_ENV).as_deref() {
+        Ok("stderr") => true,
+        Ok("journald") => !journald_socket(),
+        _ => !journald_socket() || !stderr_is_journal(),
+    }
+}
+
+fn journald_socket() -> bool {
+    std::path::Path::new("/run/systemd/journal/socket").exists()
+}
+
 pub fn init() {
     let spec = std::env::var(FILTER_ENV).ok();
     let tty = std::io::stderr().is_terminal();
+    let target = std::env::var(TARGET_ENV).ok();
     // tracing-journald errors when the socket is absent (containers, CI, this test-bed);
     // that is the signal to fall back to stderr.
-    let journald = tracing_journald::layer().ok().map(|l| {
-        l.with_syslog_identifier("vault-bootstrap".into())
-            .with_filter(filter(spec.as_deref()))
-    });
-    let stderr = (journald.is_none() || tty).then(|| {
+    let journald = (target.as_deref() != Some("stderr"))
+        .then(tracing_journald::layer)
+        .and_then(|l| l.ok())
+        .map(|l| {
+            l.with_syslog_identifier("vault-bootstrap".into())
+                .with_filter(filter(spec.as_deref()))
+        });
+    let also_stderr = match target.as_deref() {
+        Some("journald") => false,
+        _ => tty || !stderr_is_journal(),
+    };
+    let stderr = (journald.is_none() || also_stderr).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(tty)
@@ -165,6 +210,15 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("CONFIG-INFO"), "info is within the cap: {out}");
+    }
+
+    #[test]
+    fn the_journal_stream_is_recognised_by_device_and_inode() {
+        assert!(is_journal_stream(Some("8:1234"), 8, 1234));
+        assert!(!is_journal_stream(Some("8:1234"), 8, 1235));
+        assert!(!is_journal_stream(Some("9:1234"), 8, 1234));
+        assert!(!is_journal_stream(Some("garbage"), 8, 1234));
+        assert!(!is_journal_stream(None, 8, 1234));
     }
 
     #[test]

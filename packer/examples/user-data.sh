@@ -10,6 +10,11 @@
 set -euo pipefail
 umask 077
 
+# Only for VPC endpoints without private DNS: the one URL every AWS call of the agent, its
+# timers and the server's awskms seal goes to (EC2, S3 and KMS through one endpoint, e.g. a
+# proxy). Leave it empty with private DNS on the endpoints, or with a NAT gateway.
+AWS_ENDPOINT_URL=""
+
 install -d -m 0750 -o root -g root /etc/vault-bootstrap
 # Written beside the target and renamed: the agent never reads half a file.
 cat >/etc/vault-bootstrap/config.toml.new <<'CONFIG'
@@ -82,9 +87,28 @@ join_timeout_secs = 600
 # addresses. The default (the instances' own IPs when the cluster is initialised) would
 # leave out every instance that replaces one later.
 bound_cidrs = ["10.0.0.0/16"]
+
+[access]
+# Operators log in with client certificates this CA signed (cert auth, README "Operator
+# access"). Only with a login path is the root token revoked after init; without one it
+# stays valid (escrowed) and every boot says so.
+operator_ca_key = "tls/operator-ca.pem"
+# Only these certificate common names log in as administrators.
+operator_common_names = ["alice", "bob"]
 CONFIG
 chmod 0640 /etc/vault-bootstrap/config.toml.new
 mv -f /etc/vault-bootstrap/config.toml.new /etc/vault-bootstrap/config.toml
+
+if [[ -n $AWS_ENDPOINT_URL ]]; then
+    # A drop-in per unit that calls AWS: the agent, its two timers' services, the server.
+    for unit in vault-bootstrap vault-bootstrap-refresh-tls vault-bootstrap-snapshot vault; do
+        install -d -m 0755 "/etc/systemd/system/$unit.service.d"
+        printf '[Service]\nEnvironment=AWS_ENDPOINT_URL=%s\n' "$AWS_ENDPOINT_URL" \
+            >"/etc/systemd/system/$unit.service.d/aws-endpoint.conf"
+        chmod 0644 "/etc/systemd/system/$unit.service.d/aws-endpoint.conf"
+    done
+    systemctl daemon-reload
+fi
 
 # vault-bootstrap.service is enabled in the AMI, so every later boot starts it on its own.
 # On this first boot, though, it was due before cloud-init ran this script (user-data runs

@@ -6,8 +6,7 @@
 use crate::error::{exit, Error, Result};
 use crate::install::{self, parse_sha256, Options, Release, ServerName};
 use clap::{ArgGroup, Args};
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 #[command(group(
@@ -54,7 +53,7 @@ pub fn run(args: &InstallArgs) -> Result<i32> {
     match result {
         Ok(()) => Ok(exit::OK),
         Err(e) => {
-            if !stderr_gets_logs() {
+            if !crate::logging::stderr_gets_logs() {
                 eprintln!("vault-bootstrap install: {e}");
             }
             Err(e)
@@ -89,11 +88,4 @@ fn options(args: &InstallArgs) -> Result<Options> {
         user: args.user.clone(),
         agent_binary,
     })
-}
-
-/// Whether `main`'s error log reaches stderr: it does without a journald socket or on a
-/// terminal (src/logging.rs). Under Packer (SSH, journald running) neither holds, and the
-/// error would only reach the journal of a build instance about to be thrown away.
-fn stderr_gets_logs() -> bool {
-    std::io::stderr().is_terminal() || !Path::new("/run/systemd/journal/socket").exists()
 }

@@ -9,6 +9,13 @@ clients connect from 127.0.0.1, so the instance is identified by the listener's 
 address: it is the moto EC2 instance whose private IP equals that address.  An agent
 finds its listener through ``AWS_EC2_METADATA_SERVICE_ENDPOINT=http://<ip>:<port>``.
 
+``--by-source ADDR`` (instead of ``--listen``) is EC2's own arrangement, for the fleet tier
+(tests/fleet/): ONE listener, normally ``169.254.169.254`` on ``--port 80`` on a bridge in a
+network namespace, that tells instances apart by each request's source address; the
+instance is the one whose private IP is that address.  Clients then need no override at
+all.  A token is good only for the address that asked for it, and the token's answer leaves
+with IP TTL 1, as on EC2 with ``HttpPutResponseHopLimit = 1``: it cannot cross a router.
+
 IMDSv2 as the Rust SDK needs it: ``PUT /latest/api/token`` with
 ``X-aws-ec2-metadata-token-ttl-seconds`` (1..21600) returns a token and the
 ``x-aws-ec2-metadata-token-ttl-seconds`` response header; every GET needs a valid
@@ -18,8 +25,8 @@ placement/availability-zone, placement/region, tags/instance[/<key>],
 autoscaling/target-lifecycle-state, iam/info, iam/security-credentials/[vault-node]}
 and dynamic/instance-identity/document.
 
-Faults: before every request the file ``<control-dir>/<listen-ip>`` is read (absent =
-healthy), one directive per line (``#`` starts a comment):
+Faults: before every request the file ``<control-dir>/<node-ip>`` is read (the listener's
+address, or with ``--by-source`` the request's source address; absent = healthy), one directive per line (``#`` starts a comment):
   status500               every request answers 500
   token403                PUT token answers 403
   v1only                  PUT token answers 405; GETs succeed without a token (IMDSv1)
@@ -203,12 +210,14 @@ class ImdsServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, ip: str, port: int, source: InstanceSource, control_dir: Path | None,
-                 credentials: Path | None = None):
+                 credentials: Path | None = None, by_source: bool = False):
         self.listen_ip = ip
+        # True: the instance is the request's source address, not the listener's.
+        self.by_source = by_source
         self.source = source
         self.control_dir = control_dir
         self.credentials = credentials
-        self.tokens: dict[str, float] = {}
+        self.tokens: dict[str, tuple[float, str]] = {}
         self.tokens_lock = threading.Lock()
         super().__init__((ip, port), ImdsHandler)
 
@@ -218,20 +227,20 @@ class ImdsServer(ThreadingHTTPServer):
             return
         log(f"{self.listen_ip}: error serving {client_address}: {exc!r}")
 
-    def new_token(self, ttl: int) -> str:
+    def new_token(self, ttl: int, node_ip: str) -> str:
         token = secrets.token_urlsafe(40)
         now = time.monotonic()
         with self.tokens_lock:
-            self.tokens = {t: exp for t, exp in self.tokens.items() if exp > now}
-            self.tokens[token] = now + ttl
+            self.tokens = {t: v for t, v in self.tokens.items() if v[0] > now}
+            self.tokens[token] = (now + ttl, node_ip)
         return token
 
-    def token_valid(self, token: str | None) -> bool:
+    def token_valid(self, token: str | None, node_ip: str) -> bool:
         if not token:
             return False
         with self.tokens_lock:
-            exp = self.tokens.get(token)
-        return exp is not None and exp > time.monotonic()
+            entry = self.tokens.get(token)
+        return entry is not None and entry[0] > time.monotonic() and entry[1] == node_ip
 
 
 class ImdsHandler(BaseHTTPRequestHandler):
@@ -247,6 +256,12 @@ class ImdsHandler(BaseHTTPRequestHandler):
         return self.server_version
 
     server: ImdsServer
+
+    @property
+    def node_ip(self) -> str:
+        """The instance this request is about: the listener's address, or (``--by-source``)
+        the address the request came from."""
+        return self.client_address[0] if self.server.by_source else self.server.listen_ip
 
     def log_message(self, format, *args):  # noqa: A002 - silence default logging
         pass
@@ -270,7 +285,7 @@ class ImdsHandler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: str | bytes = b"", headers: dict | None = None,
               content_type: str = "text/plain") -> None:
         data = body.encode() if isinstance(body, str) else body
-        log(f"{self.server.listen_ip} {self.command} {self.path} {status}")
+        log(f"{self.node_ip} {self.command} {self.path} {status}")
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -291,7 +306,7 @@ class ImdsHandler(BaseHTTPRequestHandler):
 
     def _prelude(self) -> Faults:
         self._drain_body()
-        faults = Faults.load(self.server.control_dir, self.server.listen_ip)
+        faults = Faults.load(self.server.control_dir, self.node_ip)
         if faults.slow > 0:
             time.sleep(faults.slow)
         return faults
@@ -317,7 +332,13 @@ class ImdsHandler(BaseHTTPRequestHandler):
             ttl = 0
         if not 1 <= ttl <= 21600:
             return self._error(400)
-        token = self.server.new_token(ttl)
+        token = self.server.new_token(ttl, self.node_ip)
+        if self.server.by_source:
+            # EC2's hop limit 1: the token answer dies at the first router it would cross.
+            try:
+                self.connection.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+            except OSError:
+                pass
         self._send(200, token, {TTL_HEADER: str(ttl)})
 
     def do_GET(self) -> None:
@@ -328,12 +349,12 @@ class ImdsHandler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(raw_path)
         if any(s in path or s in raw_path for s in faults.get500):
             return self._error(500)
-        if not faults.v1only and not self.server.token_valid(self.headers.get(TOKEN_HEADER)):
+        if not faults.v1only and not self.server.token_valid(self.headers.get(TOKEN_HEADER), self.node_ip):
             return self._error(401)
         try:
             self._route(path, faults)
         except Exception as e:  # noqa: BLE001 - moto down and nothing cached, etc.
-            log(f"{self.server.listen_ip}: internal error on {path}: {e!r}")
+            log(f"{self.node_ip}: internal error on {path}: {e!r}")
             self._error(500)
 
     do_HEAD = do_GET
@@ -356,11 +377,11 @@ class ImdsHandler(BaseHTTPRequestHandler):
         if rel in ("dynamic", "dynamic/"):
             return self._send(200, "instance-identity/")
 
-        inst = self.server.source.get(self.server.listen_ip)
+        inst = self.server.source.get(self.node_ip)
         if inst is None:
             return self._error(404)
 
-        ip = self.server.listen_ip
+        ip = self.node_ip
         iid = inst["InstanceId"]
         az = inst.get("Placement", {}).get("AvailabilityZone") or f"{self.server.source.region}a"
         region = self.server.source.region
@@ -471,13 +492,30 @@ def loopback_ip(value: str) -> str:
     return value
 
 
+def by_source_ip(value: str) -> str:
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}")
+    if addr.version != 4 or not (addr.is_loopback or addr.is_link_local):
+        raise argparse.ArgumentTypeError(
+            f"--by-source must be 169.254.169.254 (or another link-local or loopback address), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--moto", required=True, help="moto endpoint URL, e.g. http://127.0.0.1:5000")
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--port", type=int, default=1338)
-    p.add_argument("--listen", type=loopback_ip, action="append", required=True,
-                   help="a node IP to serve (repeatable); the instance is the one with this private IP")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", type=loopback_ip, action="append",
+                       help="a node IP to serve (repeatable); the instance is the one with this private IP")
+    where.add_argument("--by-source", type=by_source_ip, metavar="ADDR",
+                       help="one listener on ADDR (EC2: 169.254.169.254, --port 80); the instance is the "
+                            "one whose private IP is the request's source address")
+    p.add_argument("--warm", action="append", default=[], metavar="IP",
+                   help="with --by-source: instance IPs to look up at start (moto's first call is slow)")
     p.add_argument("--control-dir", type=Path, default=None,
                    help="directory with one fault file per listen IP (read at every request)")
     p.add_argument("--credentials", type=Path, default=None,
@@ -494,15 +532,19 @@ def main(argv: list[str] | None = None) -> int:
     source = InstanceSource(args.moto, args.region, keys)
     servers: list[ImdsServer] = []
     try:
-        for ip in dict.fromkeys(args.listen):
-            servers.append(ImdsServer(ip, args.port, source, args.control_dir, args.credentials))
+        if args.by_source:
+            servers.append(ImdsServer(args.by_source, args.port, source, args.control_dir,
+                                      args.credentials, by_source=True))
+        else:
+            for ip in dict.fromkeys(args.listen):
+                servers.append(ImdsServer(ip, args.port, source, args.control_dir, args.credentials))
     except OSError as e:
         log(f"cannot bind: {e}")
         for s in servers:
             s.server_close()
         return 1
 
-    for ip in dict.fromkeys(args.listen):
+    for ip in dict.fromkeys(args.listen or args.warm):
         source.warm(ip)
 
     threads = []
