@@ -35,9 +35,32 @@ pub fn aside_path(data_dir: &Path) -> PathBuf {
     data_dir.with_file_name(format!("{name}.removed-{stamp}"))
 }
 
-/// Renames `data_dir` aside (the server must be stopped) and makes the rename durable;
-/// returns where it went. The next server start finds an empty store.
+/// Moves the store aside (the server must be stopped) and makes the move durable; returns
+/// where it went. The next server start finds an empty store. The whole directory is
+/// renamed beside itself; when it is a mount point of its own (a data volume), which cannot
+/// be renamed, its entries move into `<data_dir>/removed-<UTC time>/` on that volume.
 pub fn move_aside(data_dir: &Path) -> Result<PathBuf> {
+    match rename_aside(data_dir) {
+        Ok(p) => Ok(p),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc_errno::EXDEV | libc_errno::EBUSY)
+            ) =>
+        {
+            move_entries_aside(data_dir)
+        }
+        Err(e) => Err(Error::write(data_dir, format!("move raft data aside: {e}"))),
+    }
+}
+
+/// errno values of a rename that cannot move a mount point.
+mod libc_errno {
+    pub const EBUSY: i32 = 16;
+    pub const EXDEV: i32 = 18;
+}
+
+fn rename_aside(data_dir: &Path) -> std::io::Result<PathBuf> {
     let mut aside = aside_path(data_dir);
     // Two moves within one second (a crash loop) must not collide.
     let mut n = 1;
@@ -45,11 +68,40 @@ pub fn move_aside(data_dir: &Path) -> Result<PathBuf> {
         n += 1;
         aside = PathBuf::from(format!("{}.{n}", aside_path(data_dir).display()));
     }
-    std::fs::rename(data_dir, &aside)
-        .map_err(|e| Error::write(&aside, format!("move raft data aside: {e}")))?;
+    std::fs::rename(data_dir, &aside)?;
     if let Some(parent) = data_dir.parent() {
-        crate::fsutil::sync_dir(parent)?;
+        crate::fsutil::sync_dir(parent).map_err(std::io::Error::other)?;
     }
+    Ok(aside)
+}
+
+/// The store's entries into a new `removed-<UTC time>` directory inside `data_dir`, which
+/// stays (and stays mounted).
+fn move_entries_aside(data_dir: &Path) -> Result<PathBuf> {
+    let name = aside_path(data_dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stamp = name.rsplit("removed-").next().unwrap_or("aside").to_owned();
+    let aside = data_dir.join(format!("removed-{stamp}"));
+    std::fs::create_dir(&aside)
+        .map_err(|e| Error::write(&aside, format!("create the aside directory: {e}")))?;
+    let entries = std::fs::read_dir(data_dir)
+        .map_err(|e| Error::write(data_dir, format!("list the raft data: {e}")))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Error::write(data_dir, format!("list the raft data: {e}")))?;
+        let from = entry.path();
+        // Earlier asides stay where they are.
+        if entry.file_name().to_string_lossy().starts_with("removed-") {
+            continue;
+        }
+        let to = aside.join(entry.file_name());
+        std::fs::rename(&from, &to)
+            .map_err(|e| Error::write(&from, format!("move raft data aside: {e}")))?;
+    }
+    crate::fsutil::sync_dir(&aside)?;
+    crate::fsutil::sync_dir(data_dir)?;
     Ok(aside)
 }
 
@@ -72,5 +124,25 @@ mod tests {
         let b = move_aside(&data).unwrap();
         assert_ne!(a, b);
         assert!(a.exists() && b.exists());
+    }
+
+    #[test]
+    fn a_data_volume_keeps_its_mount_point_and_its_store_moves_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir_all(data.join("raft")).unwrap();
+        std::fs::write(data.join("raft/raft.db"), "r").unwrap();
+        std::fs::write(data.join("vault.db"), "v").unwrap();
+        let a = move_entries_aside(&data).unwrap();
+        assert!(data.is_dir() && !present(&data));
+        assert!(a.starts_with(&data));
+        assert_eq!(std::fs::read(a.join("vault.db")).unwrap(), b"v");
+        assert_eq!(std::fs::read(a.join("raft/raft.db")).unwrap(), b"r");
+        // A second move leaves the first aside directory where it is.
+        std::fs::write(data.join("vault.db"), "w").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let b = move_entries_aside(&data).unwrap();
+        assert!(a.exists() && b.exists() && a != b);
+        assert_eq!(std::fs::read(b.join("vault.db")).unwrap(), b"w");
     }
 }
