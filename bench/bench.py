@@ -504,7 +504,8 @@ join_timeout_secs = 120
         except Exception:
             return None
         out = self.kms.decrypt(CiphertextBlob=blob, EncryptionContext={
-            "vault-bootstrap:cluster": tag, "vault-bootstrap:item": "root-token"})
+            "vault-bootstrap:cluster": tag, "vault-bootstrap:item": "root-token",
+            "vault-bootstrap:class": "recovery"})
         return out["Plaintext"].decode()
 
     def marker_exists(self, tag: str) -> bool:

@@ -9,6 +9,7 @@
 #   c. SIGKILL of the active node's server -> a survivor answers 200
 #   d. the agent's peak RSS, CPU time during a boot, binary size
 #   e. AWS calls (EC2/S3/KMS) per agent for 3, 5 and 7 simultaneous boots
+#   f. reboot to serving with EC2 and S3 unreachable, beside the same cluster's cold boot
 #
 #   bash bench/run.sh
 #   VB_TESTBED_VENV=/opt/vbtest-venv BENCH_BIN=/work/target-release/release/vault-bootstrap bash bench/run.sh

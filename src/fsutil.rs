@@ -58,6 +58,35 @@ pub fn write_atomic(spec: &FileSpec<'_>) -> Result<Outcome> {
     Ok(write_files(std::slice::from_ref(spec))?[0])
 }
 
+/// Writes `value` as pretty JSON to `<dir>/<name>`, root-only (0600), atomically: the
+/// agent's small state records (membership, init attempt, pending init).
+pub fn write_record<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> Result<PathBuf> {
+    let body = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    ensure_dir(dir, 0o700, Owner::default())?;
+    let path = dir.join(name);
+    write_atomic(&FileSpec {
+        path: &path,
+        contents: &body,
+        mode: 0o600,
+        owner: Owner::default(),
+    })?;
+    Ok(path)
+}
+
+/// Removes `path` and makes the removal durable (the directory is fsynced); a file that is
+/// already gone is not an error.
+pub fn remove_durable(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::write(path, format!("remove: {e}"))),
+    }
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
 /// Whether `path` already holds exactly `contents` (a missing or unreadable file does not).
 /// The bytes read are zeroed when dropped: the file may be a private key.
 pub fn holds(path: &Path, contents: &[u8]) -> bool {

@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::discovery::Peer;
 use crate::error::{Error, Result};
-use crate::fsutil::{self, FileSpec, Owner};
+use crate::fsutil;
 use crate::imds::InstanceFacts;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -106,26 +106,13 @@ pub fn read(state_dir: &Path) -> Result<Option<Member>> {
 
 /// Writes the record atomically (root-only; it holds no secret, but nobody else needs it).
 pub fn write(state_dir: &Path, m: &Member) -> Result<()> {
-    let body = serde_json::to_vec_pretty(m).map_err(|e| Error::Internal(e.to_string()))?;
-    fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
-    fsutil::write_atomic(&FileSpec {
-        path: &path(state_dir),
-        contents: &body,
-        mode: 0o600,
-        owner: Owner::default(),
-    })?;
-    Ok(())
+    fsutil::write_record(state_dir, FILE, m).map(|_| ())
 }
 
 /// Removes the record: the node's raft data is gone or moved aside (`rejoin`), so it must
 /// boot as a new node again.
 pub fn forget(state_dir: &Path) -> Result<()> {
-    let p = path(state_dir);
-    match std::fs::remove_file(&p) {
-        Ok(()) => fsutil::sync_dir(state_dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::write(&p, format!("remove: {e}"))),
-    }
+    fsutil::remove_durable(&path(state_dir))
 }
 
 /// The record, when this instance may start its server from disk: written by this instance

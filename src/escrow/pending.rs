@@ -15,7 +15,7 @@
 use super::{InitSecrets, Layout};
 use crate::aws::kms::{Context, Kms};
 use crate::error::{Error, Result};
-use crate::fsutil::{self, FileSpec, Owner};
+use crate::fsutil;
 use crate::secret::Secret;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -166,15 +166,7 @@ impl Sealer {
 }
 
 fn store(state_dir: &Path, file: &PendingFile) -> Result<()> {
-    let text = serde_json::to_vec_pretty(file).map_err(|e| Error::Internal(e.to_string()))?;
-    fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
-    fsutil::write_atomic(&FileSpec {
-        path: &path(state_dir),
-        contents: &text,
-        mode: 0o600,
-        owner: Owner::default(),
-    })?;
-    Ok(())
+    fsutil::write_record(state_dir, FILE, file).map(|_| ())
 }
 
 /// Records the escrow items' ciphertexts in the pending file, before any is uploaded.
@@ -288,15 +280,9 @@ pub async fn read<K: Kms>(
     )))
 }
 
-/// Removes the pending file (only after a verified escrow) and makes the removal durable.
+/// Removes the pending file (only once post-init is done) and makes the removal durable.
 pub fn remove(state_dir: &Path) -> Result<()> {
-    let p = path(state_dir);
-    match std::fs::remove_file(&p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::write(&p, format!("remove: {e}"))),
-    }
-    crate::fsutil::sync_dir(state_dir)
+    fsutil::remove_durable(&path(state_dir))
 }
 
 #[cfg(test)]

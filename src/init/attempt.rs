@@ -17,7 +17,7 @@ use crate::aws::s3::ObjectStore;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::escrow::{self, pending, Layout};
-use crate::fsutil::{self, FileSpec, Owner};
+use crate::fsutil;
 use crate::retry;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -39,36 +39,23 @@ pub struct Attempt {
 
 /// Records the attempt; an error here means no `sys/init` call may follow.
 pub fn begin(state_dir: &Path, instance_id: &str, cluster: &str) -> Result<()> {
-    let body = serde_json::to_vec_pretty(&Attempt {
-        instance_id: instance_id.to_owned(),
-        cluster: cluster.to_owned(),
-        started_unix: crate::clock::now_unix(),
-    })
-    .map_err(|e| Error::Internal(e.to_string()))?;
-    fsutil::ensure_dir(state_dir, 0o700, Owner::default())?;
     if escrow::fault_point("attempt-write") {
         return Err(Error::write(
             path(state_dir),
             "injected failure (VAULT_BOOTSTRAP_FAIL_AT)",
         ));
     }
-    fsutil::write_atomic(&FileSpec {
-        path: &path(state_dir),
-        contents: &body,
-        mode: 0o600,
-        owner: Owner::default(),
-    })?;
-    Ok(())
+    let attempt = Attempt {
+        instance_id: instance_id.to_owned(),
+        cluster: cluster.to_owned(),
+        started_unix: crate::clock::now_unix(),
+    };
+    fsutil::write_record(state_dir, FILE, &attempt).map(|_| ())
 }
 
 /// Removes the attempt once its answer is durable elsewhere (pending file or escrow).
 pub fn end(state_dir: &Path) -> Result<()> {
-    let p = path(state_dir);
-    match std::fs::remove_file(&p) {
-        Ok(()) => fsutil::sync_dir(state_dir),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::write(&p, format!("remove: {e}"))),
-    }
+    fsutil::remove_durable(&path(state_dir))
 }
 
 pub fn read(state_dir: &Path) -> Result<Option<Attempt>> {

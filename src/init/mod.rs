@@ -753,24 +753,11 @@ pub async fn wait_unsealed(local: &VaultClient, bound: Duration) -> Result<Healt
 
 /// Waits until this node reports its cluster id (it is unsealed).
 async fn wait_cluster_id(local: &VaultClient, bound: Duration) -> Result<String> {
-    let start = Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-    loop {
-        if let Some(id) = local.cluster_id().await {
-            return Ok(id);
-        }
-        let delay = backoff.next_delay();
-        if start.elapsed() + delay > bound {
-            return Err(Error::Init {
-                message: format!(
-                    "this node reported no cluster_id in sys/health within {} s: it is not unsealed; the init response stays in the pending file",
-                    bound.as_secs()
-                ),
-                retriable: true,
-            });
-        }
-        tokio::time::sleep(delay).await;
-    }
+    wait_unsealed(local, bound).await?;
+    local.cluster_id().await.ok_or_else(|| Error::Init {
+        message: "this node is unsealed but its sys/health reports no cluster_id; the init response stays in the pending file".into(),
+        retriable: true,
+    })
 }
 
 async fn wait_active(local: &VaultClient, bound: Duration) -> Result<Health> {
