@@ -80,7 +80,17 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     d: &Deps<'_, S, K, E>,
 ) -> Result<Settled> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    let layout = with_key_arn(Layout::new(cfg, me.cluster), d.kms, aws).await;
+    // Only a node that may write under the escrow prefix (take the lock, init, resume) needs
+    // the key's ARN; a member's boot writes nothing there and skips the KMS call.
+    let member = matches!(
+        d.local.health().await,
+        Ok(Health::Active | Health::Standby | Health::PerfStandby)
+    );
+    let layout = if member && !has_pending(&cfg.agent.state_dir) {
+        Layout::new(cfg, me.cluster)
+    } else {
+        with_key_arn(Layout::new(cfg, me.cluster), d.kms, aws).await
+    };
     let (outcome, finished) = init_or_join(cfg, me, d, &layout).await?;
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
     let post_init_done = match outcome {
