@@ -46,6 +46,17 @@ signed it (``key=ASIA...``, from the Authorization header; never the secret or t
 signature) and, for KMS requests, the EncryptionContext of the JSON body
 (``ctx={"vault-bootstrap:class":"recovery",...}``, compact and last on the line; never the
 plaintext or ciphertext), so a test can count who decrypted what.
+
+``--lifecycle-state FILE``: Auto Scaling's ``CompleteLifecycleAction`` and
+``RecordLifecycleActionHeartbeat`` (moto has neither) are answered here from that state file
+by lifecycle.py (its docstring has the states and the file format) and never forwarded;
+their log lines read ``svc=AutoScaling op=CompleteLifecycleAction emulated instance=i-...
+state=...`` (or ``error=ValidationError (...)``).  Rules apply to them first, as to every
+request: Auto Scaling query requests (Action in the form body, as the SDKs send them) are
+matched against ``/#<Action>`` like EC2's (e.g.
+``POST /#CompleteLifecycleAction status 503 ServiceUnavailable``), and an injected status
+gets Auto Scaling's XML error body.  Signatures are not checked.  Without the option these
+two calls are forwarded to moto like everything else.
 """
 
 from __future__ import annotations
@@ -64,6 +75,9 @@ import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lifecycle  # noqa: E402 - beside this file
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -147,15 +161,26 @@ def load_rules(path: Path | None) -> list[Rule]:
     return rules
 
 
+AUTOSCALING_VERSION = "2011-01-01"
+
+
+def query_form(target: str, body: bytes) -> dict[str, str]:
+    """A query-protocol request's parameters (form body, else query string), first values."""
+    query = target.partition("?")[2]
+    text = body.decode("utf-8", "replace") if b"Action=" in body else query
+    return {k: v[0] for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
+
+
 def classify(method: str, target: str, amz_target: str | None, body: bytes) -> tuple[str, str]:
     """(service, operation) of one AWS request, as far as the wire shows it."""
     if amz_target:  # awsJson: KMS is TrentService.<Op>
         prefix, _, op = amz_target.partition(".")
         return ("KMS" if prefix == "TrentService" else prefix), op or amz_target
     path, _, query = target.partition("?")
-    if path == "/" and (b"Action=" in body or "Action=" in query):  # EC2 query protocol
-        form = urllib.parse.parse_qs(body.decode("utf-8", "replace") or query)
-        return "EC2", (form.get("Action") or ["?"])[0]
+    if path == "/" and (b"Action=" in body or "Action=" in query):  # EC2 (and other) query protocol
+        form = query_form(target, body)
+        svc = "AutoScaling" if form.get("Version") == AUTOSCALING_VERSION else "EC2"
+        return svc, form.get("Action", "?")
     q = urllib.parse.parse_qs(query, keep_blank_values=True)
     if q.get("x-id"):  # the Rust SDK names the S3 operation itself
         return "S3", q["x-id"][0]
@@ -186,7 +211,8 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, addr, upstream: urllib.parse.SplitResult, rules: Path | None, timeout: float,
-                 keep_host: bool = False, log_auth: bool = False):
+                 keep_host: bool = False, log_auth: bool = False, lifecycle_state: Path | None = None):
+        self.lifecycle_state = lifecycle_state
         self.keep_host = keep_host
         self.log_auth = log_auth
         self.upstream = upstream
@@ -277,6 +303,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return "application/x-amz-json-1.1", json.dumps(
                 {"__type": code, "message": message}).encode()
         query = urllib.parse.urlsplit(self.path).query
+        if f"Version={AUTOSCALING_VERSION}".encode() in body or f"Version={AUTOSCALING_VERSION}" in query:
+            return "text/xml", lifecycle.error_xml(code, message, "fault",
+                                                   "Receiver" if code.startswith(("Service", "Internal")) else "Sender")
         if b"Version=2016-11-15" in body or "Version=2016-11-15" in query:  # EC2 query protocol
             return "text/xml;charset=UTF-8", (
                 '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
@@ -355,6 +384,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             conn.close()
 
+    def _answer(self, target: str, body: bytes) -> tuple[int, str]:
+        """Forwards the request, or answers it from the lifecycle emulation: (status, log note)."""
+        if self.server.lifecycle_state is not None and not self.headers.get("X-Amz-Target") \
+                and target.partition("?")[0] == "/":
+            form = query_form(target, body)
+            if form.get("Version") == AUTOSCALING_VERSION and form.get("Action") in lifecycle.OPERATIONS:
+                try:
+                    status, payload, note = lifecycle.handle(self.server.lifecycle_state, form)
+                except Exception as e:  # noqa: BLE001 - a bug or an unreadable file: say so, as a 500
+                    log(f"lifecycle emulation failed: {e!r}")
+                    status, note = 500, f"error=InternalFailure ({e!r})"
+                    payload = lifecycle.error_xml("InternalFailure", f"faultproxy: {e!r}", "fault", "Receiver")
+                rid = re.search(rb"<RequestId>([^<]*)</RequestId>", payload)
+                self._respond(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(payload))),
+                                       ("x-amzn-RequestId", rid.group(1).decode() if rid else "fault")], payload)
+                return status, f" emulated {note}"
+        return self._forward(target, body), ""
+
     def _auth_note(self, svc: str, body: bytes) -> str:
         """With --log-auth: ` key=<access key id>` and, for KMS, ` ctx=<EncryptionContext>`."""
         if not self.server.log_auth:
@@ -389,17 +436,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             match_on = f"{target}#{classify(self.command, target, None, body)[1]}"
         rule = match_rule(load_rules(self.server.rules_path), self.command, match_on)
         if rule is None:
-            status = self._forward(target, body)
+            status, note = self._answer(target, body)
             svc, op = classify(self.command, target, amz_target, body)
-            log(f"{self.command} {target} -> {status} svc={svc} op={op}{self._auth_note(svc, body)}")
+            log(f"{self.command} {target} -> {status} svc={svc} op={op}{note}{self._auth_note(svc, body)}")
         elif rule.action == "status":
             self._inject_status(rule, body)
             log(f"{self.command} {target} -> {rule.args[0]} (injected by rule {rule.text!r})")
         elif rule.action == "delay":
             secs = float(rule.args[0])
             time.sleep(secs)
-            status = self._forward(target, body)
-            log(f"{self.command} {target} -> {status} (delayed {secs}s by rule {rule.text!r})")
+            status, note = self._answer(target, body)
+            log(f"{self.command} {target} -> {status}{note} (delayed {secs}s by rule {rule.text!r})")
         else:  # drop
             self._drop()
             log(f"{self.command} {target} -> dropped (rule {rule.text!r})")
@@ -431,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="forward the client's Host header unchanged (SigV4 checked upstream)")
     p.add_argument("--log-auth", action="store_true",
                    help="log the signing access key id, and each KMS request's EncryptionContext")
+    p.add_argument("--lifecycle-state", type=Path, default=None, metavar="FILE",
+                   help="answer CompleteLifecycleAction and RecordLifecycleActionHeartbeat from this "
+                        "lifecycle.py state file instead of forwarding them")
     args = p.parse_args(argv)
 
     up = urllib.parse.urlsplit(args.upstream)
@@ -444,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = ProxyServer(args.listen, up, args.rules, args.upstream_timeout,
-                             args.keep_host, args.log_auth)
+                             args.keep_host, args.log_auth, args.lifecycle_state)
     except OSError as e:
         log(f"cannot bind {args.listen[0]}:{args.listen[1]}: {e}")
         return 1
