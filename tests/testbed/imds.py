@@ -35,6 +35,13 @@ address, or with ``--by-source`` the request's source address; absent = healthy)
   lifecycle <value>       target-lifecycle-state answers <value> (e.g. Warmed:Running)
   get500 <path-substring> GETs whose path contains the substring answer 500
 
+``autoscaling/target-lifecycle-state`` answers, in this order: the ``lifecycle`` directive
+above; else, with ``--lifecycle-state FILE`` (lifecycle.py's emulation of ASG lifecycle
+hooks, which faultproxy.py also serves), the instance's target state in that file:
+``InService`` while it is Pending:Wait or InService, ``Terminated`` from Terminating:Wait on
+(AWS reports the *target* state); else, for an instance the file does not know, ``Terminated``
+when EC2 says shutting-down/terminated, ``InService`` otherwise.
+
 Role credentials: ``iam/security-credentials/vault-node`` serves the dummy keys
 ``testing`` unless ``--credentials FILE`` is given: a JSON object {listen-ip: {AccessKeyId,
 SecretAccessKey, Token, Expiration}} (``seed.py iam`` writes one, each instance's session of
@@ -67,6 +74,9 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lifecycle  # noqa: E402 - beside this file
 
 ROLE_NAME = "vault-node"
 ACCOUNT_ID = "123456789012"
@@ -210,7 +220,9 @@ class ImdsServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, ip: str, port: int, source: InstanceSource, control_dir: Path | None,
-                 credentials: Path | None = None, by_source: bool = False):
+                 credentials: Path | None = None, by_source: bool = False,
+                 lifecycle_state: Path | None = None):
+        self.lifecycle_state = lifecycle_state
         self.listen_ip = ip
         # True: the instance is the request's source address, not the listener's.
         self.by_source = by_source
@@ -411,6 +423,8 @@ class ImdsHandler(BaseHTTPRequestHandler):
 
         if rel == "meta-data/autoscaling/target-lifecycle-state":
             state = faults.lifecycle
+            if state is None and self.server.lifecycle_state is not None:
+                state = lifecycle.target_lifecycle_state(self.server.lifecycle_state, iid)
             if state is None:
                 state = "Terminated" if inst["State"]["Name"] in ("shutting-down", "terminated") else "InService"
             return self._send(200, state)
@@ -523,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                         "credentials each instance gets (default: the dummy keys `testing`)")
     p.add_argument("--moto-keys", type=Path, default=None,
                    help="JSON {AccessKeyId, SecretAccessKey} for this service's own moto calls")
+    p.add_argument("--lifecycle-state", type=Path, default=None, metavar="FILE",
+                   help="lifecycle.py state file: target-lifecycle-state follows it for the "
+                        "instances it knows")
     args = p.parse_args(argv)
 
     keys = ("testing", "testing")
@@ -534,10 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.by_source:
             servers.append(ImdsServer(args.by_source, args.port, source, args.control_dir,
-                                      args.credentials, by_source=True))
+                                      args.credentials, by_source=True,
+                                      lifecycle_state=args.lifecycle_state))
         else:
             for ip in dict.fromkeys(args.listen):
-                servers.append(ImdsServer(ip, args.port, source, args.control_dir, args.credentials))
+                servers.append(ImdsServer(ip, args.port, source, args.control_dir, args.credentials,
+                                          lifecycle_state=args.lifecycle_state))
     except OSError as e:
         log(f"cannot bind: {e}")
         for s in servers:
