@@ -9,24 +9,23 @@
 //! operator's own token: the AppRole cannot restore, by design.
 //!
 //! Scope: the role is bound to the cluster's addresses (`secret_id_bound_cidrs` and
-//! `token_bound_cidrs`, see [`bound_cidrs`]), so a secret_id or token copied off the cluster
+//! `token_bound_cidrs`, see [`crate::approle::bound_cidrs`]), so a secret_id or token copied off the cluster
 //! is refused elsewhere; and its tokens are short, so a copied token does not last.
 //!
 //! Names: `s3://<bucket>/<prefix>/<cluster>/<cluster>-<yyyymmddThhmmssZ>.snap` (UTC), so the
 //! names of one cluster sort by time; only names of exactly this form are ever pruned.
 
+use crate::approle;
 use crate::aws::kms::Kms;
 use crate::aws::s3::{ObjectStore, PutOutcome, SdkS3};
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
-use crate::escrow::{self, Layout};
+use crate::escrow::Layout;
 use crate::retry;
 use crate::secret::Secret;
 use crate::vault_api::{Health, VaultClient};
 use aws_lc_rs::digest;
-use reqwest::Method;
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -50,70 +49,16 @@ pub const TOKEN_TTL: &str = "10m";
 pub const META_SHA256: &str = "sha256";
 pub const META_SIZE: &str = "size";
 
-/// The escrowed AppRole credentials.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct AppRole {
-    role_id: String,
-    secret_id: String,
-}
+/// The snapshot node credential (see [`crate::approle`]).
+pub const ROLE: approle::Role = approle::Role {
+    name: NAME,
+    policy_hcl: POLICY_HCL,
+    item: Layout::SNAPSHOT_APPROLE_ITEM,
+    token_ttl: TOKEN_TTL,
+};
 
-impl Drop for AppRole {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.secret_id);
-    }
-}
-
-fn init_err(call: &str, status: u16, body: &serde_json::Value) -> Error {
-    Error::Init {
-        message: format!(
-            "snapshot credentials: {call} answered HTTP {status}: {}",
-            body["errors"]
-        ),
-        retriable: false,
-    }
-}
-
-/// The CIDR blocks the snapshot AppRole is bound to: `snapshot.bound_cidrs` when set, else
-/// every node's own address (`/32`, or `/128` for IPv6), sorted. The agent cannot learn the
-/// VPC's CIDR (that would need `ec2:DescribeVpcs`, a grant the node role does without), so
-/// the default is the addresses known now; an instance that joins later with a new address
-/// is outside it until an operator widens the role (docs/operations.md "Snapshots").
-pub fn bound_cidrs(configured: &[String], nodes: impl IntoIterator<Item = IpAddr>) -> Vec<String> {
-    if !configured.is_empty() {
-        return configured.to_vec();
-    }
-    let mut v: Vec<String> = nodes
-        .into_iter()
-        .map(|ip| match ip {
-            IpAddr::V4(_) => format!("{ip}/32"),
-            IpAddr::V6(_) => format!("{ip}/128"),
-        })
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
-/// The body that writes the snapshot AppRole: its policy, its bound addresses, short
-/// tokens, and a secret_id that lives until an operator destroys it.
-pub fn role_body(cidrs: &[String]) -> serde_json::Value {
-    serde_json::json!({
-        "token_policies": [NAME],
-        "token_ttl": TOKEN_TTL,
-        "token_max_ttl": TOKEN_TTL,
-        // Login only from the cluster's addresses, and its tokens work only from there.
-        "secret_id_bound_cidrs": cidrs,
-        "token_bound_cidrs": cidrs,
-        // The secret_id lives in the escrow until an operator destroys it.
-        "secret_id_ttl": 0,
-        "secret_id_num_uses": 0,
-    })
-}
-
-/// Creates the snapshot policy and AppRole with the root token and escrows the AppRole's
-/// credentials (once). Idempotent: policy and role are rewritten as they are (with the
-/// addresses of `local` and `peers` now, unless `snapshot.bound_cidrs` names them); when
-/// the item is already escrowed no new secret_id is made.
+/// Creates the snapshot policy and AppRole with the root token and escrows its credentials
+/// (once), bound to `snapshot.bound_cidrs`, or else to the addresses of `local` and `peers`.
 pub async fn provision<S: ObjectStore, K: Kms>(
     cfg: &Config,
     local: &VaultClient,
@@ -123,101 +68,12 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     kms: &K,
     layout: &Layout,
 ) -> Result<()> {
-    let cidrs = bound_cidrs(
+    let cidrs = approle::bound_cidrs(
         &cfg.snapshot.bound_cidrs,
         std::iter::once(local.ip()).chain(peers.iter().map(VaultClient::ip)),
     );
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    let call = |method: Method, path: String, body: Option<serde_json::Value>| async move {
-        let (status, resp) = local.call(method.clone(), &path, Some(root), body).await?;
-        Ok::<_, Error>((status, resp, format!("{method} {path}")))
-    };
-    let (s, b, c) = call(
-        Method::PUT,
-        format!("sys/policies/acl/{NAME}"),
-        Some(serde_json::json!({ "policy": POLICY_HCL })),
-    )
-    .await?;
-    if !(200..300).contains(&s) {
-        return Err(init_err(&c, s, &b));
-    }
-    let (s, b, c) = call(
-        Method::POST,
-        "sys/auth/approle".into(),
-        Some(serde_json::json!({ "type": "approle" })),
-    )
-    .await?;
-    let mounted =
-        (200..300).contains(&s) || (s == 400 && b["errors"].to_string().contains("already in use"));
-    if !mounted {
-        return Err(init_err(&c, s, &b));
-    }
-    let (s, b, c) = call(
-        Method::POST,
-        format!("auth/approle/role/{NAME}"),
-        Some(role_body(&cidrs)),
-    )
-    .await?;
-    if !(200..300).contains(&s) {
-        return Err(init_err(&c, s, &b));
-    }
-    tracing::info!(role = NAME, bound_cidrs = ?cidrs, token_ttl = TOKEN_TTL, "snapshot AppRole bound to the cluster's addresses");
-
-    let key = layout.object(Layout::SNAPSHOT_APPROLE_ITEM);
-    let existing = retry::retry("read the snapshot AppRole item", aws, || {
-        s3.get_opt(&layout.bucket, &key)
-    })
-    .await?;
-    if existing.is_some() {
-        tracing::info!(item = %layout.url(&key), "snapshot AppRole already escrowed");
-        return Ok(());
-    }
-    let (s, b, c) = call(
-        Method::GET,
-        format!("auth/approle/role/{NAME}/role-id"),
-        None,
-    )
-    .await?;
-    let role_id = b["data"]["role_id"].as_str().map(str::to_owned);
-    let Some(role_id) = role_id.filter(|_| s == 200) else {
-        return Err(init_err(&c, s, &b));
-    };
-    let (s, b, c) = call(
-        Method::POST,
-        format!("auth/approle/role/{NAME}/secret-id"),
-        None,
-    )
-    .await?;
-    let (Some(secret_id), Some(accessor)) = (
-        b["data"]["secret_id"].as_str().map(Secret::new),
-        b["data"]["secret_id_accessor"].as_str().map(str::to_owned),
-    ) else {
-        return Err(init_err(&c, s, &b));
-    };
-    let item = Secret::new(
-        serde_json::to_string(&AppRole {
-            role_id,
-            secret_id: secret_id.expose().to_owned(),
-        })
-        .map_err(|e| Error::Internal(e.to_string()))?,
-    );
-    let (put, ct) =
-        escrow::put_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, &item, aws).await?;
-    if put == PutOutcome::Exists {
-        // Another run escrowed its own secret_id meanwhile: ours must not stay valid unseen.
-        let _ = call(
-            Method::POST,
-            format!("auth/approle/role/{NAME}/secret-id-accessor/destroy"),
-            Some(serde_json::json!({ "secret_id_accessor": accessor })),
-        )
-        .await;
-        return Ok(());
-    }
-    // Read back as the other escrow items are: the bytes and S3's checksum. Nodes may
-    // decrypt this class, but the comparison needs no key at all.
-    escrow::check_stored(s3, layout, Layout::SNAPSHOT_APPROLE_ITEM, &ct, aws).await?;
-    tracing::info!(item = %layout.url(&key), role = NAME, "snapshot AppRole created and its credentials escrowed");
-    Ok(())
+    approle::provision(&ROLE, &cidrs, local, root, s3, kms, layout, aws).await
 }
 
 /// `<prefix>/<cluster>/`: where one cluster's snapshots live.
@@ -320,42 +176,34 @@ pub async fn login<S: ObjectStore, K: Kms>(
     layout: &Layout,
     aws: Duration,
 ) -> Result<Secret> {
-    let item = escrow::decrypt_item(s3, kms, layout, Layout::SNAPSHOT_APPROLE_ITEM, aws)
+    let url = layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM));
+    approle::login(&ROLE, active, s3, kms, layout, aws)
         .await
-        .map_err(|e| Error::Snapshot {
-            message: format!(
-                "cannot read the snapshot credentials {} ({e}); they are written by the node that initialized the cluster (docs/operations.md \"Snapshots\")",
-                layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
-            ),
-            exit: e.exit_code(),
-        })?;
-    let creds: AppRole = serde_json::from_str(item.expose()).map_err(|_| Error::Snapshot {
-        message: format!(
-            "{} is not a role_id/secret_id document",
-            layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM))
-        ),
-        exit: exit::DATAERR,
-    })?;
-    let body = serde_json::json!({ "role_id": creds.role_id, "secret_id": creds.secret_id });
-    let (status, resp) = active
-        .call(Method::POST, "auth/approle/login", None, Some(body))
-        .await?;
-    match resp["auth"]["client_token"].as_str() {
-        Some(t) if status == 200 => Ok(Secret::new(t)),
-        _ => {
-            let from = active
-                .source()
-                .map_or_else(|| "this node".to_string(), |ip| ip.to_string());
-            Err(Error::Snapshot {
+        .map_err(|e| match e {
+            approle::LoginError::Item(e) => Error::Snapshot {
                 message: format!(
-                    "AppRole login as {NAME} from {from} at {} refused (HTTP {status}: {}). Either {from} is outside the role's bound addresses (an instance that joined after init: an operator widens secret_id_bound_cidrs and token_bound_cidrs of auth/approle/role/{NAME} to the VPC's CIDR; snapshot.bound_cidrs does that for a new cluster), or its secret_id was destroyed (docs/operations.md \"Snapshots\")",
-                    active.base(),
-                    resp["errors"]
+                    "cannot read the snapshot credentials {url} ({e}); they are written by the node that initialized the cluster (docs/operations.md \"Snapshots\")"
                 ),
-                exit: exit::NOPERM,
-            })
-        }
-    }
+                exit: e.exit_code(),
+            },
+            approle::LoginError::NotCredentials => Error::Snapshot {
+                message: format!("{url} is not a role_id/secret_id document"),
+                exit: exit::DATAERR,
+            },
+            approle::LoginError::Api(e) => e,
+            approle::LoginError::Refused { status, errors } => {
+                let from = active
+                    .source()
+                    .map_or_else(|| "this node".to_string(), |ip| ip.to_string());
+                Error::Snapshot {
+                    message: format!(
+                        "AppRole login as {NAME} from {from} at {} refused (HTTP {status}: {errors}). Either {from} is outside the role's bound addresses (an instance that joined after init: an operator widens secret_id_bound_cidrs and token_bound_cidrs of auth/approle/role/{NAME} to the VPC's CIDR; snapshot.bound_cidrs does that for a new cluster), or its secret_id was destroyed (docs/operations.md \"Snapshots\")",
+                        active.base(),
+                    ),
+                    exit: exit::NOPERM,
+                }
+            }
+        })
 }
 
 /// What one `snapshot` run stored.
@@ -654,26 +502,6 @@ mod tests {
         let other = object_key("snaps", "prod-2", 1_700_000_000);
         assert!(!is_ours("b", "snaps", "prod", "b", &other), "{other}");
         assert!(!is_ours("b", "snaps", "prod", "b", "elsewhere/prod/x.snap"));
-    }
-
-    #[test]
-    fn the_role_is_bound_to_the_cluster_and_short_lived() {
-        let ips: Vec<IpAddr> = ["10.0.1.7", "10.0.0.5", "10.0.1.7", "fd00::1"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        // Default: each node's own address, once, sorted.
-        let cidrs = bound_cidrs(&[], ips.clone());
-        assert_eq!(cidrs, ["10.0.0.5/32", "10.0.1.7/32", "fd00::1/128"]);
-        // Configured: exactly what the config says, whatever the nodes are.
-        let vpc = vec!["10.0.0.0/16".to_string()];
-        assert_eq!(bound_cidrs(&vpc, ips), vpc);
-        let body = role_body(&cidrs);
-        assert_eq!(body["secret_id_bound_cidrs"], serde_json::json!(cidrs));
-        assert_eq!(body["token_bound_cidrs"], serde_json::json!(cidrs));
-        assert_eq!(body["token_ttl"], "10m");
-        assert_eq!(body["token_max_ttl"], "10m");
-        assert_eq!(body["token_policies"], serde_json::json!([NAME]));
     }
 
     /// Exactly two paths, each `read` only: what a snapshot needs and nothing more.

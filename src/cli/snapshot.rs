@@ -8,49 +8,18 @@ use crate::aws::s3::SdkS3;
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
-use crate::imds::InstanceFacts;
 use crate::secret::Secret;
 use crate::vault_api::VaultClient;
-use crate::{node, snapshot, tls};
+use crate::{api_clients, node, snapshot};
 use std::io::Write;
-use std::net::IpAddr;
 use std::time::Duration;
 
 /// The cluster CA `boot` wrote: the only trust anchor for the API calls.
 fn cluster_ca(cfg: &Config) -> Result<Vec<u8>> {
-    let ca_path = tls::paths(&cfg.vault.tls_dir).2;
-    std::fs::read(&ca_path).map_err(|e| Error::Snapshot {
-        message: format!(
-            "cannot read the cluster CA {} ({e}); `boot` writes it: run on a cluster node",
-            ca_path.display()
-        ),
+    api_clients::cluster_ca(cfg).map_err(|e| Error::Snapshot {
+        message: e.to_string(),
         exit: exit::NOINPUT,
     })
-}
-
-/// The API client of the node at `ip`, connecting from this instance's own address: the
-/// snapshot AppRole and its tokens work only from the cluster's addresses
-/// (`snapshot::bound_cidrs`), and without a pinned source the kernel picks one by route
-/// (127.0.0.1 towards a loopback address, maybe another interface's on a multi-homed host).
-fn client(cfg: &Config, ca: &[u8], ip: IpAddr, me: IpAddr) -> Result<VaultClient> {
-    VaultClient::from_source(
-        ca,
-        ip,
-        cfg.vault.api_port,
-        cfg.tls.server_name.as_deref(),
-        me,
-    )
-}
-
-/// This node's own client: at the address its server listens on (as `boot` reaches it).
-fn local_client(cfg: &Config, facts: &InstanceFacts, ca: &[u8]) -> Result<VaultClient> {
-    let bind = crate::render::bind_ip(cfg, facts);
-    let ip = if bind.is_unspecified() {
-        facts.local_ipv4
-    } else {
-        bind
-    };
-    client(cfg, ca, ip, facts.local_ipv4)
 }
 
 /// This node first, then its peers as EC2 lists them now: the clients
@@ -65,7 +34,7 @@ async fn nodes(
     let n = node::current(cfg, id).await?;
     let mut clients = vec![local];
     for p in n.peers.iter().filter(|p| !p.is_self) {
-        clients.push(client(cfg, ca, p.ip, me)?);
+        clients.push(api_clients::client(cfg, ca, p.ip, me)?);
     }
     Ok((n, clients))
 }
@@ -74,7 +43,7 @@ async fn nodes(
 pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     let id = node::identity(cfg).await?;
     let ca = cluster_ca(cfg)?;
-    let local = local_client(cfg, &id.facts, &ca)?;
+    let local = api_clients::local(cfg, &id.facts, &ca)?;
     // The hourly timer runs on every node: a standby stops here, before any EC2 call.
     if only_if_active && !matches!(local.health().await, Ok(crate::vault_api::Health::Active)) {
         tracing::info!(
@@ -167,7 +136,7 @@ pub async fn restore(cfg: &Config, from: &str, how: Restore) -> Result<i32> {
         );
     }
     let ca = cluster_ca(cfg)?;
-    let local = local_client(cfg, &id.facts, &ca)?;
+    let local = api_clients::local(cfg, &id.facts, &ca)?;
     let (n, clients) = nodes(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let size = snapshot::restore(
