@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_PATH: &str = "/etc/vault-bootstrap/config.toml";
 
+/// The tag AWS puts on every instance of an Auto Scaling group: its name.
+pub const ASG_TAG: &str = "aws:autoscaling:groupName";
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -29,6 +32,72 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+}
+
+/// ASG lifecycle hooks, graceful leave and evidence-based reaping (`vault-bootstrap watch`,
+/// docs/operations.md "Rolling upgrades"). Without hooks named, `boot` and `watch` complete
+/// none; reaping works with or without them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// The group's launch hook (`autoscaling:EC2_INSTANCE_LAUNCHING`): `boot` completes it
+    /// with CONTINUE once this node is a healthy voter, ABANDON past `launch_timeout_secs`.
+    pub launch_hook: Option<String>,
+    /// The group's terminate hook (`autoscaling:EC2_INSTANCE_TERMINATING`): `watch` leaves
+    /// the cluster gracefully, then completes it.
+    pub terminate_hook: Option<String>,
+    /// The Auto Scaling group. Default: this instance's value of `cluster.tag_key` when that
+    /// is `aws:autoscaling:groupName` (the tag AWS puts on the group's instances).
+    pub group: Option<String>,
+    /// RecordLifecycleActionHeartbeat interval while a hook waits on this node; keep it well
+    /// under the hook's HeartbeatTimeout.
+    pub heartbeat_secs: u64,
+    /// Bound on a new node becoming a healthy voter before its launch hook is ABANDONed
+    /// (the group then replaces the instance and an instance refresh stops).
+    pub launch_timeout_secs: u64,
+    /// Bound on a graceful leave waiting until its removal keeps quorum; past it the node
+    /// stops its server without removing itself (reaping removes it once EC2 reports it
+    /// terminated) and completes the hook.
+    pub leave_timeout_secs: u64,
+    /// How often `watch` reaps raft peers whose instances EC2 reports terminated or absent.
+    pub watch_interval_secs: u64,
+    /// Whether `watch` (and `boot`) reap such peers at all; autopilot's
+    /// `dead_server_last_contact_threshold` stays the backstop either way.
+    pub reap: bool,
+    /// CIDR blocks the lifecycle AppRole may log in from and use tokens from. Default:
+    /// `snapshot.bound_cidrs`, else the addresses known at init. A rolling upgrade brings
+    /// new addresses: production names the group's subnets here.
+    pub bound_cidrs: Vec<String>,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            launch_hook: None,
+            terminate_hook: None,
+            group: None,
+            // AWS's default HeartbeatTimeout is 3600 s; a minute keeps far from any sane one.
+            heartbeat_secs: 60,
+            // A join, stabilization (autopilot's 10 s) and promotion take well under a
+            // minute; fifteen cover a slow snapshot install on a large store.
+            launch_timeout_secs: 900,
+            // An hour: one replacement's launch and its promotion fit many times over.
+            leave_timeout_secs: 3600,
+            // Reaping within half a minute of the evidence, at one DescribeInstances a node.
+            watch_interval_secs: 30,
+            reap: true,
+            bound_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl LifecycleConfig {
+    /// Whether any hook is configured.
+    pub fn hooks(&self) -> bool {
+        self.launch_hook.is_some() || self.terminate_hook.is_some()
+    }
 }
 
 /// Raft snapshots to S3 (`vault-bootstrap snapshot`, run by its timer; the interval is the
@@ -487,6 +556,19 @@ impl Config {
             ("agent.imds_timeout_secs", self.agent.imds_timeout_secs),
             ("agent.aws_timeout_secs", self.agent.aws_timeout_secs),
             ("snapshot.timeout_secs", self.snapshot.timeout_secs),
+            ("lifecycle.heartbeat_secs", self.lifecycle.heartbeat_secs),
+            (
+                "lifecycle.launch_timeout_secs",
+                self.lifecycle.launch_timeout_secs,
+            ),
+            (
+                "lifecycle.leave_timeout_secs",
+                self.lifecycle.leave_timeout_secs,
+            ),
+            (
+                "lifecycle.watch_interval_secs",
+                self.lifecycle.watch_interval_secs,
+            ),
         ] {
             if secs == 0 {
                 return bad(key, "must be at least 1 (seconds)".into());
@@ -558,6 +640,29 @@ impl Config {
             if let Err(why) = parse_cidr(c) {
                 return bad("snapshot.bound_cidrs", format!("{c:?} {why}"));
             }
+        }
+        for c in &self.lifecycle.bound_cidrs {
+            if let Err(why) = parse_cidr(c) {
+                return bad("lifecycle.bound_cidrs", format!("{c:?} {why}"));
+            }
+        }
+        for (key, v) in [
+            ("lifecycle.launch_hook", &self.lifecycle.launch_hook),
+            ("lifecycle.terminate_hook", &self.lifecycle.terminate_hook),
+            ("lifecycle.group", &self.lifecycle.group),
+        ] {
+            if matches!(v, Some(v) if v.trim().is_empty()) {
+                return bad(key, "must not be empty; remove the key instead".into());
+            }
+        }
+        if self.lifecycle.hooks()
+            && self.lifecycle.group.is_none()
+            && self.cluster.tag_key != ASG_TAG
+        {
+            return bad(
+                "lifecycle.group",
+                format!("must name the Auto Scaling group: cluster.tag_key is not {ASG_TAG}, so the group cannot be read from the instance's tags"),
+            );
         }
         if let Some(ep) = &self.seal.endpoint {
             if !(ep.starts_with("https://") || ep.starts_with("http://")) {

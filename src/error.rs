@@ -42,6 +42,9 @@ pub mod exit {
     /// This node's server serves another cluster than the one the escrow marker records
     /// (raft data from a second initialization): never reported ready.
     pub const FOREIGN_CLUSTER: i32 = 81;
+    /// This node did not become a healthy raft voter within `lifecycle.launch_timeout_secs`:
+    /// its launch hook was completed with ABANDON, and the group replaces the instance.
+    pub const ABANDONED: i32 = 82;
 }
 
 /// How an AWS call failed, as far as the operator's next step is concerned.
@@ -178,6 +181,11 @@ pub enum Error {
     #[error("snapshot: {message}")]
     Snapshot { message: String, exit: i32 },
 
+    /// A lifecycle step (launch hook, graceful leave, reaping) failed; `exit` is the code
+    /// of its root cause.
+    #[error("lifecycle: {message}")]
+    Lifecycle { message: String, exit: i32 },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -224,6 +232,7 @@ impl Error {
             Error::NoInput { .. } => exit::NOINPUT,
             Error::NodeBusy { .. } => exit::TEMPFAIL,
             Error::Snapshot { exit, .. } => *exit,
+            Error::Lifecycle { exit, .. } => *exit,
             Error::Internal(_) => exit::SOFTWARE,
         }
     }

@@ -4,6 +4,8 @@
 //! config -> imds -> discovery -> tls -> render -> launcher -> vault_api.
 
 pub mod access;
+pub mod api_clients;
+pub mod approle;
 pub mod aws;
 pub mod boot;
 pub mod cli;
@@ -17,6 +19,7 @@ pub mod imds;
 pub mod init;
 pub mod install;
 pub mod launcher;
+pub mod lifecycle;
 pub mod logging;
 pub mod member;
 pub mod node;

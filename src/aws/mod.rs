@@ -5,6 +5,7 @@
 //! `AWS_REGION`, instance profile via IMDS, ...); the agent only supplies the region it read
 //! from IMDS as the last fallback.
 
+pub mod autoscaling;
 pub mod ec2;
 pub mod kms;
 pub mod s3;

@@ -24,7 +24,7 @@ use crate::imds::InstanceFacts;
 use crate::launcher::{self, Running};
 use crate::node_lock::{self, NodeLock};
 use crate::vault_api::{self, Liveness, VaultClient};
-use crate::{init, member, node, render, tls};
+use crate::{init, lifecycle, member, node, render, tls};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::Instrument;
@@ -368,7 +368,22 @@ pub(crate) async fn initialize_or_join(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "node ready: unsealed cluster member"
     );
-    Ok(())
+    let ctx = lifecycle::session::Ctx {
+        cfg,
+        facts: &node.facts,
+        tag_value: &node.tag_value,
+        sdk: &node.sdk,
+        ca: ca_pem,
+    };
+    // A voter whose instance is gone only counts against quorum: the active node removes
+    // it now rather than at the watch unit's next interval (one look: terminated only).
+    if cfg.lifecycle.reap {
+        if let Err(e) = lifecycle::reap::pass(&ctx, &mut Default::default()).await {
+            tracing::warn!("reaping at boot failed ({e}); the watch unit tries again");
+        }
+    }
+    // Last: the group may count this instance InService only once it is a healthy voter.
+    lifecycle::launch::run(&ctx).await
 }
 
 pub(crate) fn report(health: &vault_api::Health, started: Instant) {

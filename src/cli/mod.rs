@@ -10,6 +10,7 @@ pub mod rejoin;
 pub mod render;
 pub mod snapshot;
 pub mod status;
+pub mod watch;
 
 use crate::config::{self, Config};
 use crate::error::Result;
@@ -70,6 +71,9 @@ pub enum Command {
     Escrow(EscrowCommand),
     /// Raft snapshot of the cluster to S3 (the hourly timer runs this); `snapshot restore`.
     Snapshot(SnapshotArgs),
+    /// Long-running (its own unit): leave the cluster gracefully when the group terminates
+    /// this instance (terminate hook), and reap raft peers whose instances are gone.
+    Watch,
     /// Image build (Packer, as root): verify and install the server, the agent, the units.
     Install(install::InstallArgs),
 }
@@ -132,6 +136,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Boot => boot::run(&cfg).await,
         Command::Render => render::run(&cfg).await,
         Command::Status => status::run(&cfg).await,
+        Command::Watch => watch::run(&cfg).await,
         Command::Doctor => doctor::run(&cfg).await,
         Command::Rejoin { dry_run } => rejoin::run(&cfg, dry_run).await,
         Command::RefreshTls => refresh_tls::run(&cfg).await,

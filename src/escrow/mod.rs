@@ -33,7 +33,7 @@ pub const CTX_INSTANCE: &str = "vault-bootstrap:instance";
 pub enum Class {
     /// Recovery shares and the root token: operators only, never a node.
     Recovery,
-    /// Credentials the nodes themselves use (the snapshot AppRole).
+    /// Credentials the nodes themselves use (the snapshot and lifecycle AppRoles).
     NodeCredential,
     /// The pending init file's data key: only the instance that wrote it.
     Pending,
@@ -75,6 +75,8 @@ impl Layout {
     pub const ROOT_ITEM: &'static str = "root-token";
     /// The snapshot AppRole's role_id and secret_id (JSON), see `crate::snapshot`.
     pub const SNAPSHOT_APPROLE_ITEM: &'static str = "snapshot-approle";
+    /// The lifecycle AppRole's role_id and secret_id (JSON), see `crate::lifecycle`.
+    pub const LIFECYCLE_APPROLE_ITEM: &'static str = "lifecycle-approle";
 
     pub fn object(&self, item: &str) -> String {
         format!("{}{item}.enc", self.prefix)
@@ -90,7 +92,7 @@ impl Layout {
     }
     /// The class of an escrow item, by its name.
     pub fn class_of(item: &str) -> Class {
-        if item == Self::SNAPSHOT_APPROLE_ITEM {
+        if item == Self::SNAPSHOT_APPROLE_ITEM || item == Self::LIFECYCLE_APPROLE_ITEM {
             Class::NodeCredential
         } else {
             Class::Recovery

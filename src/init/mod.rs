@@ -666,6 +666,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         "autopilot configured"
     );
     crate::snapshot::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
+    crate::lifecycle::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.

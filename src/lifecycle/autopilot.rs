@@ -1,0 +1,201 @@
+//! What autopilot says about the raft servers, and the quorum arithmetic the lifecycle
+//! decisions rest on. Pure: the calls that fetch the state live in [`super::session`].
+
+use std::collections::BTreeMap;
+
+/// `sys/storage/raft/autopilot/state`, the parts the agent reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    pub healthy: bool,
+    pub failure_tolerance: i64,
+    pub leader: String,
+    /// By server id (the instance id).
+    pub servers: BTreeMap<String, Server>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// `leader`, `voter`, `non-voter` (and whatever a later server adds).
+    pub status: String,
+    /// Autopilot's own verdict: alive, in contact, caught up with the leader's log, and
+    /// stable for `server_stabilization_time`.
+    pub healthy: bool,
+    /// `alive`, `left`, `failed`, ...
+    pub node_status: String,
+}
+
+impl Server {
+    pub fn is_voter(&self) -> bool {
+        self.status == "leader" || self.status == "voter"
+    }
+}
+
+impl State {
+    /// Parses the API answer (`{"data": {...}}`); `None` when it is not an autopilot state.
+    pub fn parse(body: &serde_json::Value) -> Option<State> {
+        let d = &body["data"];
+        let servers = d["servers"]
+            .as_object()?
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id.clone(),
+                    Server {
+                        status: s["status"].as_str().unwrap_or_default().to_owned(),
+                        healthy: s["healthy"].as_bool().unwrap_or(false),
+                        node_status: s["node_status"].as_str().unwrap_or_default().to_owned(),
+                    },
+                )
+            })
+            .collect();
+        Some(State {
+            healthy: d["healthy"].as_bool().unwrap_or(false),
+            failure_tolerance: d["failure_tolerance"].as_i64().unwrap_or(0),
+            leader: d["leader"].as_str().unwrap_or_default().to_owned(),
+            servers,
+        })
+    }
+
+    pub fn voters(&self) -> impl Iterator<Item = (&String, &Server)> {
+        self.servers.iter().filter(|(_, s)| s.is_voter())
+    }
+
+    /// Whether `id` is a voter autopilot calls healthy: what a launch hook waits for.
+    pub fn healthy_voter(&self, id: &str) -> bool {
+        self.servers
+            .get(id)
+            .is_some_and(|s| s.is_voter() && s.healthy)
+    }
+
+    /// Whether removing `id` leaves a configuration whose healthy voters are a quorum of it
+    /// (so the cluster stays writable, and the removal itself can commit). `Err` says why not.
+    pub fn removal_keeps_quorum(&self, id: &str) -> Result<Removal, String> {
+        let Some(target) = self.servers.get(id) else {
+            return Ok(Removal::NotAMember);
+        };
+        let remaining: Vec<_> = self.voters().filter(|(v, _)| v.as_str() != id).collect();
+        let healthy = remaining.iter().filter(|(_, s)| s.healthy).count();
+        let need = quorum(remaining.len());
+        if remaining.is_empty() {
+            return Err(format!("{id} is the only voter"));
+        }
+        if healthy < need {
+            return Err(format!(
+                "after removing {id} ({}) {} voters would remain, {healthy} of them healthy, fewer than their quorum of {need}",
+                target.status,
+                remaining.len()
+            ));
+        }
+        Ok(Removal::Safe {
+            remaining: remaining.len(),
+            healthy,
+        })
+    }
+}
+
+/// The outcome of [`State::removal_keeps_quorum`] when it allows the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Not in the configuration (already removed): nothing to do.
+    NotAMember,
+    Safe {
+        remaining: usize,
+        healthy: usize,
+    },
+}
+
+/// Raft's quorum of `voters`: a strict majority.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(servers: &[(&str, &str, bool)]) -> State {
+        let v = serde_json::json!({"data": {
+            "healthy": true, "failure_tolerance": 1, "leader": servers[0].0,
+            "servers": servers.iter().map(|(id, status, healthy)| (id.to_string(), serde_json::json!({
+                "id": id, "status": status, "healthy": healthy, "node_status": "alive"
+            }))).collect::<serde_json::Map<_, _>>()
+        }});
+        State::parse(&v).unwrap()
+    }
+
+    #[test]
+    fn parses_what_openbao_answers() {
+        // Captured from OpenBao 2.6.2 (one node).
+        let body = serde_json::json!({"data": {"failure_tolerance": 0, "healthy": true,
+            "leader": "i-one", "servers": {"i-one": {"id": "i-one", "name": "i-one",
+            "address": "127.0.99.1:8201", "node_status": "alive", "last_contact": "0s",
+            "last_term": 3, "last_index": 29, "healthy": true, "stable_since":
+            "2026-11-30T17:03:33.1386086Z", "status": "leader", "version": "2.6.2",
+            "node_type": "voter"}}, "voters": ["i-one"]}});
+        let s = State::parse(&body).unwrap();
+        assert_eq!(s.leader, "i-one");
+        assert!(s.healthy_voter("i-one"));
+        assert!(!s.healthy_voter("i-two"));
+        assert_eq!(State::parse(&serde_json::json!({"errors": []})), None);
+    }
+
+    #[test]
+    fn a_non_voter_or_an_unhealthy_voter_is_not_ready() {
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "non-voter", true),
+            ("c", "voter", false),
+        ]);
+        assert!(s.healthy_voter("a"));
+        assert!(!s.healthy_voter("b"));
+        assert!(!s.healthy_voter("c"));
+    }
+
+    #[test]
+    fn removal_needs_a_healthy_quorum_of_what_remains() {
+        // Launch before terminate: 4 healthy voters, one leaves: 3 remain, all healthy.
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("c", "voter", true),
+            ("new", "voter", true),
+        ]);
+        assert_eq!(
+            s.removal_keeps_quorum("b"),
+            Ok(Removal::Safe {
+                remaining: 3,
+                healthy: 3
+            })
+        );
+        // A dead voter's removal never lowers the healthy count: allowed while a quorum is up.
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("dead", "voter", false),
+        ]);
+        assert!(s.removal_keeps_quorum("dead").is_ok());
+        // A healthy voter leaving 2 voters of which 1 is healthy: refused, with the numbers.
+        let e = s.removal_keeps_quorum("b").unwrap_err();
+        assert!(
+            e.contains("2 voters would remain, 1 of them healthy"),
+            "{e}"
+        );
+        // The last voter never leaves; a non-member is nothing to do.
+        assert!(state(&[("a", "leader", true)])
+            .removal_keeps_quorum("a")
+            .is_err());
+        assert_eq!(s.removal_keeps_quorum("zzz"), Ok(Removal::NotAMember));
+        // A non-voter's removal counts only the voters.
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", false),
+            ("nv", "non-voter", true),
+        ]);
+        assert!(s.removal_keeps_quorum("nv").is_err());
+    }
+
+    #[test]
+    fn quorum_is_a_strict_majority() {
+        assert_eq!((1..=6).map(quorum).collect::<Vec<_>>(), [1, 2, 2, 3, 3, 4]);
+    }
+}

@@ -1,0 +1,267 @@
+//! The launch hook: `boot` lets the group put this instance InService only once it is a
+//! voter autopilot calls healthy (caught up with the leader, stable), not merely answering.
+//! An instance refresh with `MaxHealthyPercentage` above 100 then terminates an old node
+//! only after its replacement counts towards quorum, so failure tolerance never dips.
+//!
+//! While it waits it records heartbeats (`lifecycle.heartbeat_secs`), so the hook's own
+//! timeout never decides; past `lifecycle.launch_timeout_secs` it completes with ABANDON:
+//! the group terminates the instance and launches another, and an instance refresh stops.
+//!
+//! Completion is recorded in `agent.state_dir` ([`DONE_FILE`]) so that later boots of the
+//! member (from its disk) make no call for a hook that ended long ago.
+
+use super::session::{Ctx, Session};
+use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
+use crate::error::{exit, Error, Result};
+use crate::fsutil;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Written once the launch hook has ended for this instance (no secret).
+pub const DONE_FILE: &str = "launch-hook.json";
+/// How often readiness is checked: autopilot's own view changes every few seconds.
+const POLL: Duration = Duration::from_secs(2);
+
+/// How a wait for a lifecycle action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Continued,
+    Abandoned,
+    /// The group holds no action for this instance (completed before a restart, timed out
+    /// to its default result, or never was one).
+    NotWaiting,
+}
+
+/// Timing of a wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat: Duration,
+    pub bound: Duration,
+    pub poll: Duration,
+}
+
+/// Waits until `ready` says yes, heartbeating every `heartbeat`; completes CONTINUE then,
+/// or ABANDON once `bound` has passed. `ready` answers `Err(why)` while it cannot tell (the
+/// reason is logged when it changes).
+pub async fn wait_then_complete<L, F, Fut>(
+    lc: &L,
+    action: Action<'_>,
+    t: Timing,
+    mut ready: F,
+) -> Result<Ended>
+where
+    L: Lifecycle,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<bool, String>>,
+{
+    let start = Instant::now();
+    let mut last_beat = Instant::now();
+    let mut last_why = String::new();
+    loop {
+        let why = match ready().await {
+            Ok(true) => {
+                return Ok(match lc.complete(action, Outcome::Continue).await? {
+                    Completed::Done => Ended::Continued,
+                    Completed::NoAction => Ended::NotWaiting,
+                })
+            }
+            Ok(false) => "not yet a healthy voter".to_string(),
+            Err(why) => why,
+        };
+        if why != last_why {
+            tracing::info!(%action, waited_secs = start.elapsed().as_secs(), "launch hook waits: {why}");
+            last_why = why;
+        }
+        if start.elapsed() >= t.bound {
+            return Ok(match lc.complete(action, Outcome::Abandon).await? {
+                Completed::Done => Ended::Abandoned,
+                Completed::NoAction => Ended::NotWaiting,
+            });
+        }
+        if last_beat.elapsed() >= t.heartbeat {
+            match lc.heartbeat(action).await {
+                Ok(Completed::Done) => last_beat = Instant::now(),
+                Ok(Completed::NoAction) => return Ok(Ended::NotWaiting),
+                // A missed heartbeat costs nothing until the hook's own timeout: try again.
+                Err(e) => tracing::warn!(%action, "heartbeat failed ({e}); retrying"),
+            }
+        }
+        tokio::time::sleep(t.poll).await;
+    }
+}
+
+/// Completes this instance's launch hook once it is a healthy voter (see the module docs).
+/// Nothing to do without `lifecycle.launch_hook`, or when an earlier boot completed it.
+pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
+    let cfg = ctx.cfg;
+    let Some(hook) = cfg.lifecycle.launch_hook.as_deref() else {
+        return Ok(());
+    };
+    let done = cfg.agent.state_dir.join(DONE_FILE);
+    if done.exists() {
+        return Ok(());
+    }
+    let Some(group) = super::group(cfg, ctx.tag_value) else {
+        // Config validation refuses hooks without a group; keep the boot honest anyway.
+        return Err(Error::Internal("lifecycle hook without a group".into()));
+    };
+    let action = Action {
+        group,
+        hook,
+        instance_id: ctx.me(),
+    };
+    let timing = Timing {
+        heartbeat: Duration::from_secs(cfg.lifecycle.heartbeat_secs),
+        bound: Duration::from_secs(cfg.lifecycle.launch_timeout_secs),
+        poll: POLL,
+    };
+    let lc = SdkAutoscaling::new(ctx.sdk);
+    let started = Instant::now();
+    let ended = wait_then_complete(&lc, action, timing, || healthy_voter(ctx)).await?;
+    let waited_ms = started.elapsed().as_millis() as u64;
+    match ended {
+        Ended::Continued => {
+            tracing::info!(%action, result = "CONTINUE", waited_ms, "launch hook completed: this node is a healthy voter");
+        }
+        Ended::NotWaiting => {
+            tracing::info!(%action, waited_ms, "launch hook: the group holds no action for this instance (already ended)");
+        }
+        Ended::Abandoned => {
+            return Err(Error::Lifecycle {
+                message: format!(
+                    "this node did not become a healthy raft voter within {} s (lifecycle.launch_timeout_secs): {action} completed with ABANDON, the group replaces the instance and an instance refresh stops. See the log above for what it waited on",
+                    timing.bound.as_secs()
+                ),
+                exit: exit::ABANDONED,
+            });
+        }
+    }
+    let record = serde_json::json!({ "hook": hook, "group": group, "ended": format!("{ended:?}") });
+    fsutil::write_record(&cfg.agent.state_dir, DONE_FILE, &record).map(|_| ())
+}
+
+/// Whether autopilot, asked at the active node, calls this node a healthy voter.
+async fn healthy_voter(ctx: &Ctx<'_>) -> std::result::Result<bool, String> {
+    let s = Session::open(ctx).await.map_err(|e| e.to_string())?;
+    let state = s.autopilot().await;
+    s.close().await;
+    let state = state.map_err(|e| e.to_string())?;
+    if state.healthy_voter(ctx.me()) {
+        return Ok(true);
+    }
+    Err(match state.servers.get(ctx.me()) {
+        None => "autopilot does not list this node yet".into(),
+        Some(me) => format!(
+            "autopilot lists this node as {} ({})",
+            me.status,
+            if me.healthy {
+                "healthy"
+            } else {
+                "not healthy yet"
+            }
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct FakeLc {
+        completed: Mutex<Vec<Outcome>>,
+        beats: AtomicUsize,
+        gone: bool,
+    }
+
+    impl Lifecycle for FakeLc {
+        async fn complete(&self, _: Action<'_>, o: Outcome) -> Result<Completed> {
+            self.completed.lock().unwrap().push(o);
+            Ok(if self.gone {
+                Completed::NoAction
+            } else {
+                Completed::Done
+            })
+        }
+        async fn heartbeat(&self, _: Action<'_>) -> Result<Completed> {
+            self.beats.fetch_add(1, Ordering::SeqCst);
+            Ok(if self.gone {
+                Completed::NoAction
+            } else {
+                Completed::Done
+            })
+        }
+    }
+
+    const A: Action<'static> = Action {
+        group: "g",
+        hook: "h",
+        instance_id: "i-1",
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test]
+    async fn continues_once_ready_with_heartbeats_meanwhile() {
+        let lc = FakeLc::default();
+        let calls = AtomicUsize::new(0);
+        let t = Timing {
+            heartbeat: ms(20),
+            bound: Duration::from_secs(10),
+            poll: ms(10),
+        };
+        let ended = wait_then_complete(&lc, A, t, || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            if n < 8 {
+                Err("not listed".to_string())
+            } else {
+                Ok(true)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(ended, Ended::Continued);
+        assert_eq!(*lc.completed.lock().unwrap(), [Outcome::Continue]);
+        assert!(
+            lc.beats.load(Ordering::SeqCst) >= 2,
+            "heartbeats while waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn abandons_past_the_bound_and_never_continues() {
+        let lc = FakeLc::default();
+        let t = Timing {
+            heartbeat: ms(10),
+            bound: ms(60),
+            poll: ms(10),
+        };
+        let ended = wait_then_complete(&lc, A, t, || async { Ok(false) })
+            .await
+            .unwrap();
+        assert_eq!(ended, Ended::Abandoned);
+        assert_eq!(*lc.completed.lock().unwrap(), [Outcome::Abandon]);
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_ended_elsewhere_stops_the_wait() {
+        let lc = FakeLc {
+            gone: true,
+            ..FakeLc::default()
+        };
+        let t = Timing {
+            heartbeat: ms(10),
+            bound: Duration::from_secs(10),
+            poll: ms(10),
+        };
+        let ended = wait_then_complete(&lc, A, t, || async { Ok(false) })
+            .await
+            .unwrap();
+        assert_eq!(ended, Ended::NotWaiting);
+        assert!(lc.completed.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,214 @@
+//! A lifecycle session: a login with the lifecycle node credential at the cluster's active
+//! node, and the four calls it allows. Every call goes to the active node (found through
+//! this node's `sys/leader`, which standbys answer without a token), so nothing depends on a
+//! standby forwarding requests.
+
+use super::autopilot::State;
+use crate::approle::{self, LoginError};
+use crate::aws::kms::SdkKms;
+use crate::aws::s3::SdkS3;
+use crate::config::Config;
+use crate::error::{exit, Error, Result};
+use crate::escrow::Layout;
+use crate::imds::InstanceFacts;
+use crate::secret::Secret;
+use crate::vault_api::VaultClient;
+use crate::{api_clients, render};
+use reqwest::Method;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// What a lifecycle step needs to know about this node.
+pub struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub facts: &'a InstanceFacts,
+    pub tag_value: &'a str,
+    pub sdk: &'a aws_config::SdkConfig,
+    pub ca: &'a [u8],
+}
+
+impl Ctx<'_> {
+    pub fn me(&self) -> &str {
+        &self.facts.instance_id
+    }
+
+    /// This node's own API client, from this instance's address.
+    pub fn local(&self) -> Result<VaultClient> {
+        api_clients::local(self.cfg, self.facts, self.ca)
+    }
+
+    /// The active node's client, as this node's `sys/leader` names it; `None` while there
+    /// is no leader (or this node's server does not answer).
+    pub async fn leader(&self) -> Result<Option<(VaultClient, bool)>> {
+        let local = self.local()?;
+        let Ok((200, body)) = local.call(Method::GET, "sys/leader", None, None).await else {
+            return Ok(None);
+        };
+        if body["is_self"].as_bool() == Some(true) {
+            return Ok(Some((local, true)));
+        }
+        let Some(ip) = body["leader_address"].as_str().and_then(host_ip) else {
+            return Ok(None);
+        };
+        let client = api_clients::client(self.cfg, self.ca, ip, self.facts.local_ipv4)?;
+        Ok(Some((client, false)))
+    }
+}
+
+/// The IP address in an `api_addr` URL (`https://10.0.1.7:8200`, `https://[fd00::1]:8200`).
+/// The agent renders `api_addr` from the instance's address, so a name here means a
+/// cluster not rendered by it: no address.
+pub fn host_ip(url: &str) -> Option<IpAddr> {
+    let rest = url.split("://").nth(1)?;
+    let host = rest.split('/').next()?;
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split(']').next()?.parse().ok();
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h).parse().ok()
+}
+
+/// A logged-in session at the active node.
+pub struct Session {
+    pub leader: VaultClient,
+    /// Whether the active node is this node.
+    pub leader_is_me: bool,
+    token: Secret,
+}
+
+fn err(message: String, exit: i32) -> Error {
+    Error::Lifecycle { message, exit }
+}
+
+impl Session {
+    /// Logs in at the active node with the escrowed lifecycle credential.
+    pub async fn open(ctx: &Ctx<'_>) -> Result<Session> {
+        let Some((leader, leader_is_me)) = ctx.leader().await? else {
+            return Err(err(
+                format!(
+                    "no active node known to this node's server at {}: no leader (an election, or this server is down); retrying",
+                    render::api_url(ctx.facts.local_ipv4, ctx.cfg.vault.api_port)
+                ),
+                exit::TEMPFAIL,
+            ));
+        };
+        let layout = Layout::new(ctx.cfg, ctx.tag_value);
+        let aws = Duration::from_secs(ctx.cfg.agent.aws_timeout_secs);
+        let s3 = SdkS3::new(ctx.sdk);
+        let kms = SdkKms::new(ctx.sdk);
+        let url = layout.url(&layout.object(Layout::LIFECYCLE_APPROLE_ITEM));
+        let token = approle::login(&super::ROLE, &leader, &s3, &kms, &layout, aws)
+            .await
+            .map_err(|e| match e {
+                LoginError::Item(e) => err(
+                    format!("cannot read the lifecycle credential {url} ({e}); the node that initialized the cluster writes it in post-init (docs/operations.md \"Rolling upgrades\")"),
+                    e.exit_code(),
+                ),
+                LoginError::NotCredentials => err(
+                    format!("{url} is not a role_id/secret_id document"),
+                    exit::DATAERR,
+                ),
+                LoginError::Api(e) => err(e.to_string(), exit::TEMPFAIL),
+                LoginError::Refused { status, errors } => err(
+                    format!(
+                        "AppRole login as {} from {} at {} refused (HTTP {status}: {errors}): this address is outside the role's bound addresses (set lifecycle.bound_cidrs to the group's subnets for a new cluster; an operator widens auth/approle/role/{} for this one), or its secret_id was destroyed",
+                        super::NAME,
+                        ctx.facts.local_ipv4,
+                        leader.base(),
+                        super::NAME
+                    ),
+                    exit::NOPERM,
+                ),
+            })?;
+        Ok(Session {
+            leader,
+            leader_is_me,
+            token,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let (status, resp) = self
+            .leader
+            .call(method.clone(), path, Some(&self.token), body)
+            .await?;
+        if !(200..300).contains(&status) {
+            return Err(Error::VaultApi {
+                call: format!("{method} {path}"),
+                url: self.leader.base().to_owned(),
+                message: format!("HTTP {status}: {}", resp["errors"]),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Autopilot's view of the servers, from the active node.
+    pub async fn autopilot(&self) -> Result<State> {
+        let body = self
+            .call(Method::GET, "sys/storage/raft/autopilot/state", None)
+            .await?;
+        State::parse(&body).ok_or_else(|| Error::VaultApi {
+            call: "GET sys/storage/raft/autopilot/state".into(),
+            url: self.leader.base().to_owned(),
+            message: "the answer holds no servers".into(),
+        })
+    }
+
+    /// Removes `server_id` from the raft configuration.
+    pub async fn remove_peer(&self, server_id: &str) -> Result<()> {
+        self.call(
+            Method::POST,
+            "sys/storage/raft/remove-peer",
+            Some(serde_json::json!({ "server_id": server_id })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Asks the active node to give up leadership (another voter takes over).
+    pub async fn step_down(&self) -> Result<()> {
+        self.call(Method::PUT, "sys/step-down", None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Ends the login now rather than at its TTL (best effort).
+    pub async fn close(self) {
+        let _ = self
+            .leader
+            .call(
+                Method::POST,
+                "auth/token/revoke-self",
+                Some(&self.token),
+                None,
+            )
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_addr_hosts_parse() {
+        assert_eq!(
+            host_ip("https://10.0.1.7:8200"),
+            Some("10.0.1.7".parse().unwrap())
+        );
+        assert_eq!(
+            host_ip("https://[fd00::1]:8200"),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert_eq!(
+            host_ip("http://127.0.99.1:8200/"),
+            Some("127.0.99.1".parse().unwrap())
+        );
+        assert_eq!(host_ip("https://vault.example:8200"), None);
+        assert_eq!(host_ip(""), None);
+    }
+}
