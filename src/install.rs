@@ -35,6 +35,8 @@ pub const SNAPSHOT_TIMER: &str = include_str!("../systemd/vault-bootstrap-snapsh
 pub const REFRESH_TLS_SERVICE: &str =
     include_str!("../systemd/vault-bootstrap-refresh-tls.service");
 pub const REFRESH_TLS_TIMER: &str = include_str!("../systemd/vault-bootstrap-refresh-tls.timer");
+/// The lifecycle unit (`vault-bootstrap watch`: graceful leave, reaping), enabled.
+pub const WATCH_UNIT: &str = include_str!("../systemd/vault-bootstrap-watch.service");
 /// Drop-in making vault.service run OpenBao's `bao`; present only for `--binary-name bao`.
 pub const OPENBAO_DROPIN: &str = include_str!("../systemd/vault.service.d/openbao.conf");
 
@@ -59,6 +61,7 @@ const TIMERS: &[(&str, &str, &str, &str)] = &[
 ];
 const DROPIN_DIR: &str = "/etc/systemd/system/vault.service.d";
 const AGENT_UNIT_NAME: &str = "vault-bootstrap.service";
+const WATCH_UNIT_NAME: &str = "vault-bootstrap-watch.service";
 const SERVER_UNIT_NAME: &str = "vault.service";
 
 /// System ids `useradd --system` may hand out; the staging root picks the first free one.
@@ -843,6 +846,7 @@ pub fn install<'a>(opts: &Options, out: &'a mut dyn Write) -> Result<Report<'a>>
     for (unit, text) in [
         (SERVER_UNIT_NAME, SERVER_UNIT),
         (AGENT_UNIT_NAME, AGENT_UNIT),
+        (WATCH_UNIT_NAME, WATCH_UNIT),
     ] {
         let logical = format!("{UNIT_DIR}/{unit}");
         write_small(&under(root, &logical), &logical, text, &mut report)?;
@@ -873,14 +877,17 @@ pub fn install<'a>(opts: &Options, out: &'a mut dyn Write) -> Result<Report<'a>>
         )?;
     }
 
-    // 6. Enable the agent as `systemctl enable` would (works offline and in a staging root);
+    // 6. Enable the agent and its watch unit as `systemctl enable` would (works offline and
+    // in a staging root);
     // never the server: the agent starts it once vault.hcl is written.
     // The timers likewise (`timers.target.wants/`): their services are never enabled alone.
-    let links = std::iter::once((WANTS_DIR, AGENT_UNIT_NAME)).chain(
-        TIMERS
-            .iter()
-            .map(|(_, _, timer, _)| (TIMERS_WANTS_DIR, *timer)),
-    );
+    let links = [(WANTS_DIR, AGENT_UNIT_NAME), (WANTS_DIR, WATCH_UNIT_NAME)]
+        .into_iter()
+        .chain(
+            TIMERS
+                .iter()
+                .map(|(_, _, timer, _)| (TIMERS_WANTS_DIR, *timer)),
+        );
     for (wants, unit) in links {
         let target = format!("{UNIT_DIR}/{unit}");
         let link_logical = format!("{wants}/{unit}");

@@ -125,6 +125,18 @@ fn documented(server: &str) -> Vec<(String, char, u32, Own)> {
             Own::Root,
         ),
         (
+            "/etc/systemd/system/vault-bootstrap-watch.service",
+            'f',
+            0o644,
+            Own::Root,
+        ),
+        (
+            "/etc/systemd/system/multi-user.target.wants/vault-bootstrap-watch.service",
+            'l',
+            0o777,
+            Own::Root,
+        ),
+        (
             "/etc/systemd/system/vault-bootstrap-snapshot.service",
             'f',
             0o644,
@@ -237,6 +249,7 @@ fn assert_layout(root: &Path, server: &str) {
     for n in [
         "vault.service",
         "vault-bootstrap.service",
+        "vault-bootstrap-watch.service",
         "vault-bootstrap-snapshot.service",
         "vault-bootstrap-snapshot.timer",
         "vault-bootstrap-refresh-tls.service",

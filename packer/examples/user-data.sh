@@ -100,8 +100,9 @@ chmod 0640 /etc/vault-bootstrap/config.toml.new
 mv -f /etc/vault-bootstrap/config.toml.new /etc/vault-bootstrap/config.toml
 
 if [[ -n $AWS_ENDPOINT_URL ]]; then
-    # A drop-in per unit that calls AWS: the agent, its two timers' services, the server.
-    for unit in vault-bootstrap vault-bootstrap-refresh-tls vault-bootstrap-snapshot vault; do
+    # A drop-in per unit that calls AWS: the agent, its two timers' services, the watch
+    # unit, the server.
+    for unit in vault-bootstrap vault-bootstrap-refresh-tls vault-bootstrap-snapshot vault-bootstrap-watch vault; do
         install -d -m 0755 "/etc/systemd/system/$unit.service.d"
         printf '[Service]\nEnvironment=AWS_ENDPOINT_URL=%s\n' "$AWS_ENDPOINT_URL" \
             >"/etc/systemd/system/$unit.service.d/aws-endpoint.conf"
@@ -115,5 +116,6 @@ fi
 # in cloud-final, late in boot) and skipped itself: its ConditionFileNotEmpty= on
 # config.toml was not met. Start it now. --no-block: the boot may take minutes (peers,
 # init) and cloud-init must not wait for it; if the unit is already running, this is a
-# no-op. Follow it with `journalctl -fu vault-bootstrap`.
-systemctl start --no-block vault-bootstrap.service
+# no-op. Follow it with `journalctl -fu vault-bootstrap`. The watch unit skipped itself for
+# the same reason; it is ordered after the agent, so it starts once the boot is done.
+systemctl start --no-block vault-bootstrap.service vault-bootstrap-watch.service
