@@ -592,7 +592,7 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
         );
     }
 
-    // --- nothing failed on any host, and both timers are armed
+    // --- nothing failed on any host, both timers are armed, the watch unit runs
     for h in &hosts {
         let state = fleet.exec(h, &["systemctl", "is-system-running"]);
         assert_eq!(
@@ -610,6 +610,7 @@ fn three_hosts_boot_reboot_run_timers_rejoin_and_keep_no_secret() {
                 "is-active",
                 "vault-bootstrap-snapshot.timer",
                 "vault-bootstrap-refresh-tls.timer",
+                "vault-bootstrap-watch.service",
             ],
         );
     }

@@ -609,8 +609,10 @@ fn the_user_data_example_writes_a_config_the_agent_accepts() {
     assert_eq!(cfg.vault.tls_dir, Path::new("/opt/vault/tls"));
     assert_eq!(cfg.agent.state_dir, Path::new("/var/lib/vault-bootstrap"));
     assert!(cfg.init.audit_file_path.starts_with("/var/log/vault"));
-    // And start the enabled unit itself on the first boot, without waiting for it.
-    assert!(script.contains("\nsystemctl start --no-block vault-bootstrap.service\n"));
+    // And start the enabled units itself on the first boot, without waiting for them.
+    assert!(script.contains(
+        "\nsystemctl start --no-block vault-bootstrap.service vault-bootstrap-watch.service\n"
+    ));
 }
 
 #[test]
