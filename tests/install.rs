@@ -615,6 +615,44 @@ fn the_user_data_example_writes_a_config_the_agent_accepts() {
     ));
 }
 
+/// The rolling-upgrade examples: launch before terminate, one extra instance at a time, and
+/// hooks whose defaults never let an unready node count (docs/operations.md "Rolling upgrades").
+#[test]
+fn the_rolling_upgrade_examples_launch_before_terminate() {
+    let r: serde_json::Value = serde_json::from_str(&example("instance-refresh.json")).unwrap();
+    let p = &r["Preferences"];
+    let (min, max) = (
+        p["MinHealthyPercentage"].as_u64().unwrap(),
+        p["MaxHealthyPercentage"].as_u64().unwrap(),
+    );
+    assert_eq!(min, 100, "never fewer healthy instances than desired");
+    // Three nodes: 4 of 3 is 133 %; more would launch two at once.
+    assert!((134..=150).contains(&max), "{max}");
+    let hooks: serde_json::Value =
+        serde_json::from_str(&example("lifecycle-hooks.json")).unwrap();
+    let by = |t: &str| {
+        hooks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["LifecycleTransition"] == t)
+            .cloned()
+            .unwrap()
+    };
+    let launch = by("autoscaling:EC2_INSTANCE_LAUNCHING");
+    let term = by("autoscaling:EC2_INSTANCE_TERMINATING");
+    // An agent that never answers must not put an unready node InService.
+    assert_eq!(launch["DefaultResult"], "ABANDON");
+    // The agent heartbeats every lifecycle.heartbeat_secs (60 s by default).
+    for h in [&launch, &term] {
+        assert!(h["HeartbeatTimeout"].as_u64().unwrap() >= 180, "{h}");
+    }
+    // The names the user-data's config gives the agent.
+    let ud = example("user-data.sh");
+    assert!(ud.contains(&format!("launch_hook = {}", launch["LifecycleHookName"])));
+    assert!(ud.contains(&format!("terminate_hook = {}", term["LifecycleHookName"])));
+}
+
 #[test]
 fn the_json_examples_parse_and_require_imdsv2() {
     let lt: serde_json::Value = serde_json::from_str(&example("launch-template.json")).unwrap();

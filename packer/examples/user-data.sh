@@ -88,6 +88,14 @@ join_timeout_secs = 600
 # leave out every instance that replaces one later.
 bound_cidrs = ["10.0.0.0/16"]
 
+[lifecycle]
+# The group's lifecycle hooks (packer/examples/lifecycle-hooks.json): a new instance goes
+# InService only once it is a healthy raft voter; a terminating one leaves raft first, so
+# an instance refresh never costs quorum (docs/operations.md "Rolling upgrades"). The
+# lifecycle AppRole is bound to snapshot.bound_cidrs above.
+launch_hook = "vault-launch"
+terminate_hook = "vault-terminate"
+
 [access]
 # Operators log in with client certificates this CA signed (cert auth, README "Operator
 # access"). Only with a login path is the root token revoked after init; without one it

@@ -185,7 +185,9 @@ EOF
 }
 
 # packer/examples/user-data.sh with this fleet's values, as a user would adapt it: bucket,
-# server name, the `bao` binary, no PGP keys, the cluster size, the VPC's CIDR, endpoints.
+# server name, the `bao` binary, no PGP keys, the cluster size, the VPC's CIDR, endpoints;
+# no lifecycle hooks: the fleet's moto has no CompleteLifecycleAction (the loopback tier
+# emulates it, tests/testbed/lifecycle.py), and these hosts are not launched by a group.
 userdata() {
     local n=$1 bucket
     bucket=$(jq_env bucket)
@@ -200,6 +202,7 @@ userdata() {
         -e "s|^AWS_ENDPOINT_URL=\"\"|AWS_ENDPOINT_URL=\"$MOTO\"|" \
         -e "s|^# endpoint = \"https://vpce-.*|endpoint = \"$MOTO\"|" \
         -e 's|^bound_cidrs = \["10.0.0.0/16"\]|bound_cidrs = ["198.18.0.0/16"]|' \
+        -e '/^launch_hook = /d' -e '/^terminate_hook = /d' \
         ${sed_extra:+-e "$sed_extra"} \
         "$REPO/packer/examples/user-data.sh"
 }
