@@ -493,10 +493,11 @@ fn needles(secrets: &BTreeMap<String, String>, server_keys: &[String]) -> Vec<(S
                 out.push((n.clone(), b64.encode(&bytes)));
                 out.push((n, b64u.encode(&bytes)));
             }
-        } else if item == "snapshot-approle" {
+        } else if item.ends_with("-approle") {
+            // The snapshot and lifecycle node credentials.
             let v: Value = serde_json::from_str(value).expect("approle JSON");
             let id = v["secret_id"].as_str().expect("secret_id");
-            add(&mut out, "snapshot secret_id", id);
+            add(&mut out, &format!("{item} secret_id"), id);
         } else {
             add(&mut out, item, value);
         }

@@ -829,6 +829,11 @@ async fn no_secret_leaks_through_a_whole_life_cycle() {
     let secret_id = approle["secret_id"].as_str().expect("secret_id");
     secrets.add(SECRET_ID, "snapshot AppRole secret_id", secret_id);
     secrets.add_base64_of(SECRET_ID, "snapshot AppRole secret_id", secret_id);
+    let lifecycle: serde_json::Value =
+        serde_json::from_str(&tb.escrowed(CLUSTER, "lifecycle-approle").await).unwrap();
+    let secret_id = lifecycle["secret_id"].as_str().expect("secret_id");
+    secrets.add(SECRET_ID, "lifecycle AppRole secret_id", secret_id);
+    secrets.add_base64_of(SECRET_ID, "lifecycle AppRole secret_id", secret_id);
 
     let (code, out, err) = run_cmd(&tb, 1, &["escrow", "verify"], None, &mut holders);
     let text = String::from_utf8_lossy(&out);

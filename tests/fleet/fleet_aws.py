@@ -178,8 +178,9 @@ def cmd_secrets(a) -> int:
             # The object is the KMS ciphertext blob itself (src/escrow/mod.rs put_item).
             blob = s3.get_object(Bucket=env["bucket"], Key=o["Key"])["Body"].read()
             # The context the agent encrypts with (src/escrow/mod.rs Layout::context): the
-            # snapshot AppRole is the nodes' own credential, everything else recovery.
-            klass = "node-credential" if item == "snapshot-approle" else "recovery"
+            # snapshot and lifecycle AppRoles are the nodes' own credentials, everything
+            # else recovery.
+            klass = "node-credential" if item.endswith("-approle") else "recovery"
             plain = kms.decrypt(CiphertextBlob=blob, EncryptionContext={
                 "vault-bootstrap:cluster": a.cluster, "vault-bootstrap:item": item,
                 "vault-bootstrap:class": klass,
