@@ -420,6 +420,13 @@ pub struct Testbed {
     moto: Option<Owned>,
     imds: Option<Owned>,
     proxy: Option<Owned>,
+    /// The lifecycle-hook emulation's state file, once [`Testbed::start_lifecycle`] ran:
+    /// IMDS and the proxy (started from then on) are given `--lifecycle-state` with it.
+    lifecycle: Option<PathBuf>,
+    /// Addresses IMDS serves before any instance holds them ([`Testbed::start_lifecycle`]),
+    /// so that [`Testbed::add_instance`] at one of them need not restart IMDS under running
+    /// agents.
+    imds_reserved: Vec<String>,
 }
 
 /// Starts a test-bed service, stderr to `log`; `stdout` piped for a READY line
@@ -613,6 +620,8 @@ impl Testbed {
             moto: Some(moto),
             imds: None,
             proxy: None,
+            lifecycle: None,
+            imds_reserved: Vec::new(),
         };
         tb.start_imds();
         tb
@@ -641,6 +650,14 @@ impl Testbed {
             .arg(self.control_dir());
         for i in &self.instances {
             cmd.args(["--listen", &i.ip]);
+        }
+        for ip in &self.imds_reserved {
+            if !self.instances.iter().any(|i| &i.ip == ip) {
+                cmd.args(["--listen", ip]);
+            }
+        }
+        if let Some(f) = &self.lifecycle {
+            cmd.arg("--lifecycle-state").arg(f);
         }
         if self.iam.is_some() {
             cmd.arg("--credentials")
@@ -682,7 +699,11 @@ impl Testbed {
         );
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
         self.instances.push(Instance { id, ip: ip.into() });
-        self.start_imds();
+        // An address reserved at start is served already (it answers for the new instance
+        // within IMDS's 1 s cache): no restart under the agents that poll it.
+        if !self.imds_reserved.iter().any(|r| r == ip) {
+            self.start_imds();
+        }
         self.instances.len() - 1
     }
 
@@ -710,6 +731,9 @@ impl Testbed {
             .arg(self.path().join("proxy.rules"));
         if self.iam.is_some() {
             cmd.args(["--keep-host", "--log-auth"]);
+        }
+        if let Some(f) = &self.lifecycle {
+            cmd.arg("--lifecycle-state").arg(f);
         }
         let mut o = spawn_logged("faultproxy.py", &mut cmd, &log, Stdio::piped());
         wait_ready(&mut o, Duration::from_secs(20), &log);
@@ -1433,4 +1457,427 @@ pub async fn cert_login(tb: &Testbed, cert: &str, key: &str) -> (u16, Option<Str
         status,
         body["auth"]["client_token"].as_str().map(str::to_owned),
     )
+}
+
+// ----------------------------------------------------------------------------- issue 15
+// Lifecycle hooks and instance refreshes: the emulated group (tests/testbed/lifecycle.py,
+// served by the proxy and IMDS), the 2.6.1 server of the rolling upgrade, and a driver that
+// replaces instances as an instance refresh does.
+
+/// OpenBao 2.6.1's `bao`, the start version of the rolling upgrade (`install.sh` puts it at
+/// `$VENV/opt/openbao-2.6.1/bao`; override with VB_BAO_2_6_1).
+pub fn bao_2_6_1() -> PathBuf {
+    if let Some(b) = std::env::var_os("VB_BAO_2_6_1") {
+        return b.into();
+    }
+    let p = venv().join("opt/openbao-2.6.1/bao");
+    assert!(
+        p.exists(),
+        "no OpenBao 2.6.1 at {}: run tests/testbed/install.sh first",
+        p.display()
+    );
+    p
+}
+
+/// A lifecycle hook of the emulated group (`lifecycle.py hook`).
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub name: &'static str,
+    /// `launching` or `terminating`.
+    pub transition: &'static str,
+    /// The wait's deadline after the launch/terminate or the last heartbeat.
+    pub heartbeat_timeout_secs: u64,
+    /// `CONTINUE` or `ABANDON`: applied when the deadline passes.
+    pub default_result: &'static str,
+}
+
+/// Addresses of the servers a load generator should use, kept current by the refresh
+/// drivers while they add and remove instances.
+pub type Ips = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+impl Testbed {
+    /// The lifecycle emulation's state file (once [`Testbed::start_lifecycle`] ran).
+    pub fn lifecycle_file(&self) -> PathBuf {
+        self.path().join("lifecycle.json")
+    }
+
+    /// Makes IMDS also serve `ips` (addresses no instance holds yet) and restarts it, so
+    /// that [`Testbed::add_instance`] at one of them later does not restart IMDS under
+    /// running agents. Call before spawning agents.
+    pub fn reserve_imds(&mut self, ips: &[String]) {
+        self.imds_reserved = ips.to_vec();
+        self.start_imds();
+    }
+
+    /// Turns the lifecycle-hook emulation on, for the group `test-vault` (the instances'
+    /// `aws:autoscaling:groupName`): `lifecycle.py init` and `hook` for each of `hooks`,
+    /// IMDS restarted with `--lifecycle-state` (serving `reserve` too, see
+    /// [`Testbed::reserve_imds`]), and the fault proxy started with it (no rules), so the
+    /// agents spawned from now on make every AWS call through the proxy, which answers
+    /// `CompleteLifecycleAction` and `RecordLifecycleActionHeartbeat` from the state file.
+    /// Call before spawning agents. Instances seeded by `start` are unknown to the file
+    /// (`terminate` treats them as InService) until `lifecycle.py launch` names them.
+    pub fn start_lifecycle(&mut self, hooks: &[Hook], reserve: &[String]) -> PathBuf {
+        let f = self.lifecycle_file();
+        self.lifecycle = Some(f.clone());
+        self.lifecycle_cmd(&["init", "--group", "test-vault"]);
+        for h in hooks {
+            self.lifecycle_cmd(&[
+                "hook",
+                "--name",
+                h.name,
+                "--transition",
+                h.transition,
+                "--heartbeat-timeout",
+                &h.heartbeat_timeout_secs.to_string(),
+                "--default-result",
+                h.default_result,
+            ]);
+        }
+        self.reserve_imds(reserve);
+        self.proxy_rules("");
+        self.start_proxy();
+        f
+    }
+
+    /// Runs `lifecycle.py --state <file> ARGS`; its stdout (trimmed), or why it failed.
+    pub fn try_lifecycle_cmd(&self, args: &[&str]) -> Result<String, String> {
+        let f = self
+            .lifecycle
+            .as_ref()
+            .expect("Testbed::start_lifecycle first");
+        let out = Command::new(python())
+            .arg(testbed_script("lifecycle.py"))
+            .arg("--state")
+            .arg(f)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lifecycle.py");
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "lifecycle.py {args:?}: {}: {}{}",
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// [`Testbed::try_lifecycle_cmd`], panicking on failure.
+    pub fn lifecycle_cmd(&self, args: &[&str]) -> String {
+        self.try_lifecycle_cmd(args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The emulation's events for instance `iid`, oldest first.
+    pub fn lifecycle_events(&self, iid: &str) -> Vec<serde_json::Value> {
+        let out = self.lifecycle_cmd(&["events", "--instance", iid]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("lifecycle.py events: {e}: {out}"))
+    }
+
+    /// How `hook`'s wait on `iid` ended: `complete CONTINUE`, `complete ABANDON`,
+    /// `timeout CONTINUE`, ... (the first such event), or None while it has not.
+    pub fn hook_outcome(&self, iid: &str, hook: &str) -> Option<String> {
+        self.lifecycle_events(iid)
+            .iter()
+            .find(|e| e["hook"] == hook && (e["action"] == "complete" || e["action"] == "timeout"))
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["action"].as_str().unwrap_or("?"),
+                    e["result"].as_str().unwrap_or("?")
+                )
+            })
+    }
+
+    /// Terminates instance `id` in moto (`seed.py terminate`), as the group does once the
+    /// instance's terminate hook is over (or at once, without one).
+    pub fn terminate_instance(&self, id: &str) {
+        let out = Command::new(python())
+            .arg(testbed_script("seed.py"))
+            .args(["terminate", "--moto", &self.moto_url, "--id", id])
+            .args(self.moto_keys_args())
+            .stdin(Stdio::null())
+            .output()
+            .expect("seed.py terminate");
+        assert!(
+            out.status.success(),
+            "seed.py terminate {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Agent {
+    /// Waits up to `bound` for the agent to exit by itself, then SIGKILLs it; either way its
+    /// server processes still alive afterwards are SIGKILLed (and waited for, bounded).
+    /// Returns its exit status when it exited by itself, and the server PIDs it left alive.
+    pub fn wait_or_kill(&mut self, bound: Duration) -> (Option<ExitStatus>, Vec<u32>) {
+        let start = Instant::now();
+        let status = loop {
+            self.track_children();
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break Some(s);
+            }
+            if start.elapsed() > bound {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let killed = self.kill_recorded();
+        wait_for(
+            &format!("agent {}'s server processes {killed:?} to die", self.index),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || killed.iter().all(|p| !pid_alive(*p)).then_some(()),
+        );
+        (status, killed)
+    }
+}
+
+/// One instance's agent processes: its `boot` (with the exec launcher, the server's
+/// supervisor for as long as the server runs) and, when asked for, its `watch`.
+pub struct NodeProcs {
+    /// Index in `Testbed::instances`.
+    pub index: usize,
+    pub boot: Agent,
+    pub watch: Option<Agent>,
+}
+
+/// Writes instance `i`'s config and starts its `boot` and (with `watch`) its
+/// `vault-bootstrap watch`, as the image's units start them.
+pub fn start_node(tb: &Testbed, i: usize, opts: &NodeOpts, watch: bool) -> NodeProcs {
+    tb.write_config(i, opts);
+    let boot = tb.spawn_agent(i, &["boot"]);
+    let watch = watch.then(|| tb.spawn_agent(i, &["watch"]));
+    NodeProcs {
+        index: i,
+        boot,
+        watch,
+    }
+}
+
+/// Options of the refresh drivers ([`refresh_launch_first`], [`replace_terminate_first`]).
+#[derive(Debug, Clone)]
+pub struct RefreshOpts {
+    /// The new instances' config (the new server binary, `[lifecycle]`, ...).
+    pub node: NodeOpts,
+    /// Start `vault-bootstrap watch` beside each new instance's `boot`.
+    pub watch: bool,
+    /// Bound on a new instance's launch hook ending (or, without hooks, its `node ready`).
+    pub launch_bound: Duration,
+    /// Bound on an old instance's terminate hook ending (Terminating:Proceed).
+    pub leave_bound: Duration,
+    /// Bound on an old instance's agents exiting by themselves once it is terminated;
+    /// past it they are killed by PID.
+    pub exit_bound: Duration,
+}
+
+/// What one replacement took, and how the old instance's processes ended.
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    pub old_id: String,
+    pub old_ip: String,
+    pub new_id: String,
+    pub new_ip: String,
+    pub new_index: usize,
+    /// From the launch to the new instance InService (its launch hook completed), or,
+    /// terminate-first, from the launch to its `node ready`.
+    pub launch_secs: f64,
+    /// From `terminate` to Terminating:Proceed: the graceful leave (0 terminate-first).
+    pub leave_secs: f64,
+    /// From the first step to the old instance's processes gone.
+    pub total_secs: f64,
+    /// Exit codes of the old `watch` and `boot` if they exited by themselves (-1: by a
+    /// signal; None: still running after the bound and killed, or there was none).
+    pub old_watch_exit: Option<i32>,
+    pub old_boot_exit: Option<i32>,
+    /// Server PIDs of the old instance still alive after its agents ended (then killed).
+    pub old_servers_left: Vec<u32>,
+}
+
+impl Replacement {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "old_id": self.old_id, "old_ip": self.old_ip,
+            "new_id": self.new_id, "new_ip": self.new_ip,
+            "launch_secs": secs3(self.launch_secs), "leave_secs": secs3(self.leave_secs),
+            "replacement_secs": secs3(self.total_secs),
+            "old_watch_exit": self.old_watch_exit, "old_boot_exit": self.old_boot_exit,
+            "old_servers_left": self.old_servers_left,
+        })
+    }
+}
+
+/// Seconds rounded to milliseconds, for reports.
+pub fn secs3(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
+}
+
+/// The last `n` lines of a log, for failure messages.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One step of an instance refresh with launch-before-terminate (the group's
+/// `MaxHealthyPercentage` above 100), as issue 15 describes it, replacing `nodes[pos]` by a
+/// new instance at `new_ip` (reserved with [`Testbed::start_lifecycle`]):
+///
+/// 1. launch: `add_instance(new_ip)` in moto, `lifecycle.py launch` (Pending:Wait with a
+///    launch hook), its config written, its `boot` and `watch` started;
+/// 2. wait (bounded) until its launch hook ends: InService, else panic (ABANDON, timeout);
+/// 3. `lifecycle.py terminate` the old instance (Terminating:Wait: its IMDS says
+///    `Terminated` from now on) and wait (bounded) for Terminating:Proceed;
+/// 4. terminate it in moto (`seed.py terminate`) and `lifecycle.py terminated`;
+/// 5. its agents must be gone: a bounded wait, then a kill by PID (recorded).
+///
+/// `ips` (the load generator's addresses) gains the new address once it is InService and
+/// loses the old one once its processes are gone. The new node takes the old one's place in
+/// `nodes`.
+pub fn refresh_launch_first(
+    tb: &mut Testbed,
+    nodes: &mut [NodeProcs],
+    pos: usize,
+    new_ip: &str,
+    opts: &RefreshOpts,
+    ips: Option<&Ips>,
+) -> Replacement {
+    let t0 = Instant::now();
+    let new = tb.add_instance(new_ip);
+    let new_id = tb.instances[new].id.clone();
+    let entered = tb.lifecycle_cmd(&["launch", "--instance", &new_id]);
+    let mut procs = start_node(tb, new, &opts.node, opts.watch);
+    let ended = tb.try_lifecycle_cmd(&[
+        "wait",
+        "--instance",
+        &new_id,
+        "--for",
+        "InService,Terminated",
+        "--timeout",
+        &opts.launch_bound.as_secs().to_string(),
+    ]);
+    if ended.as_deref() != Ok("InService") {
+        panic!(
+            "new instance {new_id} ({new_ip}, entered {entered}): launch hook did not end \
+             InService within {:?}: {ended:?}\nevents: {:?}\nits boot log (tail):\n{}",
+            opts.launch_bound,
+            tb.lifecycle_events(&new_id),
+            tail(&procs.boot.stderr(), 40)
+        );
+    }
+    let launch_secs = t0.elapsed().as_secs_f64();
+    if let Some(ips) = ips {
+        ips.lock().unwrap().push(new_ip.to_string());
+    }
+
+    let old_index = nodes[pos].index;
+    let old_id = tb.instances[old_index].id.clone();
+    let old_ip = tb.instances[old_index].ip.clone();
+    let t1 = Instant::now();
+    tb.lifecycle_cmd(&["terminate", "--instance", &old_id]);
+    let proceed = tb.try_lifecycle_cmd(&[
+        "wait",
+        "--instance",
+        &old_id,
+        "--for",
+        "Terminating:Proceed",
+        "--timeout",
+        &opts.leave_bound.as_secs().to_string(),
+    ]);
+    if let Err(e) = proceed {
+        let watch = nodes[pos]
+            .watch
+            .as_ref()
+            .map(|w| tail(&w.stderr(), 40))
+            .unwrap_or_default();
+        panic!(
+            "old instance {old_id} ({old_ip}): terminate hook not over within {:?}: {e}\n\
+             events: {:?}\nits watch log (tail):\n{watch}",
+            opts.leave_bound,
+            tb.lifecycle_events(&old_id)
+        );
+    }
+    let leave_secs = t1.elapsed().as_secs_f64();
+    tb.terminate_instance(&old_id);
+    tb.lifecycle_cmd(&["terminated", "--instance", &old_id]);
+    std::mem::swap(&mut nodes[pos], &mut procs);
+    let mut old = procs;
+    let old_watch_exit = old
+        .watch
+        .as_mut()
+        .and_then(|w| w.wait_or_kill(opts.exit_bound).0)
+        .map(|s| s.code().unwrap_or(-1));
+    let (boot_status, old_servers_left) = old.boot.wait_or_kill(opts.exit_bound);
+    if let Some(ips) = ips {
+        ips.lock().unwrap().retain(|ip| ip != &old_ip);
+    }
+    Replacement {
+        old_id,
+        old_ip,
+        new_id,
+        new_ip: new_ip.to_string(),
+        new_index: new,
+        launch_secs,
+        leave_secs,
+        total_secs: t0.elapsed().as_secs_f64(),
+        old_watch_exit,
+        old_boot_exit: boot_status.map(|s| s.code().unwrap_or(-1)),
+        old_servers_left,
+    }
+}
+
+/// The naive replacement, terminate first, no hooks: `nodes[pos]` loses power (its agents
+/// and server SIGKILLed) and is terminated in moto; then its replacement at `new_ip` is
+/// launched and booted, and the driver waits (bounded) for its `node ready`. `ips` loses
+/// the old address at once and gains the new one when it is ready.
+pub fn replace_terminate_first(
+    tb: &mut Testbed,
+    nodes: &mut [NodeProcs],
+    pos: usize,
+    new_ip: &str,
+    opts: &RefreshOpts,
+    ips: Option<&Ips>,
+) -> Replacement {
+    let t0 = Instant::now();
+    let old_index = nodes[pos].index;
+    let old_id = tb.instances[old_index].id.clone();
+    let old_ip = tb.instances[old_index].ip.clone();
+    if let Some(w) = nodes[pos].watch.as_mut() {
+        w.power_off();
+    }
+    nodes[pos].boot.power_off();
+    if let Some(ips) = ips {
+        ips.lock().unwrap().retain(|ip| ip != &old_ip);
+    }
+    tb.terminate_instance(&old_id);
+    let t1 = Instant::now();
+    let new = tb.add_instance(new_ip);
+    let new_id = tb.instances[new].id.clone();
+    let mut procs = start_node(tb, new, &opts.node, opts.watch);
+    procs.boot.wait_log("node ready", opts.launch_bound);
+    let launch_secs = t1.elapsed().as_secs_f64();
+    if let Some(ips) = ips {
+        ips.lock().unwrap().push(new_ip.to_string());
+    }
+    std::mem::swap(&mut nodes[pos], &mut procs);
+    Replacement {
+        old_id,
+        old_ip,
+        new_id,
+        new_ip: new_ip.to_string(),
+        new_index: new,
+        launch_secs,
+        leave_secs: 0.0,
+        total_secs: t0.elapsed().as_secs_f64(),
+        old_watch_exit: None,
+        old_boot_exit: None,
+        old_servers_left: Vec::new(),
+    }
 }
