@@ -32,6 +32,9 @@ pub struct Role {
     pub item: &'static str,
     /// Lifetime of a login, and its maximum: a copied token must not last.
     pub token_ttl: &'static str,
+    /// Whether its tokens also get the `default` policy (cubbyhole, wrapping, lookups,
+    /// revoke-self); without it, they can do exactly what `policy_hcl` says.
+    pub default_policy: bool,
 }
 
 /// The escrowed AppRole credentials.
@@ -85,6 +88,7 @@ pub fn role_body(role: &Role, cidrs: &[String]) -> serde_json::Value {
         "token_policies": [role.name],
         "token_ttl": role.token_ttl,
         "token_max_ttl": role.token_ttl,
+        "token_no_default_policy": !role.default_policy,
         // Login only from the cluster's addresses, and its tokens work only from there.
         "secret_id_bound_cidrs": cidrs,
         "token_bound_cidrs": cidrs,
@@ -251,6 +255,7 @@ mod tests {
         policy_hcl: "",
         item: "r-item",
         token_ttl: "10m",
+        default_policy: false,
     };
 
     #[test]
@@ -271,5 +276,6 @@ mod tests {
         assert_eq!(body["token_ttl"], "10m");
         assert_eq!(body["token_max_ttl"], "10m");
         assert_eq!(body["token_policies"], serde_json::json!(["r"]));
+        assert_eq!(body["token_no_default_policy"], true);
     }
 }

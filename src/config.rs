@@ -656,6 +656,15 @@ impl Config {
             }
         }
         if self.lifecycle.hooks()
+            && self.lifecycle.bound_cidrs.is_empty()
+            && self.snapshot.bound_cidrs.is_empty()
+        {
+            return bad(
+                "lifecycle.bound_cidrs",
+                "must name the group's subnets (or the VPC's CIDR) when lifecycle hooks are set, here or in snapshot.bound_cidrs: by default the lifecycle AppRole is bound to the addresses known at init, and the replacements of an instance refresh (new addresses) could never log in, so every launch hook would be abandoned".into(),
+            );
+        }
+        if self.lifecycle.hooks()
             && self.lifecycle.group.is_none()
             && self.cluster.tag_key != ASG_TAG
         {

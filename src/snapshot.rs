@@ -55,6 +55,8 @@ pub const ROLE: approle::Role = approle::Role {
     policy_hcl: POLICY_HCL,
     item: Layout::SNAPSHOT_APPROLE_ITEM,
     token_ttl: TOKEN_TTL,
+    // Its tokens end themselves with the default policy's revoke-self.
+    default_policy: true,
 };
 
 /// Creates the snapshot policy and AppRole with the root token and escrows its credentials

@@ -374,6 +374,12 @@ pub(crate) async fn initialize_or_join(
         tag_value: &node.tag_value,
         sdk: &node.sdk,
         ca: ca_pem,
+        peers: node
+            .peers
+            .iter()
+            .filter(|p| !p.is_self)
+            .map(|p| p.ip)
+            .collect(),
     };
     // A voter whose instance is gone only counts against quorum: the active node removes
     // it now rather than at the watch unit's next interval (one look: terminated only).

@@ -68,21 +68,32 @@ impl State {
     }
 
     /// Whether removing `id` leaves a configuration whose healthy voters are a quorum of it
-    /// (so the cluster stays writable, and the removal itself can commit). `Err` says why not.
-    pub fn removal_keeps_quorum(&self, id: &str) -> Result<Removal, String> {
-        let Some(target) = self.servers.get(id) else {
+    /// (so the cluster stays writable, and the removal itself can commit). Who votes comes
+    /// from the raft configuration (`m`), read at the leader just before: autopilot's state
+    /// is a cache refreshed every few seconds, and a server another leave removed a moment
+    /// ago may still be in it as a healthy voter. Health comes from autopilot; a voter it
+    /// does not list counts as unhealthy. `Err` says why not.
+    pub fn removal_keeps_quorum(&self, id: &str, m: &Membership) -> Result<Removal, String> {
+        if !m.servers.contains(id) {
             return Ok(Removal::NotAMember);
-        };
-        let remaining: Vec<_> = self.voters().filter(|(v, _)| v.as_str() != id).collect();
-        let healthy = remaining.iter().filter(|(_, s)| s.healthy).count();
+        }
+        let remaining: Vec<&String> = m.voters.iter().filter(|v| v.as_str() != id).collect();
+        let healthy = remaining
+            .iter()
+            .filter(|v| self.servers.get(v.as_str()).is_some_and(|s| s.healthy))
+            .count();
         let need = quorum(remaining.len());
         if remaining.is_empty() {
             return Err(format!("{id} is the only voter"));
         }
         if healthy < need {
+            let what = if m.voters.contains(id) {
+                "a voter"
+            } else {
+                "a non-voter"
+            };
             return Err(format!(
-                "after removing {id} ({}) {} voters would remain, {healthy} of them healthy, fewer than their quorum of {need}",
-                target.status,
+                "after removing {id} ({what}) {} voters would remain, {healthy} of them healthy, fewer than their quorum of {need}",
                 remaining.len()
             ));
         }
@@ -90,6 +101,28 @@ impl State {
             remaining: remaining.len(),
             healthy,
         })
+    }
+}
+
+/// `sys/storage/raft/configuration`: who is in the raft configuration, and who votes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    pub servers: std::collections::BTreeSet<String>,
+    pub voters: std::collections::BTreeSet<String>,
+}
+
+impl Membership {
+    /// Parses the API answer (`{"data": {"config": {"servers": [...]}}}`).
+    pub fn parse(body: &serde_json::Value) -> Option<Membership> {
+        let mut m = Membership::default();
+        for s in body["data"]["config"]["servers"].as_array()? {
+            let id = s["node_id"].as_str()?.to_owned();
+            if s["voter"].as_bool().unwrap_or(false) {
+                m.voters.insert(id.clone());
+            }
+            m.servers.insert(id);
+        }
+        Some(m)
     }
 }
 
@@ -112,6 +145,15 @@ pub fn quorum(voters: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The membership the state implies (what the raft configuration says when no change
+    /// is in flight).
+    fn m(s: &State) -> Membership {
+        Membership {
+            servers: s.servers.keys().cloned().collect(),
+            voters: s.voters().map(|(id, _)| id.clone()).collect(),
+        }
+    }
 
     fn state(servers: &[(&str, &str, bool)]) -> State {
         let v = serde_json::json!({"data": {
@@ -161,7 +203,7 @@ mod tests {
             ("new", "voter", true),
         ]);
         assert_eq!(
-            s.removal_keeps_quorum("b"),
+            s.removal_keeps_quorum("b", &m(&s)),
             Ok(Removal::Safe {
                 remaining: 3,
                 healthy: 3
@@ -173,25 +215,69 @@ mod tests {
             ("b", "voter", true),
             ("dead", "voter", false),
         ]);
-        assert!(s.removal_keeps_quorum("dead").is_ok());
+        assert!(s.removal_keeps_quorum("dead", &m(&s)).is_ok());
         // A healthy voter leaving 2 voters of which 1 is healthy: refused, with the numbers.
-        let e = s.removal_keeps_quorum("b").unwrap_err();
+        let e = s.removal_keeps_quorum("b", &m(&s)).unwrap_err();
         assert!(
             e.contains("2 voters would remain, 1 of them healthy"),
             "{e}"
         );
         // The last voter never leaves; a non-member is nothing to do.
-        assert!(state(&[("a", "leader", true)])
-            .removal_keeps_quorum("a")
-            .is_err());
-        assert_eq!(s.removal_keeps_quorum("zzz"), Ok(Removal::NotAMember));
+        let one = state(&[("a", "leader", true)]);
+        assert!(one.removal_keeps_quorum("a", &m(&one)).is_err());
+        assert_eq!(
+            s.removal_keeps_quorum("zzz", &m(&s)),
+            Ok(Removal::NotAMember)
+        );
         // A non-voter's removal counts only the voters.
         let s = state(&[
             ("a", "leader", true),
             ("b", "voter", false),
             ("nv", "non-voter", true),
         ]);
-        assert!(s.removal_keeps_quorum("nv").is_err());
+        assert!(s.removal_keeps_quorum("nv", &m(&s)).is_err());
+    }
+
+    /// Two old nodes leave at once from 6 voters, 4 healthy: autopilot's cache still lists
+    /// the first as a healthy voter after it left. The raft configuration decides who votes,
+    /// so the second leave counts 4 voters, 2 healthy, and waits.
+    #[test]
+    fn who_votes_comes_from_the_raft_configuration_not_the_cache() {
+        let s = state(&[
+            ("old1", "leader", true),
+            ("old2", "voter", true),
+            ("old3", "voter", true),
+            ("new1", "voter", true),
+            ("new2", "voter", false),
+            ("new3", "voter", false),
+        ]);
+        let mut after_old1 = m(&s);
+        after_old1.voters.remove("old1");
+        after_old1.servers.remove("old1");
+        // From the stale cache alone the second leave would look safe (5 left, 3 healthy).
+        assert!(s.removal_keeps_quorum("old2", &m(&s)).is_ok());
+        let e = s.removal_keeps_quorum("old2", &after_old1).unwrap_err();
+        assert!(
+            e.contains("4 voters would remain, 2 of them healthy"),
+            "{e}"
+        );
+        // And a server the configuration no longer has is nothing to do, whatever the cache says.
+        assert_eq!(
+            s.removal_keeps_quorum("old1", &after_old1),
+            Ok(Removal::NotAMember)
+        );
+    }
+
+    #[test]
+    fn the_raft_configuration_parses() {
+        let body = serde_json::json!({"data": {"config": {"index": 0, "servers": [
+            {"node_id": "i-1", "address": "10.0.0.1:8201", "leader": true, "voter": true},
+            {"node_id": "i-2", "address": "10.0.0.2:8201", "leader": false, "voter": false}
+        ]}}});
+        let m = Membership::parse(&body).unwrap();
+        assert_eq!(m.servers.len(), 2);
+        assert_eq!(m.voters.iter().collect::<Vec<_>>(), ["i-1"]);
+        assert_eq!(Membership::parse(&serde_json::json!({})), None);
     }
 
     #[test]

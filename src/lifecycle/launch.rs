@@ -7,13 +7,18 @@
 //! timeout never decides; past `lifecycle.launch_timeout_secs` it completes with ABANDON:
 //! the group terminates the instance and launches another, and an instance refresh stops.
 //!
-//! Completion is recorded in `agent.state_dir` ([`DONE_FILE`]) so that later boots of the
-//! member (from its disk) make no call for a hook that ended long ago.
+//! A node that cannot become ready (the bound passed, or its lifecycle credential is refused
+//! for good) is already in the raft configuration: before it abandons it removes itself, as
+//! a graceful leave would, so the group's replacement of it never leaves a dead voter.
+//!
+//! Completion is recorded in `agent.state_dir` ([`DONE_FILE`], with the instance id: a file
+//! baked into an image from a running node never counts for another instance) so that later
+//! boots of the member (from its disk) make no call for a hook that ended long ago.
 
 use super::session::{Ctx, Session};
 use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
 use crate::error::{exit, Error, Result};
-use crate::fsutil;
+use crate::{fsutil, retry};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -23,13 +28,35 @@ pub const DONE_FILE: &str = "launch-hook.json";
 const POLL: Duration = Duration::from_secs(2);
 
 /// How a wait for a lifecycle action ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
+    /// Ready: completed with CONTINUE.
     Continued,
-    Abandoned,
+    /// Not ready within the bound, or never can be (`why`): nothing completed yet.
+    Unready { why: String },
     /// The group holds no action for this instance (completed before a restart, timed out
     /// to its default result, or never was one).
     NotWaiting,
+}
+
+/// Why a node is not ready yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait {
+    pub why: String,
+    /// Waiting cannot change it (the credential is refused or missing): stop now.
+    pub fatal: bool,
+}
+
+impl Wait {
+    fn of(e: &Error) -> Wait {
+        Wait {
+            why: e.to_string(),
+            fatal: matches!(
+                e.exit_code(),
+                exit::NOPERM | exit::NOINPUT | exit::DATAERR | exit::CONFIG
+            ),
+        }
+    }
 }
 
 /// Timing of a wait.
@@ -40,9 +67,10 @@ pub struct Timing {
     pub poll: Duration,
 }
 
-/// Waits until `ready` says yes, heartbeating every `heartbeat`; completes CONTINUE then,
-/// or ABANDON once `bound` has passed. `ready` answers `Err(why)` while it cannot tell (the
-/// reason is logged when it changes).
+/// Waits until `ready` says yes, heartbeating every `heartbeat`, and completes CONTINUE
+/// then. Returns [`Ended::Unready`] (nothing completed) once `bound` has passed or `ready`
+/// says waiting cannot help. `ready` answers `Err(why)` while it cannot tell (the reason is
+/// logged when it changes).
 pub async fn wait_then_complete<L, F, Fut>(
     lc: &L,
     action: Action<'_>,
@@ -52,7 +80,7 @@ pub async fn wait_then_complete<L, F, Fut>(
 where
     L: Lifecycle,
     F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<bool, String>>,
+    Fut: Future<Output = std::result::Result<bool, Wait>>,
 {
     let start = Instant::now();
     let mut last_beat = Instant::now();
@@ -60,22 +88,27 @@ where
     loop {
         let why = match ready().await {
             Ok(true) => {
-                return Ok(match lc.complete(action, Outcome::Continue).await? {
-                    Completed::Done => Ended::Continued,
-                    Completed::NoAction => Ended::NotWaiting,
-                })
+                return Ok(
+                    match complete(lc, action, Outcome::Continue, t.bound).await? {
+                        Completed::Done => Ended::Continued,
+                        Completed::NoAction => Ended::NotWaiting,
+                    },
+                )
             }
             Ok(false) => "not yet a healthy voter".to_string(),
-            Err(why) => why,
+            Err(w) if w.fatal => return Ok(Ended::Unready { why: w.why }),
+            Err(w) => w.why,
         };
         if why != last_why {
             tracing::info!(%action, waited_secs = start.elapsed().as_secs(), "launch hook waits: {why}");
             last_why = why;
         }
         if start.elapsed() >= t.bound {
-            return Ok(match lc.complete(action, Outcome::Abandon).await? {
-                Completed::Done => Ended::Abandoned,
-                Completed::NoAction => Ended::NotWaiting,
+            return Ok(Ended::Unready {
+                why: format!(
+                    "not a healthy voter within {} s (lifecycle.launch_timeout_secs); last: {last_why}",
+                    t.bound.as_secs()
+                ),
             });
         }
         if last_beat.elapsed() >= t.heartbeat {
@@ -90,6 +123,20 @@ where
     }
 }
 
+/// `CompleteLifecycleAction`, retried while AWS answers transiently (within `bound`): a
+/// lost completion would leave the decision to the hook's default result.
+pub async fn complete<L: Lifecycle>(
+    lc: &L,
+    action: Action<'_>,
+    outcome: Outcome,
+    bound: Duration,
+) -> Result<Completed> {
+    retry::retry("complete the lifecycle action", bound, || {
+        lc.complete(action, outcome)
+    })
+    .await
+}
+
 /// Completes this instance's launch hook once it is a healthy voter (see the module docs).
 /// Nothing to do without `lifecycle.launch_hook`, or when an earlier boot completed it.
 pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
@@ -97,8 +144,7 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let Some(hook) = cfg.lifecycle.launch_hook.as_deref() else {
         return Ok(());
     };
-    let done = cfg.agent.state_dir.join(DONE_FILE);
-    if done.exists() {
+    if completed_earlier(ctx) {
         return Ok(());
     }
     let Some(group) = super::group(cfg, ctx.tag_value) else {
@@ -115,51 +161,76 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
         bound: Duration::from_secs(cfg.lifecycle.launch_timeout_secs),
         poll: POLL,
     };
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let lc = SdkAutoscaling::new(ctx.sdk);
     let started = Instant::now();
     let ended = wait_then_complete(&lc, action, timing, || healthy_voter(ctx)).await?;
     let waited_ms = started.elapsed().as_millis() as u64;
-    match ended {
+    match &ended {
         Ended::Continued => {
             tracing::info!(%action, result = "CONTINUE", waited_ms, "launch hook completed: this node is a healthy voter");
         }
         Ended::NotWaiting => {
-            tracing::info!(%action, waited_ms, "launch hook: the group holds no action for this instance (already ended)");
+            tracing::warn!(%action, waited_ms, "launch hook: the group holds no action for this instance any more (completed elsewhere, or timed out to its default result); if the group is terminating it, the watch unit leaves the cluster");
         }
-        Ended::Abandoned => {
+        Ended::Unready { why } => {
+            // Already in the raft configuration: leave it before the group replaces us, so
+            // the replacement never finds a dead voter (best effort, bounded).
+            let left = super::leave::remove_self(ctx, LEAVE_ON_ABANDON).await;
+            tracing::warn!(outcome = ?left, "left the raft configuration before abandoning");
+            complete(&lc, action, Outcome::Abandon, aws).await?;
             return Err(Error::Lifecycle {
                 message: format!(
-                    "this node did not become a healthy raft voter within {} s (lifecycle.launch_timeout_secs): {action} completed with ABANDON, the group replaces the instance and an instance refresh stops. See the log above for what it waited on",
-                    timing.bound.as_secs()
+                    "this node cannot become a healthy raft voter: {why}. {action} completed with ABANDON: the group replaces the instance and an instance refresh stops"
                 ),
                 exit: exit::ABANDONED,
             });
         }
     }
-    let record = serde_json::json!({ "hook": hook, "group": group, "ended": format!("{ended:?}") });
+    let record = serde_json::json!({
+        "instance_id": ctx.me(),
+        "hook": hook,
+        "group": group,
+        "ended": format!("{ended:?}"),
+    });
     fsutil::write_record(&cfg.agent.state_dir, DONE_FILE, &record).map(|_| ())
 }
 
+/// Bound on leaving the raft configuration before an ABANDON: a step-down and one removal
+/// take seconds; the group's replacement must not wait long for it.
+const LEAVE_ON_ABANDON: Duration = Duration::from_secs(60);
+
+/// Whether this instance's launch hook ended in an earlier boot ([`DONE_FILE`] naming it).
+fn completed_earlier(ctx: &Ctx<'_>) -> bool {
+    std::fs::read(ctx.cfg.agent.state_dir.join(DONE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["instance_id"] == ctx.me())
+}
+
 /// Whether autopilot, asked at the active node, calls this node a healthy voter.
-async fn healthy_voter(ctx: &Ctx<'_>) -> std::result::Result<bool, String> {
-    let s = Session::open(ctx).await.map_err(|e| e.to_string())?;
+async fn healthy_voter(ctx: &Ctx<'_>) -> std::result::Result<bool, Wait> {
+    let s = Session::open(ctx).await.map_err(|e| Wait::of(&e))?;
     let state = s.autopilot().await;
     s.close().await;
-    let state = state.map_err(|e| e.to_string())?;
+    let state = state.map_err(|e| Wait::of(&e))?;
     if state.healthy_voter(ctx.me()) {
         return Ok(true);
     }
-    Err(match state.servers.get(ctx.me()) {
-        None => "autopilot does not list this node yet".into(),
-        Some(me) => format!(
-            "autopilot lists this node as {} ({})",
-            me.status,
-            if me.healthy {
-                "healthy"
-            } else {
-                "not healthy yet"
-            }
-        ),
+    Err(Wait {
+        why: match state.servers.get(ctx.me()) {
+            None => "autopilot does not list this node yet".into(),
+            Some(me) => format!(
+                "autopilot lists this node as {} ({})",
+                me.status,
+                if me.healthy {
+                    "healthy"
+                } else {
+                    "not healthy yet"
+                }
+            ),
+        },
+        fatal: false,
     })
 }
 
@@ -217,7 +288,10 @@ mod tests {
         let ended = wait_then_complete(&lc, A, t, || async {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             if n < 8 {
-                Err("not listed".to_string())
+                Err(Wait {
+                    why: "not listed".into(),
+                    fatal: false,
+                })
             } else {
                 Ok(true)
             }
@@ -233,7 +307,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn abandons_past_the_bound_and_never_continues() {
+    async fn past_the_bound_it_is_unready_and_never_continues() {
         let lc = FakeLc::default();
         let t = Timing {
             heartbeat: ms(10),
@@ -243,8 +317,50 @@ mod tests {
         let ended = wait_then_complete(&lc, A, t, || async { Ok(false) })
             .await
             .unwrap();
-        assert_eq!(ended, Ended::Abandoned);
-        assert_eq!(*lc.completed.lock().unwrap(), [Outcome::Abandon]);
+        assert!(matches!(ended, Ended::Unready { .. }), "{ended:?}");
+        // The caller leaves raft first, then abandons: nothing completed here.
+        assert!(lc.completed.lock().unwrap().is_empty());
+        assert!(lc.beats.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_ends_the_wait_at_once() {
+        let lc = FakeLc::default();
+        let t = Timing {
+            heartbeat: ms(10),
+            bound: Duration::from_secs(60),
+            poll: ms(10),
+        };
+        let started = Instant::now();
+        let ended = wait_then_complete(&lc, A, t, || async {
+            Err(Wait {
+                why: "login refused".into(),
+                fatal: true,
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            ended,
+            Ended::Unready {
+                why: "login refused".into()
+            }
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            Wait::of(&Error::Lifecycle {
+                message: String::new(),
+                exit: exit::NOPERM
+            })
+            .fatal
+        );
+        assert!(
+            !Wait::of(&Error::Lifecycle {
+                message: String::new(),
+                exit: exit::TEMPFAIL
+            })
+            .fatal
+        );
     }
 
     #[tokio::test]

@@ -6,7 +6,12 @@
 //! it, and quorum with it. One that cannot leave yet (removing it would leave fewer healthy
 //! voters than a quorum of the rest) waits, with heartbeats and the reason in the log, up to
 //! `lifecycle.leave_timeout_secs`; past that it stops without removing itself, and reaping
-//! removes it once EC2 reports the instance terminated.
+//! removes it once EC2 reports the instance terminated. A node whose own server is down or
+//! sealed still removes itself, through the leader a peer names.
+//!
+//! Who votes is read from the raft configuration at the leader, after a random pause, just
+//! before each removal: several old nodes of one refresh may leave at once, and autopilot's
+//! own view lags by seconds.
 
 use super::autopilot::Removal;
 use super::session::{Ctx, Session};
@@ -28,9 +33,12 @@ pub enum Left {
     Removed { stepped_down: bool },
     /// Not a member any more (removed earlier, or by a reaper).
     NotAMember,
-    /// This node's server did not answer: nothing to hand over.
-    ServerDown,
-    /// `lifecycle.leave_timeout_secs` passed with the removal still unsafe.
+    /// Neither this node's server nor any peer named a leader: nothing to hand over to.
+    NoCluster,
+    /// The terminate hook ended meanwhile (timed out to its default result): the instance
+    /// is going away whatever this node does, so it stops waiting.
+    HookEnded,
+    /// The bound passed with the removal still unsafe.
     TimedOut,
 }
 
@@ -48,11 +56,13 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Left> {
         _ => None,
     };
     tracing::warn!(instance_id = %ctx.me(), "the group is terminating this instance: leaving the cluster gracefully");
-    let left = hand_over(ctx, &lc, action).await?;
+    let bound = Duration::from_secs(cfg.lifecycle.leave_timeout_secs);
+    let left = hand_over(ctx, &lc, action, bound).await;
     tracing::info!(outcome = ?left, "stopping the server");
     launcher::stop_server(&cfg.vault, &cfg.agent.state_dir).await?;
     if let Some(a) = action {
-        match lc.complete(a, Outcome::Continue).await? {
+        let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+        match super::launch::complete(&lc, a, Outcome::Continue, aws).await? {
             Completed::Done => {
                 tracing::info!(action = %a, result = "CONTINUE", "terminate hook completed: termination proceeds")
             }
@@ -64,23 +74,29 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Left> {
     Ok(left)
 }
 
-/// Steps down when active, then removes this node once that keeps quorum.
+/// Steps down when active and removes this node from raft once that keeps quorum, within
+/// `bound`, without any hook: what a node that must abandon its launch does first.
+pub async fn remove_self(ctx: &Ctx<'_>, bound: Duration) -> Left {
+    hand_over(ctx, &SdkAutoscaling::new(ctx.sdk), None, bound).await
+}
+
+/// Steps down when active, then removes this node once that keeps quorum; heartbeats the
+/// hook meanwhile.
 async fn hand_over<L: Lifecycle>(
     ctx: &Ctx<'_>,
     lc: &L,
     action: Option<Action<'_>>,
-) -> Result<Left> {
-    let cfg = ctx.cfg;
+    bound: Duration,
+) -> Left {
     let me = ctx.me();
     let start = Instant::now();
-    let bound = Duration::from_secs(cfg.lifecycle.leave_timeout_secs);
-    let heartbeat = Duration::from_secs(cfg.lifecycle.heartbeat_secs);
+    let heartbeat = Duration::from_secs(ctx.cfg.lifecycle.heartbeat_secs);
     let mut last_beat = Instant::now();
     let mut stepped_down = false;
     let mut last_why = String::new();
     loop {
         let why = match step(ctx, &mut stepped_down).await {
-            Ok(Some(left)) => return Ok(left),
+            Ok(Some(left)) => return left,
             Ok(None) => String::new(),
             Err(why) => why,
         };
@@ -89,13 +105,17 @@ async fn hand_over<L: Lifecycle>(
             last_why = why;
         }
         if start.elapsed() >= bound {
-            tracing::error!(instance_id = %me, "leaving without removing this node from raft after {} s (lifecycle.leave_timeout_secs): {last_why}. It stays a voter until reaping sees its instance terminated, or autopilot's dead-server cleanup", bound.as_secs());
-            return Ok(Left::TimedOut);
+            tracing::error!(instance_id = %me, "leaving without removing this node from raft after {} s: {last_why}. It stays a voter until reaping sees its instance terminated, or autopilot's dead-server cleanup", bound.as_secs());
+            return Left::TimedOut;
         }
         if let Some(a) = action {
             if last_beat.elapsed() >= heartbeat {
                 match lc.heartbeat(a).await {
-                    Ok(_) => last_beat = Instant::now(),
+                    Ok(Completed::Done) => last_beat = Instant::now(),
+                    Ok(Completed::NoAction) => {
+                        tracing::error!(action = %a, "the terminate hook ended while this node waited (its heartbeat timeout passed): the instance is going away now. {last_why}");
+                        return Left::HookEnded;
+                    }
                     Err(e) => tracing::warn!(action = %a, "heartbeat failed ({e}); retrying"),
                 }
             }
@@ -104,15 +124,23 @@ async fn hand_over<L: Lifecycle>(
     }
 }
 
+/// Spreads the last check of concurrent leaves apart (several old nodes of one refresh):
+/// each then reads a raft configuration that already holds the others' removals.
+const JITTER_MS: u64 = 2_000;
+
 /// One attempt: `Ok(Some)` when done, `Ok(None)` to look again at once (after a
 /// step-down), `Err(why)` to wait.
 async fn step(ctx: &Ctx<'_>, stepped_down: &mut bool) -> std::result::Result<Option<Left>, String> {
     let me = ctx.me();
-    let local = ctx.local().map_err(|e| e.to_string())?;
-    if local.health().await.is_err() {
-        return Ok(Some(Left::ServerDown));
-    }
-    let s = Session::open(ctx).await.map_err(|e| e.to_string())?;
+    let s = match Session::open(ctx).await {
+        Ok(s) => s,
+        // Nobody, this node included, names a leader: no cluster to hand over to (this
+        // node's server is down too, or it stands alone).
+        Err(_) if matches!(ctx.leader().await, Ok(None)) && !ctx.answers().await => {
+            return Ok(Some(Left::NoCluster))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     if s.leader_is_me {
         let r = s.step_down().await;
         s.close().await;
@@ -132,8 +160,12 @@ async fn step(ctx: &Ctx<'_>, stepped_down: &mut bool) -> std::result::Result<Opt
         ));
     }
     let result = async {
+        // Decide on a fresh view: the raft configuration for who votes, autopilot for who
+        // is healthy, both read after a random pause.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
+        let members = s.membership().await.map_err(|e| e.to_string())?;
         let state = s.autopilot().await.map_err(|e| e.to_string())?;
-        match state.removal_keeps_quorum(me)? {
+        match state.removal_keeps_quorum(me, &members)? {
             Removal::NotAMember => Ok(Some(Left::NotAMember)),
             Removal::Safe { remaining, healthy } => {
                 s.remove_peer(me).await.map_err(|e| e.to_string())?;

@@ -51,6 +51,10 @@ path "sys/storage/raft/remove-peer" {
 path "sys/step-down" {
   capabilities = ["update", "sudo"]
 }
+# Its tokens carry no default policy: ending its own login early is granted here.
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}
 "#;
 /// A lifecycle session lives for one decision (seconds); the watch logs in again for each.
 pub const TOKEN_TTL: &str = "10m";
@@ -61,6 +65,8 @@ pub const ROLE: approle::Role = approle::Role {
     policy_hcl: POLICY_HCL,
     item: Layout::LIFECYCLE_APPROLE_ITEM,
     token_ttl: TOKEN_TTL,
+    // Exactly the paths above: revoke-self is one of them.
+    default_policy: false,
 };
 
 /// Creates the lifecycle policy and AppRole in post-init and escrows its credentials
@@ -101,7 +107,7 @@ pub fn group<'a>(cfg: &'a Config, tag_value: &'a str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
-    /// Exactly these four paths: what joining and leaving need, no data, no secrets.
+    /// Exactly these paths: what joining and leaving need, and ending its own login.
     #[test]
     fn the_policy_is_exactly_the_lifecycle_paths() {
         let paths: Vec<&str> = POLICY_HCL
@@ -116,6 +122,7 @@ mod tests {
                 "sys/storage/raft/configuration",
                 "sys/storage/raft/remove-peer",
                 "sys/step-down",
+                "auth/token/revoke-self",
             ]
         );
         assert!(!POLICY_HCL.contains("snapshot"));
@@ -141,10 +148,23 @@ mod tests {
         assert_eq!(group(&cfg, "vault-prod"), Some("asg-1"));
         // Hooks without a way to name the group: refused, naming the key.
         let e = Config::parse(
-            &format!("{base}[cluster]\ntag_key = \"cluster\"\n[lifecycle]\nlaunch_hook = \"l\"\n"),
+            &format!("{base}[cluster]\ntag_key = \"cluster\"\n[lifecycle]\nlaunch_hook = \"l\"\nbound_cidrs = [\"10.0.0.0/16\"]\n"),
             "c".as_ref(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("lifecycle.group"), "{e}");
+        // Hooks with the credential bound to the addresses at init only: refused, since no
+        // replacement could ever log in. snapshot.bound_cidrs is the documented fallback.
+        let e = Config::parse(
+            &format!("{base}[lifecycle]\nterminate_hook = \"t\"\n"),
+            "c".as_ref(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lifecycle.bound_cidrs"), "{e}");
+        assert!(Config::parse(
+            &format!("{base}[lifecycle]\nterminate_hook = \"t\"\n[snapshot]\nbound_cidrs = [\"10.0.0.0/16\"]\n"),
+            "c".as_ref(),
+        )
+        .is_ok());
     }
 }

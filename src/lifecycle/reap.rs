@@ -73,15 +73,17 @@ async fn pass_in(
     absent_before: &mut BTreeSet<String>,
 ) -> Result<Vec<String>> {
     let ec2 = SdkEc2::new(ctx.sdk);
+    // Who is a member comes from the raft configuration; health from autopilot.
+    let mut members = s.membership().await?;
     let mut state = s.autopilot().await?;
-    let candidates: Vec<String> = state
+    let candidates: Vec<String> = members
         .servers
-        .keys()
+        .iter()
         .filter(|id| id.as_str() != ctx.me() && is_instance_id(id))
         .cloned()
         .collect();
     // Forget absences of servers no longer listed.
-    absent_before.retain(|id| state.servers.contains_key(id));
+    absent_before.retain(|id| members.servers.contains(id));
     let mut removed = Vec::new();
     for id in candidates {
         let ev = evidence(&ec2, &id).await?;
@@ -91,7 +93,7 @@ async fn pass_in(
             }
             continue;
         }
-        match state.removal_keeps_quorum(&id) {
+        match state.removal_keeps_quorum(&id, &members) {
             Ok(Removal::NotAMember) => {}
             Ok(Removal::Safe { remaining, healthy }) => {
                 s.remove_peer(&id).await?;
@@ -99,6 +101,7 @@ async fn pass_in(
                 tracing::warn!(server_id = %id, evidence = ?ev, remaining_voters = remaining, healthy_voters = healthy, "reaped raft peer: EC2 reports its instance gone");
                 removed.push(id);
                 // The next decision counts the configuration as it is now.
+                members = s.membership().await?;
                 state = s.autopilot().await?;
             }
             Err(why) => {

@@ -3,7 +3,7 @@
 //! this node's `sys/leader`, which standbys answer without a token), so nothing depends on a
 //! standby forwarding requests.
 
-use super::autopilot::State;
+use super::autopilot::{Membership, State};
 use crate::approle::{self, LoginError};
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
@@ -25,6 +25,9 @@ pub struct Ctx<'a> {
     pub tag_value: &'a str,
     pub sdk: &'a aws_config::SdkConfig,
     pub ca: &'a [u8],
+    /// The peers' addresses (discovered, or recorded in the membership record): where to
+    /// ask for the leader when this node's own server does not answer.
+    pub peers: Vec<IpAddr>,
 }
 
 impl Ctx<'_> {
@@ -32,27 +35,56 @@ impl Ctx<'_> {
         &self.facts.instance_id
     }
 
+    /// Whether this node's own server answers `sys/health` at all.
+    pub async fn answers(&self) -> bool {
+        match self.local() {
+            Ok(c) => c.health().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// This node's own API client, from this instance's address.
     pub fn local(&self) -> Result<VaultClient> {
         api_clients::local(self.cfg, self.facts, self.ca)
     }
 
-    /// The active node's client, as this node's `sys/leader` names it; `None` while there
-    /// is no leader (or this node's server does not answer).
+    /// The active node's client, as this node's `sys/leader` names it (or, when this
+    /// node's server does not answer or knows no leader, a peer's); `None` while nobody
+    /// names one. The flag says whether the active node is this one.
     pub async fn leader(&self) -> Result<Option<(VaultClient, bool)>> {
+        let me = self.facts.local_ipv4;
         let local = self.local()?;
-        let Ok((200, body)) = local.call(Method::GET, "sys/leader", None, None).await else {
-            return Ok(None);
-        };
-        if body["is_self"].as_bool() == Some(true) {
-            return Ok(Some((local, true)));
+        if let Some(found) = leader_seen_by(local, true, self).await? {
+            return Ok(Some(found));
         }
-        let Some(ip) = body["leader_address"].as_str().and_then(host_ip) else {
-            return Ok(None);
-        };
-        let client = api_clients::client(self.cfg, self.ca, ip, self.facts.local_ipv4)?;
-        Ok(Some((client, false)))
+        for ip in &self.peers {
+            let peer = api_clients::client(self.cfg, self.ca, *ip, me)?;
+            if let Some(found) = leader_seen_by(peer, false, self).await? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
     }
+}
+
+/// The leader `node`'s `sys/leader` names (`mine`: `node` is this node's own server).
+async fn leader_seen_by(
+    node: VaultClient,
+    mine: bool,
+    ctx: &Ctx<'_>,
+) -> Result<Option<(VaultClient, bool)>> {
+    let Ok((200, body)) = node.call(Method::GET, "sys/leader", None, None).await else {
+        return Ok(None);
+    };
+    if body["is_self"].as_bool() == Some(true) {
+        return Ok(Some((node, mine)));
+    }
+    let Some(ip) = body["leader_address"].as_str().and_then(host_ip) else {
+        return Ok(None);
+    };
+    let is_me = ip == ctx.facts.local_ipv4;
+    let client = api_clients::client(ctx.cfg, ctx.ca, ip, ctx.facts.local_ipv4)?;
+    Ok(Some((client, is_me)))
 }
 
 /// The IP address in an `api_addr` URL (`https://10.0.1.7:8200`, `https://[fd00::1]:8200`).
@@ -153,6 +185,18 @@ impl Session {
             .await?;
         State::parse(&body).ok_or_else(|| Error::VaultApi {
             call: "GET sys/storage/raft/autopilot/state".into(),
+            url: self.leader.base().to_owned(),
+            message: "the answer holds no servers".into(),
+        })
+    }
+
+    /// The raft configuration, from the active node: who is a member, who votes.
+    pub async fn membership(&self) -> Result<Membership> {
+        let body = self
+            .call(Method::GET, "sys/storage/raft/configuration", None)
+            .await?;
+        Membership::parse(&body).ok_or_else(|| Error::VaultApi {
+            call: "GET sys/storage/raft/configuration".into(),
             url: self.leader.base().to_owned(),
             message: "the answer holds no servers".into(),
         })

@@ -19,6 +19,22 @@ use std::time::{Duration, Instant};
 /// short against the terminate hook's heartbeat timeout, light on IMDS.
 pub const POLL: Duration = Duration::from_secs(5);
 
+/// The peers this node settled with (its membership record): where to find the leader
+/// when its own server is down. No EC2 call: the watch must work while EC2 does not.
+fn recorded_peers(cfg: &Config) -> Vec<std::net::IpAddr> {
+    crate::member::read(&cfg.agent.state_dir)
+        .ok()
+        .flatten()
+        .map(|m| {
+            m.peers()
+                .into_iter()
+                .filter(|p| !p.is_self)
+                .map(|p| p.ip)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub async fn run(cfg: &Config) -> Result<i32> {
     // Who this is: IMDS, and the cluster tag (IMDS tags, else one DescribeTags).
     let id = node::identity(cfg).await?;
@@ -52,6 +68,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                         tag_value: &id.tag_value,
                         sdk: &id.sdk,
                         ca: &ca,
+                        peers: recorded_peers(cfg),
                     };
                     let left = super::leave::run(&ctx).await?;
                     tracing::info!(outcome = ?left, "left the cluster: watch ends");
@@ -73,6 +90,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                         tag_value: &id.tag_value,
                         sdk: &id.sdk,
                         ca: &ca,
+                        peers: recorded_peers(cfg),
                     };
                     if let Err(e) = super::reap::pass(&ctx, &mut absent_before).await {
                         tracing::warn!(
