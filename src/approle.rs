@@ -27,6 +27,8 @@ use std::time::Duration;
 pub struct Role {
     /// Policy and AppRole role name (stable: operators revoke by them).
     pub name: &'static str,
+    /// What the logs call it ("snapshot", "lifecycle").
+    pub label: &'static str,
     pub policy_hcl: &'static str,
     /// Escrow item name ([`Layout::object`]); its class is `node-credential`.
     pub item: &'static str,
@@ -146,7 +148,7 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     if !(200..300).contains(&s) {
         return Err(provision_err(role, &c, s, &b));
     }
-    tracing::info!(role = name, bound_cidrs = ?cidrs, token_ttl = role.token_ttl, "AppRole bound to the cluster's addresses");
+    tracing::info!(role = name, bound_cidrs = ?cidrs, token_ttl = role.token_ttl, "{} AppRole bound to the cluster's addresses", role.label);
 
     let key = layout.object(role.item);
     let existing = retry::retry("read a node credential item", aws, || {
@@ -154,7 +156,7 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     })
     .await?;
     if existing.is_some() {
-        tracing::info!(item = %layout.url(&key), role = name, "AppRole credentials already escrowed");
+        tracing::info!(item = %layout.url(&key), role = name, "{} AppRole already escrowed", role.label);
         return Ok(());
     }
     let (s, b, c) = call(
@@ -200,7 +202,7 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     // Read back as the other escrow items are: the bytes and S3's checksum. Nodes may
     // decrypt this class, but the comparison needs no key at all.
     escrow::check_stored(s3, layout, role.item, &ct, aws).await?;
-    tracing::info!(item = %layout.url(&key), role = name, "AppRole created and its credentials escrowed");
+    tracing::info!(item = %layout.url(&key), role = name, "{} AppRole created and its credentials escrowed", role.label);
     Ok(())
 }
 
@@ -252,6 +254,7 @@ mod tests {
 
     const ROLE: Role = Role {
         name: "r",
+        label: "test",
         policy_hcl: "",
         item: "r-item",
         token_ttl: "10m",

@@ -52,6 +52,7 @@ pub const META_SIZE: &str = "size";
 /// The snapshot node credential (see [`crate::approle`]).
 pub const ROLE: approle::Role = approle::Role {
     name: NAME,
+    label: "snapshot",
     policy_hcl: POLICY_HCL,
     item: Layout::SNAPSHOT_APPROLE_ITEM,
     token_ttl: TOKEN_TTL,

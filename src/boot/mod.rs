@@ -350,6 +350,21 @@ pub(crate) async fn initialize_or_join(
     )
     .instrument(tracing::info_span!("init"))
     .await?;
+    // Peers this node knew when it last settled that EC2 no longer lists as pending or
+    // running: the only evidence worth a reaping pass at boot (which logs in with the
+    // lifecycle credential, a KMS decrypt); the watch unit's interval covers the rest.
+    let vanished: Vec<String> = member::read(&cfg.agent.state_dir)
+        .ok()
+        .flatten()
+        .map(|before| {
+            before
+                .peers
+                .into_iter()
+                .map(|p| p.instance_id)
+                .filter(|id| !node.peers.iter().any(|p| &p.instance_id == id))
+                .collect()
+        })
+        .unwrap_or_default();
     // What the next boot needs to come back without EC2 or S3.
     member::write(
         &cfg.agent.state_dir,
@@ -383,7 +398,8 @@ pub(crate) async fn initialize_or_join(
     };
     // A voter whose instance is gone only counts against quorum: the active node removes
     // it now rather than at the watch unit's next interval (one look: terminated only).
-    if cfg.lifecycle.reap {
+    if cfg.lifecycle.reap && !vanished.is_empty() {
+        tracing::info!(vanished = ?vanished, "peers recorded at the last settle are gone from EC2's list: reaping pass");
         if let Err(e) = lifecycle::reap::pass(&ctx, &mut Default::default()).await {
             tracing::warn!("reaping at boot failed ({e}); the watch unit tries again");
         }

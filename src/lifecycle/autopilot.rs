@@ -67,34 +67,54 @@ impl State {
             .is_some_and(|s| s.is_voter() && s.healthy)
     }
 
-    /// Whether removing `id` leaves a configuration whose healthy voters are a quorum of it
-    /// (so the cluster stays writable, and the removal itself can commit). Who votes comes
-    /// from the raft configuration (`m`), read at the leader just before: autopilot's state
-    /// is a cache refreshed every few seconds, and a server another leave removed a moment
-    /// ago may still be in it as a healthy voter. Health comes from autopilot; a voter it
-    /// does not list counts as unhealthy. `Err` says why not.
-    pub fn removal_keeps_quorum(&self, id: &str, m: &Membership) -> Result<Removal, String> {
+    /// Whether removing `id` keeps the cluster's failure tolerance: after it, the healthy
+    /// voters that remain are a quorum of the remaining configuration, with at least
+    /// `min(tolerance now, target)` to spare, where `target` is the tolerance the cluster is
+    /// built for (`(init.expected_size - 1) / 2`). So a removal never makes the tolerance
+    /// worse than it is, below the target: a dead voter's removal (the healthy count stays)
+    /// always passes while the cluster is writable; a healthy voter's leave waits while a
+    /// remaining voter is unhealthy or not yet heard from (right after an election), unless
+    /// the cluster was already below its target before.
+    ///
+    /// Who votes comes from the raft configuration (`m`), read at the leader just before:
+    /// autopilot's state is a cache refreshed every few seconds, and a server another leave
+    /// removed a moment ago may still be in it as a healthy voter. Health comes from
+    /// autopilot; a voter it does not list counts as unhealthy. `Err` says why not.
+    pub fn removal_keeps_quorum(
+        &self,
+        id: &str,
+        m: &Membership,
+        target: usize,
+    ) -> Result<Removal, String> {
         if !m.servers.contains(id) {
             return Ok(Removal::NotAMember);
         }
+        let healthy_of = |voters: &[&String]| {
+            voters
+                .iter()
+                .filter(|v| self.servers.get(v.as_str()).is_some_and(|s| s.healthy))
+                .count()
+        };
+        let now: Vec<&String> = m.voters.iter().collect();
         let remaining: Vec<&String> = m.voters.iter().filter(|v| v.as_str() != id).collect();
-        let healthy = remaining
-            .iter()
-            .filter(|v| self.servers.get(v.as_str()).is_some_and(|s| s.healthy))
-            .count();
-        let need = quorum(remaining.len());
         if remaining.is_empty() {
             return Err(format!("{id} is the only voter"));
         }
-        if healthy < need {
+        let tolerance =
+            |voters: &[&String]| healthy_of(voters) as i64 - quorum(voters.len()) as i64;
+        let (before, after) = (tolerance(&now), tolerance(&remaining));
+        let healthy = healthy_of(&remaining);
+        let need = quorum(remaining.len()) as i64 + before.clamp(0, target as i64);
+        if (healthy as i64) < need {
             let what = if m.voters.contains(id) {
                 "a voter"
             } else {
                 "a non-voter"
             };
             return Err(format!(
-                "after removing {id} ({what}) {} voters would remain, {healthy} of them healthy, fewer than their quorum of {need}",
-                remaining.len()
+                "after removing {id} ({what}) {} voters would remain, {healthy} of them healthy: failure tolerance {after}, below {} (the lesser of now, {before}, and the target, {target}); waiting until the others are healthy",
+                remaining.len(),
+                before.clamp(0, target as i64)
             ));
         }
         Ok(Removal::Safe {
@@ -102,6 +122,11 @@ impl State {
             healthy,
         })
     }
+}
+
+/// The failure tolerance a cluster of `expected_size` voters is built for.
+pub fn target_tolerance(expected_size: u8) -> usize {
+    usize::from(expected_size.saturating_sub(1) / 2)
 }
 
 /// `sys/storage/raft/configuration`: who is in the raft configuration, and who votes.
@@ -203,7 +228,7 @@ mod tests {
             ("new", "voter", true),
         ]);
         assert_eq!(
-            s.removal_keeps_quorum("b", &m(&s)),
+            s.removal_keeps_quorum("b", &m(&s), 1),
             Ok(Removal::Safe {
                 remaining: 3,
                 healthy: 3
@@ -215,18 +240,61 @@ mod tests {
             ("b", "voter", true),
             ("dead", "voter", false),
         ]);
-        assert!(s.removal_keeps_quorum("dead", &m(&s)).is_ok());
+        assert!(s.removal_keeps_quorum("dead", &m(&s), 1).is_ok());
         // A healthy voter leaving 2 voters of which 1 is healthy: refused, with the numbers.
-        let e = s.removal_keeps_quorum("b", &m(&s)).unwrap_err();
+        let e = s.removal_keeps_quorum("b", &m(&s), 1).unwrap_err();
         assert!(
             e.contains("2 voters would remain, 1 of them healthy"),
             "{e}"
         );
+        // Right after an election the new leader has not heard from the newest voter: a
+        // leave then waits, although a bare quorum would remain.
+        let s = state(&[
+            ("new1", "leader", true),
+            ("new2", "voter", true),
+            ("old", "voter", true),
+            ("leaving", "voter", true),
+            ("unheard", "voter", false),
+        ]);
+        let e = s.removal_keeps_quorum("leaving", &m(&s), 1).unwrap_err();
+        assert!(e.contains("failure tolerance 0, below 1"), "{e}");
+        // Once it is heard from, the leave goes on: 4 healthy voters keep tolerance 1.
+        let s = state(&[
+            ("new1", "leader", true),
+            ("new2", "voter", true),
+            ("old", "voter", true),
+            ("leaving", "voter", true),
+            ("unheard", "voter", true),
+        ]);
+        assert!(s.removal_keeps_quorum("leaving", &m(&s), 1).is_ok());
+        // Five nodes, target 2: from 6 healthy voters one leaves; a dead one is reaped at
+        // tolerance 1 (it cannot get worse by that).
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("c", "voter", true),
+            ("d", "voter", true),
+            ("e", "voter", true),
+            ("f", "voter", true),
+        ]);
+        assert!(s.removal_keeps_quorum("f", &m(&s), 2).is_ok());
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("c", "voter", true),
+            ("d", "voter", true),
+            ("dead", "voter", false),
+        ]);
+        assert!(s.removal_keeps_quorum("dead", &m(&s), 2).is_ok());
+        assert!(s.removal_keeps_quorum("d", &m(&s), 2).is_err());
+        assert_eq!(target_tolerance(3), 1);
+        assert_eq!(target_tolerance(5), 2);
+        assert_eq!(target_tolerance(4), 1);
         // The last voter never leaves; a non-member is nothing to do.
         let one = state(&[("a", "leader", true)]);
-        assert!(one.removal_keeps_quorum("a", &m(&one)).is_err());
+        assert!(one.removal_keeps_quorum("a", &m(&one), 1).is_err());
         assert_eq!(
-            s.removal_keeps_quorum("zzz", &m(&s)),
+            s.removal_keeps_quorum("zzz", &m(&s), 1),
             Ok(Removal::NotAMember)
         );
         // A non-voter's removal counts only the voters.
@@ -235,7 +303,7 @@ mod tests {
             ("b", "voter", false),
             ("nv", "non-voter", true),
         ]);
-        assert!(s.removal_keeps_quorum("nv", &m(&s)).is_err());
+        assert!(s.removal_keeps_quorum("nv", &m(&s), 1).is_err());
     }
 
     /// Two old nodes leave at once from 6 voters, 4 healthy: autopilot's cache still lists
@@ -255,15 +323,15 @@ mod tests {
         after_old1.voters.remove("old1");
         after_old1.servers.remove("old1");
         // From the stale cache alone the second leave would look safe (5 left, 3 healthy).
-        assert!(s.removal_keeps_quorum("old2", &m(&s)).is_ok());
-        let e = s.removal_keeps_quorum("old2", &after_old1).unwrap_err();
+        assert!(s.removal_keeps_quorum("old2", &m(&s), 1).is_ok());
+        let e = s.removal_keeps_quorum("old2", &after_old1, 1).unwrap_err();
         assert!(
             e.contains("4 voters would remain, 2 of them healthy"),
             "{e}"
         );
         // And a server the configuration no longer has is nothing to do, whatever the cache says.
         assert_eq!(
-            s.removal_keeps_quorum("old1", &after_old1),
+            s.removal_keeps_quorum("old1", &after_old1, 1),
             Ok(Removal::NotAMember)
         );
     }

@@ -13,7 +13,7 @@
 //! before each removal: several old nodes of one refresh may leave at once, and autopilot's
 //! own view lags by seconds.
 
-use super::autopilot::Removal;
+use super::autopilot::{target_tolerance, Removal};
 use super::session::{Ctx, Session};
 use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
 use crate::error::Result;
@@ -165,7 +165,7 @@ async fn step(ctx: &Ctx<'_>, stepped_down: &mut bool) -> std::result::Result<Opt
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
         let members = s.membership().await.map_err(|e| e.to_string())?;
         let state = s.autopilot().await.map_err(|e| e.to_string())?;
-        match state.removal_keeps_quorum(me, &members)? {
+        match state.removal_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))? {
             Removal::NotAMember => Ok(Some(Left::NotAMember)),
             Removal::Safe { remaining, healthy } => {
                 s.remove_peer(me).await.map_err(|e| e.to_string())?;

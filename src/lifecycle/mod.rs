@@ -62,6 +62,7 @@ pub const TOKEN_TTL: &str = "10m";
 /// The lifecycle node credential (see [`crate::approle`]).
 pub const ROLE: approle::Role = approle::Role {
     name: NAME,
+    label: "lifecycle",
     policy_hcl: POLICY_HCL,
     item: Layout::LIFECYCLE_APPROLE_ITEM,
     token_ttl: TOKEN_TTL,

@@ -10,7 +10,7 @@
 //! ([`super::autopilot::State::removal_keeps_quorum`]). Autopilot's
 //! `dead_server_last_contact_threshold` stays the backstop for what EC2 cannot tell.
 
-use super::autopilot::Removal;
+use super::autopilot::{target_tolerance, Removal};
 use super::session::{Ctx, Session};
 use crate::aws::ec2::{Ec2Api, SdkEc2};
 use crate::error::Result;
@@ -93,7 +93,11 @@ async fn pass_in(
             }
             continue;
         }
-        match state.removal_keeps_quorum(&id, &members) {
+        match state.removal_keeps_quorum(
+            &id,
+            &members,
+            target_tolerance(ctx.cfg.init.expected_size),
+        ) {
             Ok(Removal::NotAMember) => {}
             Ok(Removal::Safe { remaining, healthy }) => {
                 s.remove_peer(&id).await?;
