@@ -9,7 +9,10 @@
 #   - crashes and faults around init/escrow (tests/init_escrow.rs);
 #   - concurrency: 3, 5 and 7 simultaneous boots (tests/boot_cluster.rs), a boot racing a
 #     rejoin (tests/rejoin.rs);
-#   - the secret-hygiene audit (tests/hygiene.rs).
+#   - the secret-hygiene audit (tests/hygiene.rs);
+#   - rolling upgrades (tests/rolling.rs): the 5-node roll 2.6.1 -> 2.6.2 with lifecycle
+#     hooks, and the naive terminate-first roll for the side-by-side numbers (about 10
+#     minutes more; VB_ROLL_REPORT=<file> collects their numbers as JSON).
 #
 # The 20-trial soak of simultaneous boots is separate (about 20 minutes):
 #   cargo test --test boot_cluster -- --ignored soak
@@ -35,4 +38,5 @@ run --test boot_cluster -- --include-ignored --skip soak --test-threads=1
 run --test rejoin -- --test-threads=2
 run --test hygiene
 run --test static_stability
+run --test rolling -- --include-ignored --test-threads=1 --nocapture
 echo "full fault matrix: passed" >&2

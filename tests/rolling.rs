@@ -1,0 +1,1393 @@
+//! Issue 15: rolling upgrades and replacements that never cost quorum.
+//!
+//! - `roll_three_nodes_2_6_1_to_2_6_2` (CI) and `roll_five_nodes_2_6_1_to_2_6_2` (full
+//!   matrix): a cluster formed on OpenBao 2.6.1 with the ASG's launch and terminate hooks
+//!   (emulated by tests/testbed/lifecycle.py) and a `watch` per node is rolled, instance by
+//!   instance, to 2.6.2 by the instance-refresh driver (launch before terminate), under a
+//!   writer (a KV put every 0.2 s) and a sampler (autopilot's failure tolerance every 0.5 s).
+//! - `naive_roll_terminate_first` (full matrix): the same roll done terminate-first with no
+//!   hooks and no watch, for the side-by-side numbers: the tolerance dip and the dead voters.
+//! - `lost_instance_reaped_within_one_interval_unreachable_never` (CI): a node that only
+//!   lost power stays a voter; once EC2 says its instance is terminated, it is reaped within
+//!   one watch interval.
+//!
+//! How the numbers are read: a tolerance sample that no active node answered is
+//! "unreadable", one from a leader elected moments ago that has no raft stats of some voter
+//! yet is "uninformed" ([`Class::Uninformed`]); both are counted apart, never as a dip. A
+//! write gap is judged against the failover floor, the gap a plain step-down costs the same
+//! writer ([`check_gaps`]).
+//!
+//! Every number is printed (`--nocapture`); `VB_ROLL_REPORT=<path>` also writes the roll's
+//! report as JSON; `VB_ROLL_SEED=<n>` replays a replacement order; `VB_KEEP_TESTBED=1` keeps
+//! the test-bed directory (logs, lifecycle.json) of the rolls.
+
+mod common;
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LAUNCH_HOOK: &str = "vault-launch";
+const TERMINATE_HOOK: &str = "vault-terminate";
+/// The writer's period (issue 15: a KV put every 0.2 s).
+const WRITE_EVERY: Duration = Duration::from_millis(200);
+/// The sampler's period (issue 15: failure tolerance every 0.5 s).
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// The gap rule's margin: see [`check_gaps`].
+const GAP_MARGIN: f64 = 2.0;
+
+/// The agents' config for this file's clusters: the root token kept (the test reads with
+/// it), `expected_size` the cluster's size, and the lifecycle table: the lifecycle AppRole
+/// bound to all of loopback (replacements come at new addresses), short heartbeats.
+fn node_toml(n: usize, hooks: bool, watch_interval_secs: u64, reap: bool, extra: &str) -> String {
+    let mut s = format!(
+        "[init]\nrevoke_root_token = false\nexpected_size = {n}\n{extra}\n\
+         [lifecycle]\nbound_cidrs = [\"127.0.0.0/8\"]\nheartbeat_secs = 5\n\
+         watch_interval_secs = {watch_interval_secs}\nreap = {reap}\n"
+    );
+    if hooks {
+        s.push_str(&format!(
+            "launch_hook = \"{LAUNCH_HOOK}\"\nterminate_hook = \"{TERMINATE_HOOK}\"\n"
+        ));
+    }
+    s
+}
+
+/// The emulated group's hooks: a minute's heartbeat timeout (the agents beat every 5 s);
+/// a launch not completed in time is abandoned (AWS's default), a leave goes on.
+fn hooks() -> Vec<Hook> {
+    vec![
+        Hook {
+            name: LAUNCH_HOOK,
+            transition: "launching",
+            heartbeat_timeout_secs: 60,
+            default_result: "ABANDON",
+        },
+        Hook {
+            name: TERMINATE_HOOK,
+            transition: "terminating",
+            heartbeat_timeout_secs: 60,
+            default_result: "CONTINUE",
+        },
+    ]
+}
+
+/// The replacement order, shuffled by a seed (`VB_ROLL_SEED`, else the clock): an instance
+/// refresh knows nothing of raft leadership, so the leader may go first, last or between.
+fn order(n: usize) -> (u64, Vec<usize>) {
+    let seed = std::env::var("VB_ROLL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000
+        });
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut v);
+    (seed, v)
+}
+
+// ----------------------------------------------------------------------------- load
+
+/// One look at autopilot's state.
+#[derive(Debug, Clone)]
+struct Ap {
+    ft: i64,
+    leader: String,
+    /// Voters (status leader or voter), sorted.
+    voters: Vec<String>,
+    /// Voters autopilot does not call healthy: dead or unreachable ones it still lists.
+    unhealthy_voters: Vec<String>,
+    /// Voters the leader has no raft stats of (yet): `last_term` and `last_index` 0 (see
+    /// [`Class::Uninformed`]).
+    unknown_voters: Vec<String>,
+    /// Server id -> version.
+    versions: BTreeMap<String, String>,
+    servers: usize,
+    /// The answer's `data`, for the failure report.
+    raw: serde_json::Value,
+}
+
+fn parse_ap(body: &serde_json::Value) -> Option<Ap> {
+    let d = &body["data"];
+    let ft = d["failure_tolerance"].as_i64()?;
+    let leader = d["leader"].as_str()?.to_string();
+    let servers = d["servers"].as_object()?;
+    let mut voters = Vec::new();
+    let mut unhealthy = Vec::new();
+    let mut unknown = Vec::new();
+    let mut versions = BTreeMap::new();
+    for (id, s) in servers {
+        let status = s["status"].as_str().unwrap_or("");
+        if status == "leader" || status == "voter" {
+            voters.push(id.clone());
+            if s["healthy"] != true {
+                unhealthy.push(id.clone());
+            }
+            if s["last_term"] == 0 && s["last_index"] == 0 {
+                unknown.push(id.clone());
+            }
+        }
+        versions.insert(
+            id.clone(),
+            s["version"]
+                .as_str()
+                .unwrap_or("?")
+                .trim_start_matches('v')
+                .to_string(),
+        );
+    }
+    voters.sort();
+    unhealthy.sort();
+    unknown.sort();
+    Some(Ap {
+        ft,
+        leader,
+        voters,
+        unhealthy_voters: unhealthy,
+        unknown_voters: unknown,
+        versions,
+        servers: servers.len(),
+        raw: d.clone(),
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    t: f64,
+    /// None: autopilot's state could not be read (no active node answered it): counted
+    /// apart, never as a dip.
+    ap: Option<Ap>,
+}
+
+/// The writer's and the sampler's records, times in seconds since the test's epoch.
+#[derive(Clone)]
+struct Load {
+    epoch: Instant,
+    http: reqwest::Client,
+    ips: Ips,
+    token: String,
+    stop: Arc<AtomicBool>,
+    writes: Arc<Mutex<Vec<(f64, bool)>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+impl Load {
+    fn new(tb: &Testbed, epoch: Instant, ips: Ips, token: &str) -> Load {
+        let pem = std::fs::read(tb.seed_dir().join("ca.pem")).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+            .timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(1))
+            .no_proxy()
+            .build()
+            .unwrap();
+        Load {
+            epoch,
+            http,
+            ips,
+            token: token.to_string(),
+            stop: Arc::new(AtomicBool::new(false)),
+            writes: Arc::new(Mutex::new(Vec::new())),
+            samples: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// The address answering health 200 among the current ones (all asked at once, 1 s
+    /// each), if any.
+    async fn find_active(&self) -> Option<String> {
+        let list = self.ips.lock().unwrap().clone();
+        let mut set = tokio::task::JoinSet::new();
+        for ip in list {
+            let http = self.http.clone();
+            set.spawn(async move {
+                let r = http
+                    .get(format!("https://{ip}:8200/v1/sys/health"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status().as_u16() == 200).then_some(ip)
+            });
+        }
+        let mut found = None;
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(ip)) = r {
+                found.get_or_insert(ip);
+            }
+        }
+        found
+    }
+
+    /// A KV put every 0.2 s to the active node (found again after any failure); each
+    /// attempt is recorded, a tick with no active node found as a failed one.
+    async fn writer(self) {
+        let mut tick = tokio::time::interval(WRITE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut target: Option<String> = None;
+        let mut n = 0u64;
+        while !self.stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            if target.is_none() {
+                target = self.find_active().await;
+            }
+            let ok = match &target {
+                Some(ip) => self
+                    .http
+                    .put(format!("https://{ip}:8200/v1/kv/roll"))
+                    .header("X-Vault-Token", &self.token)
+                    .json(&serde_json::json!({"n": n}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                None => false,
+            };
+            if !ok {
+                target = None;
+            }
+            n += 1;
+            let t = self.now();
+            self.writes.lock().unwrap().push((t, ok));
+        }
+    }
+
+    async fn read_ap(&self, ip: &str) -> Option<Ap> {
+        let r = self
+            .http
+            .get(format!(
+                "https://{ip}:8200/v1/sys/storage/raft/autopilot/state"
+            ))
+            .header("X-Vault-Token", &self.token)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?;
+        if r.status().as_u16() != 200 {
+            return None;
+        }
+        parse_ap(&r.json().await.ok()?)
+    }
+
+    /// Autopilot's state every 0.5 s from the active node (found again, once per sample,
+    /// when it does not answer).
+    async fn sampler(self) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut target: Option<String> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let t = self.now();
+            let mut ap = match &target {
+                Some(ip) => self.read_ap(ip).await,
+                None => None,
+            };
+            if ap.is_none() {
+                target = self.find_active().await;
+                if let Some(ip) = &target {
+                    ap = self.read_ap(ip).await;
+                }
+            }
+            self.samples.lock().unwrap().push(Sample { t, ap });
+        }
+    }
+
+    fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().writer()),
+            tokio::spawn(self.clone().sampler()),
+        ]
+    }
+
+    async fn finish(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("load task ends within 10 s")
+                .expect("load task");
+        }
+    }
+
+    fn writes(&self) -> Vec<(f64, bool)> {
+        self.writes.lock().unwrap().clone()
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until a write at or after `t` succeeded; returns its time.
+    async fn wait_write_after(&self, t: f64, bound: Duration) -> f64 {
+        poll("a successful write", bound, || async {
+            self.writes()
+                .iter()
+                .find(|(wt, ok)| *ok && *wt >= t)
+                .map(|(wt, _)| *wt)
+        })
+        .await
+    }
+}
+
+/// Gaps without a successful write inside `[from, to]`: (length, start, end), the window's
+/// ends counting as successes.
+fn gaps(writes: &[(f64, bool)], from: f64, to: f64) -> Vec<(f64, f64, f64)> {
+    let mut ok: Vec<f64> = vec![from];
+    ok.extend(
+        writes
+            .iter()
+            .filter(|(t, ok)| *ok && *t > from && *t < to)
+            .map(|(t, _)| *t),
+    );
+    ok.push(to);
+    ok.windows(2).map(|w| (w[1] - w[0], w[0], w[1])).collect()
+}
+
+fn longest(g: &[(f64, f64, f64)]) -> (f64, f64, f64) {
+    g.iter()
+        .cloned()
+        .fold((0.0, 0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a })
+}
+
+/// Leadership changes seen by the sampler in `[from, to]`: (last sample with the old
+/// leader, first with the new one, old, new).
+fn leader_changes(samples: &[Sample], from: f64, to: f64) -> Vec<(f64, f64, String, String)> {
+    let mut out = Vec::new();
+    let mut last: Option<(f64, String)> = None;
+    for s in samples.iter().filter(|s| s.t >= from && s.t <= to) {
+        if let Some(ap) = &s.ap {
+            if let Some((t0, l0)) = &last {
+                if *l0 != ap.leader {
+                    out.push((*t0, s.t, l0.clone(), ap.leader.clone()));
+                }
+            }
+            last = Some((s.t, ap.leader.clone()));
+        }
+    }
+    out
+}
+
+/// The gap rule. Each write gap may last at most `GAP_MARGIN` x the failover floor for each
+/// leadership change that happened during it (a change counts when the sampler's interval
+/// around it overlaps the gap), and `GAP_MARGIN` x the floor when none did. The floor is
+/// what one step-down with nothing else going on cost the same writer; the margin (2) is
+/// for two busy cores, where one write or health probe can be late by a tick or two.
+/// Returns the violations.
+fn check_gaps(
+    g: &[(f64, f64, f64)],
+    changes: &[(f64, f64, String, String)],
+    floor: f64,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (len, a, b) in g {
+        let during = changes
+            .iter()
+            .filter(|(c0, c1, _, _)| *c1 >= *a && *c0 <= *b)
+            .count();
+        let allowed = GAP_MARGIN * floor * during.max(1) as f64;
+        if *len > allowed {
+            bad.push(format!(
+                "gap {len:.2} s ({a:.2}..{b:.2}) with {during} leadership change(s): allowed {allowed:.2} s"
+            ));
+        }
+    }
+    bad
+}
+
+/// Every object under the cluster's escrow prefix, with its bytes.
+async fn escrow_objects(tb: &Testbed) -> BTreeMap<String, Vec<u8>> {
+    let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
+    let list = s3
+        .list_objects_v2()
+        .bucket("vault-resources")
+        .prefix("vault-bootstrap/test-vault/")
+        .send()
+        .await
+        .expect("ListObjectsV2");
+    let mut out = BTreeMap::new();
+    for key in list.contents().iter().filter_map(|o| o.key()) {
+        let body = s3
+            .get_object()
+            .bucket("vault-resources")
+            .key(key)
+            .send()
+            .await
+            .expect("GetObject")
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+            .to_vec();
+        out.insert(key.to_string(), body);
+    }
+    out
+}
+
+/// The objects a second init (or a re-run of the first) would touch: the marker, the
+/// recovery keys, the root token and the init lock's generations.
+fn init_objects(all: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
+    all.iter()
+        .filter(|(k, _)| {
+            let name = k.trim_start_matches("vault-bootstrap/test-vault/");
+            name == "cluster-initialized.json"
+                || name.starts_with("recovery-key-")
+                || name == "root-token.enc"
+                || name.starts_with("init-lock/")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Autopilot's state through the active node, waiting (bounded) for `ok` to hold.
+async fn ap_until(load: &Load, what: &str, bound: Duration, ok: impl Fn(&Ap) -> bool) -> Ap {
+    poll(what, bound, || async {
+        let ip = load.find_active().await?;
+        let ap = load.read_ap(&ip).await?;
+        ok(&ap).then_some(ap)
+    })
+    .await
+}
+
+/// Steps the active node down `times` times with the root token while the writer runs;
+/// returns the longest write gap around each (the failover floor is the largest). The
+/// step-downs are [`STEP_DOWN_SPACING`] apart: a node that stepped down sits out about
+/// 10 s before it takes leadership again (seen: a second step-down 5 s after the first gave
+/// raft leadership back to the first node, and the writer waited 5.6 s for its sit-out to
+/// end), which is a property of back-to-back step-downs, not of a failover.
+async fn failover_floor(load: &Load, times: usize) -> Vec<f64> {
+    let mut floors = Vec::new();
+    let mut last: Option<Instant> = None;
+    for k in 0..times {
+        // Writes flowing first.
+        let t = load.now();
+        load.wait_write_after(t, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some(l) = last {
+            tokio::time::sleep(STEP_DOWN_SPACING.saturating_sub(l.elapsed())).await;
+        }
+        last = Some(Instant::now());
+        let ip = poll("an active node", Duration::from_secs(30), || {
+            load.find_active()
+        })
+        .await;
+        let t0 = load.now();
+        let r = load
+            .http
+            .put(format!("https://{ip}:8200/v1/sys/step-down"))
+            .header("X-Vault-Token", &load.token)
+            .send()
+            .await
+            .expect("step-down");
+        assert!(r.status().is_success(), "step-down on {ip}: {}", r.status());
+        // Another node active, a write after that, then some more: the gap is closed and
+        // seen whole.
+        poll("another node active", Duration::from_secs(30), || async {
+            load.find_active().await.filter(|a| *a != ip)
+        })
+        .await;
+        load.wait_write_after(load.now(), Duration::from_secs(30))
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let g = longest(&gaps(&load.writes(), t0 - 0.2, load.now()));
+        eprintln!(
+            "failover floor #{k}: step-down of {ip} at {t0:.2} s: longest write gap {:.2} s ({:.2}..{:.2})",
+            g.0, g.1, g.2
+        );
+        floors.push(g.0);
+    }
+    floors
+}
+
+/// See [`failover_floor`].
+const STEP_DOWN_SPACING: Duration = Duration::from_secs(13);
+
+/// How long after a leadership change a leader's autopilot may still have no raft stats of
+/// a voter (see [`Class::Uninformed`]).
+const UNINFORMED_GRACE: f64 = 10.0;
+
+/// What one sample says about the failure tolerance.
+#[derive(Debug, Clone, PartialEq)]
+enum Class {
+    /// No active node answered autopilot's state.
+    Unreadable,
+    /// A leader elected at most [`UNINFORMED_GRACE`] ago that has no raft stats of some
+    /// voter yet: OpenBao lists it with `last_term` and `last_index` 0 (and at first with
+    /// `node_status` `left`, no name, no version) and calls it unhealthy, so its
+    /// `failure_tolerance` says nothing yet about the cluster. Seen after every leadership
+    /// change, a plain step-down included: 2.5 s usually, up to about 4.5 s. Counted apart,
+    /// never as a dip; past the grace such a sample counts as what it says (a voter that
+    /// died before the new leader heard from it then shows as the dip it is).
+    Uninformed,
+    Ft(i64),
+}
+
+/// Each sample in `[from, to]` with its class.
+fn classify(samples: &[Sample], from: f64, to: f64) -> Vec<(f64, Class)> {
+    let mut out = Vec::new();
+    // The current leader and the earliest it can have been elected: the last sample that
+    // showed the previous one (or the first sample).
+    let mut cur: Option<(String, f64)> = None;
+    let mut last_seen = f64::NEG_INFINITY;
+    for s in samples {
+        let class = match &s.ap {
+            None => Class::Unreadable,
+            Some(ap) => {
+                let since = match &cur {
+                    Some((l, since)) if *l == ap.leader => *since,
+                    Some(_) => last_seen,
+                    None => s.t,
+                };
+                cur = Some((ap.leader.clone(), since));
+                last_seen = s.t;
+                if !ap.unknown_voters.is_empty() && s.t - since <= UNINFORMED_GRACE {
+                    Class::Uninformed
+                } else {
+                    Class::Ft(ap.ft)
+                }
+            }
+        };
+        if s.t >= from && s.t <= to {
+            out.push((s.t, class));
+        }
+    }
+    out
+}
+
+/// The lengths of the stretches of uninformed samples in `[from, to]` (first to last
+/// sample of a stretch, plus one period).
+fn uninformed_runs(samples: &[Sample], from: f64, to: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut run: Option<(f64, f64)> = None;
+    for (t, k) in classify(samples, from, to) {
+        match (k == Class::Uninformed, run) {
+            (true, None) => run = Some((t, t)),
+            (true, Some((a, _))) => run = Some((a, t)),
+            (false, Some((a, b))) => {
+                out.push(b - a + SAMPLE_EVERY.as_secs_f64());
+                run = None;
+            }
+            (false, None) => {}
+        }
+    }
+    if let Some((a, b)) = run {
+        out.push(b - a + SAMPLE_EVERY.as_secs_f64());
+    }
+    out
+}
+
+/// In `[from, to]`: the minimum failure tolerance of the informed samples, the number of
+/// samples, of unreadable ones and of uninformed ones.
+fn ft_stats(samples: &[Sample], from: f64, to: f64) -> (Option<i64>, usize, usize, usize) {
+    let c = classify(samples, from, to);
+    let min = c
+        .iter()
+        .filter_map(|(_, k)| match k {
+            Class::Ft(f) => Some(*f),
+            _ => None,
+        })
+        .min();
+    let unreadable = c.iter().filter(|(_, k)| *k == Class::Unreadable).count();
+    let uninformed = c.iter().filter(|(_, k)| *k == Class::Uninformed).count();
+    (min, c.len(), unreadable, uninformed)
+}
+
+/// Samples in `[from, to]` of failure tolerance below `steady` (informed), or uninformed
+/// (marked so), as "t ft voters unhealthy" lines.
+fn dips(samples: &[Sample], from: f64, to: f64, steady: i64) -> Vec<String> {
+    let by_t: BTreeMap<u64, &Ap> = samples
+        .iter()
+        .filter_map(|s| Some(((s.t * 1000.0) as u64, s.ap.as_ref()?)))
+        .collect();
+    classify(samples, from, to)
+        .into_iter()
+        .filter_map(|(t, k)| {
+            let ap = by_t.get(&((t * 1000.0) as u64))?;
+            let (what, raw) = match k {
+                Class::Ft(f) if f < steady => ("DIP", format!(" raw {}", ap.raw)),
+                Class::Uninformed => ("uninformed leader", String::new()),
+                _ => return None,
+            };
+            Some(
+                format!(
+                    "{what} {t:.1} s: leader {} ft {} voters {} unhealthy {:?} unknown {:?}",
+                    ap.leader,
+                    ap.ft,
+                    ap.voters.len(),
+                    ap.unhealthy_voters,
+                    ap.unknown_voters,
+                ) + &raw,
+            )
+        })
+        .collect()
+}
+
+/// Writes the report where `VB_ROLL_REPORT` says (if set); `name` keys it, so one file
+/// collects the reports of every roll run in the same process.
+fn write_report(name: &str, report: &serde_json::Value) {
+    let Some(path) = std::env::var_os("VB_ROLL_REPORT") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    all.insert(name.to_string(), report.clone());
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&serde_json::Value::Object(all)).unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    eprintln!("report written to {}", path.display());
+}
+
+// ----------------------------------------------------------------------------- the cluster
+
+/// Starts a test-bed of `n` instances on `block` with `hooks` emulated (no hook: no
+/// emulation at all) and IMDS serving the `n` replacement addresses `.21..`; forms the
+/// cluster on 2.6.1 (with a `watch` per node when `watch`), each initial instance launched
+/// through the launch hook as the group would. Returns the test-bed, the nodes, the root
+/// token, the replacement addresses.
+async fn form_cluster(
+    block: u8,
+    n: usize,
+    with_hooks: bool,
+    watch: bool,
+    toml: &str,
+) -> (Testbed, Vec<NodeProcs>, String, Vec<String>) {
+    let mut tb = Testbed::start(block, n);
+    if std::env::var_os("VB_KEEP_TESTBED").is_some() {
+        tb.dir.disable_cleanup(true);
+        eprintln!(
+            "VB_KEEP_TESTBED: the test-bed stays in {}",
+            tb.path().display()
+        );
+    }
+    let new_ips: Vec<String> = (0..n)
+        .map(|k| format!("127.0.{block}.{}", 21 + k))
+        .collect();
+    if with_hooks {
+        tb.start_lifecycle(&hooks(), &new_ips);
+        for i in 0..n {
+            let id = tb.instances[i].id.clone();
+            assert_eq!(
+                tb.lifecycle_cmd(&["launch", "--instance", &id]),
+                "Pending:Wait"
+            );
+        }
+    } else {
+        tb.reserve_imds(&new_ips);
+        // The agents' AWS calls through the proxy all the same: its log counts them.
+        tb.proxy_rules("");
+        tb.start_proxy();
+    }
+    let opts = NodeOpts {
+        extra_toml: toml.to_string(),
+        binary: Some(bao_2_6_1()),
+    };
+    let t = Instant::now();
+    let mut nodes: Vec<NodeProcs> = (0..n).map(|i| start_node(&tb, i, &opts, watch)).collect();
+    for nd in nodes.iter_mut() {
+        nd.boot.wait_log("node ready", Duration::from_secs(180));
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, n).await;
+    if with_hooks {
+        for (i, nd) in nodes.iter().enumerate() {
+            let id = tb.instances[i].id.clone();
+            let got = tb.try_lifecycle_cmd(&[
+                "wait",
+                "--instance",
+                &id,
+                "--for",
+                "InService,Terminated",
+                "--timeout",
+                "90",
+            ]);
+            assert_eq!(
+                got.as_deref(),
+                Ok("InService"),
+                "initial instance {i}'s launch hook; boot log:\n{}",
+                tail(&nd.boot.stderr(), 40)
+            );
+        }
+    }
+    eprintln!(
+        "formed: {n} voters on 2.6.1 {:.1} s after the agents started",
+        t.elapsed().as_secs_f64()
+    );
+    (tb, nodes, root, new_ips)
+}
+
+/// Enables the KV (v1) mount `kv/` and writes the canary through the active node.
+async fn kv_and_canary(tb: &Testbed, n: usize, root: &str, canary: &str) {
+    let a = active(tb, n).await;
+    tb.api(a)
+        .put_ok("sys/mounts/kv", root, serde_json::json!({"type": "kv"}))
+        .await;
+    tb.api(a)
+        .put_ok("kv/canary", root, serde_json::json!({"value": canary}))
+        .await;
+}
+
+// ----------------------------------------------------------------------------- the rolls
+
+/// Rolls an `n`-node 2.6.1 cluster to 2.6.2 with hooks and watch (see the module docs);
+/// every assertion of issue 15's "Roll every node".
+async fn roll(block: u8, n: usize, name: &str) {
+    let test_start = Instant::now();
+    let steady = ((n - 1) / 2) as i64;
+    let (seed, order) = order(n);
+    eprintln!("{name}: VB_ROLL_SEED={seed} replacement order (initial indexes) {order:?}");
+    let toml = node_toml(n, true, 30, true, "");
+    let (mut tb, mut nodes, root, new_ips) = form_cluster(block, n, true, true, &toml).await;
+    let epoch = test_start;
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, epoch, ips.clone(), &root);
+    let before = ap_until(
+        &load,
+        "steady failure tolerance",
+        Duration::from_secs(90),
+        |ap| ap.ft == steady && ap.voters.len() == n && ap.unhealthy_voters.is_empty(),
+    )
+    .await;
+    assert!(
+        before.versions.values().all(|v| v == "2.6.1"),
+        "the cluster starts on 2.6.1: {:?}",
+        before.versions
+    );
+    let canary = format!("canary-{seed}");
+    kv_and_canary(&tb, n, &root, &canary).await;
+    let escrow_before = escrow_objects(&tb).await;
+    let initialised: Vec<usize> = nodes
+        .iter()
+        .filter(|nd| nd.boot.stderr().contains("sys/init succeeded"))
+        .map(|nd| nd.index)
+        .collect();
+    assert_eq!(initialised.len(), 1, "one init at formation");
+
+    let tasks = load.start();
+    let floors = failover_floor(&load, 2).await;
+    let floor = floors.iter().cloned().fold(0.0, f64::max);
+    assert!(floor > 0.0, "a step-down costs the writer something");
+
+    // The roll.
+    let opts = RefreshOpts {
+        node: NodeOpts {
+            extra_toml: toml.clone(),
+            binary: Some(bao()),
+        },
+        watch: true,
+        launch_bound: Duration::from_secs(150),
+        leave_bound: Duration::from_secs(90),
+        exit_bound: Duration::from_secs(30),
+    };
+    let roll_from = load.now();
+    let mut done: Vec<(f64, f64, Replacement)> = Vec::new();
+    let mut old_logs = Vec::new();
+    for (k, &pos) in order.iter().enumerate() {
+        let t0 = load.now();
+        let old_watch_log = nodes[pos].watch.as_ref().unwrap().stderr_path.clone();
+        let old_boot_log = nodes[pos].boot.stderr_path.clone();
+        let r = refresh_launch_first(&mut tb, &mut nodes, pos, &new_ips[k], &opts, Some(&ips));
+        let t1 = load.now();
+        eprintln!(
+            "replaced {} ({}) by {} ({}) at {t0:.1}..{t1:.1} s: launch {:.1} s, leave {:.1} s, \
+             whole {:.1} s; old watch exit {:?}, old boot exit {:?}, servers left {:?}",
+            r.old_id,
+            r.old_ip,
+            r.new_id,
+            r.new_ip,
+            r.launch_secs,
+            r.leave_secs,
+            r.total_secs,
+            r.old_watch_exit,
+            r.old_boot_exit,
+            r.old_servers_left
+        );
+        old_logs.push((
+            r.old_id.clone(),
+            std::fs::read_to_string(old_watch_log).unwrap_or_default(),
+            std::fs::read_to_string(old_boot_log).unwrap_or_default(),
+        ));
+        done.push((t0, t1, r));
+    }
+    let roll_to = load.now();
+    // A few more samples after the last replacement.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end = load.now();
+    load.finish(tasks).await;
+
+    // ---- numbers
+    let writes = load.writes();
+    let samples = load.samples();
+    let (min_ft, nsamples, unreadable, uninformed) = ft_stats(&samples, roll_from, end);
+    let uninformed_max = uninformed_runs(&samples, roll_from, end)
+        .into_iter()
+        .fold(0.0, f64::max);
+    let g = gaps(&writes, roll_from, end);
+    let long = longest(&g);
+    let changes = leader_changes(&samples, roll_from, end);
+    let attempts: Vec<&(f64, bool)> = writes
+        .iter()
+        .filter(|(t, _)| *t >= roll_from && *t <= end)
+        .collect();
+    let failed = attempts.iter().filter(|(_, ok)| !ok).count();
+    eprintln!("---- {name} (VB_ROLL_SEED={seed}) ----");
+    eprintln!(
+        "failover floor: {:.2} s (step-downs: {:?})",
+        floor,
+        floors.iter().map(|f| secs3(*f)).collect::<Vec<_>>()
+    );
+    for (t0, t1, r) in &done {
+        eprintln!(
+            "  {} -> {}: {:.1} s ({:.1}..{:.1}; launch hook {:.1} s, leave {:.1} s)",
+            r.old_id, r.new_id, r.total_secs, t0, t1, r.launch_secs, r.leave_secs
+        );
+    }
+    eprintln!("whole roll: {:.1} s", roll_to - roll_from);
+    eprintln!(
+        "failure tolerance: min {min_ft:?} (steady {steady}) over {nsamples} samples, \
+         {unreadable} unreadable, {uninformed} from a new leader not yet informed (longest \
+         such stretch {uninformed_max:.1} s)"
+    );
+    eprintln!(
+        "writes: {} attempts, {failed} failed, longest gap {:.2} s ({:.2}..{:.2})",
+        attempts.len(),
+        long.0,
+        long.1,
+        long.2
+    );
+    eprintln!("leadership changes: {}", changes.len());
+    for c in &changes {
+        eprintln!("  {:.1}..{:.1} s: {} -> {}", c.0, c.1, c.2, c.3);
+    }
+    for (len, a, b) in g.iter().filter(|x| x.0 > 0.5) {
+        eprintln!("  write gap {len:.2} s at {a:.2}..{b:.2}");
+    }
+    for d in dips(&samples, 0.0, roll_from, steady) {
+        eprintln!("  before the roll (formation, floor step-downs): {d}");
+    }
+    for d in dips(&samples, roll_from, end, steady) {
+        eprintln!("  {d}");
+    }
+    for (old, watch_log, _) in &old_logs {
+        for l in watch_log.lines().filter(|l| {
+            [
+                "leaving the cluster",
+                "stepped down",
+                "not leaving",
+                "removed this node",
+                "stopping the server",
+                "terminate hook",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            eprintln!("  {old} watch: {l}");
+        }
+    }
+
+    // ---- final state
+    let after = ap_until(
+        &load,
+        "all voters healthy after the roll",
+        Duration::from_secs(60),
+        |ap| ap.voters.len() == n && ap.unhealthy_voters.is_empty(),
+    )
+    .await;
+    let escrow_after = escrow_objects(&tb).await;
+    let new_ids: BTreeSet<String> = done.iter().map(|d| d.2.new_id.clone()).collect();
+    let hook_outcomes: Vec<(String, Option<String>, Option<String>)> = done
+        .iter()
+        .map(|(_, _, r)| {
+            (
+                r.old_id.clone(),
+                tb.hook_outcome(&r.old_id, TERMINATE_HOOK),
+                tb.hook_outcome(&r.new_id, LAUNCH_HOOK),
+            )
+        })
+        .collect();
+    eprintln!(
+        "after: versions {:?}, leader {}, ft {}",
+        after.versions, after.leader, after.ft
+    );
+    eprintln!("hooks (old terminate, new launch): {hook_outcomes:?}");
+    eprintln!("test took {:.1} s", test_start.elapsed().as_secs_f64());
+
+    let report = serde_json::json!({
+        "nodes": n,
+        "seed": seed,
+        "order": order,
+        "failover_floor_secs": secs3(floor),
+        "failover_floor_samples_secs": floors.iter().map(|f| secs3(*f)).collect::<Vec<_>>(),
+        "gap_rule": format!("each gap <= {GAP_MARGIN} x floor x max(1, leadership changes during it)"),
+        "replacements": done.iter().map(|d| d.2.json()).collect::<Vec<_>>(),
+        "roll_secs": secs3(roll_to - roll_from),
+        "min_failure_tolerance": min_ft,
+        "steady_failure_tolerance": steady,
+        "samples": nsamples,
+        "unreadable_samples": unreadable,
+        "uninformed_leader_samples": uninformed,
+        "uninformed_leader_longest_secs": secs3(uninformed_max),
+        "write_attempts": attempts.len(),
+        "failed_writes": failed,
+        "longest_gap_secs": secs3(long.0),
+        "leader_changes": changes.len(),
+        "test_secs": secs3(test_start.elapsed().as_secs_f64()),
+    });
+    write_report(name, &report);
+
+    // ---- assertions
+    assert_eq!(
+        min_ft,
+        Some(steady),
+        "failure tolerance fell below {steady}: {:?}",
+        dips(&samples, roll_from, end, steady)
+    );
+    assert!(
+        (nsamples - unreadable - uninformed) * 10 >= nsamples * 9,
+        "at least 90 % of the samples say something ({unreadable} unreadable, {uninformed} \
+         uninformed, of {nsamples})"
+    );
+    let bad = check_gaps(&g, &changes, floor);
+    assert!(bad.is_empty(), "write gaps over the rule: {bad:?}");
+    let (code, body) = tb
+        .api(active(&tb, tb.instances.len()).await)
+        .get("kv/canary", Some(&root))
+        .await
+        .expect("read the canary");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["value"], canary.as_str());
+    assert_eq!(
+        init_objects(&escrow_before),
+        init_objects(&escrow_after),
+        "the marker, recovery keys, root token and init lock are unchanged"
+    );
+    let added: Vec<&String> = escrow_after
+        .keys()
+        .filter(|k| !escrow_before.contains_key(*k))
+        .collect();
+    eprintln!("escrow objects added during the roll: {added:?}");
+    for (i, nd) in nodes.iter().enumerate() {
+        let log = nd.boot.stderr();
+        assert!(
+            !log.contains("sys/init succeeded"),
+            "new node {i} initialised:\n{log}"
+        );
+        assert!(
+            log.contains("launch hook completed: this node is a healthy voter"),
+            "new node {i}:\n{}",
+            tail(&log, 30)
+        );
+    }
+    assert_eq!(
+        after.voters.iter().cloned().collect::<BTreeSet<_>>(),
+        new_ids,
+        "the voters are exactly the new instances"
+    );
+    assert_eq!(after.servers, n, "no non-voter or stale server left");
+    assert!(
+        after.versions.values().all(|v| v == "2.6.2"),
+        "every server on 2.6.2: {:?}",
+        after.versions
+    );
+    for (old, term, launch) in &hook_outcomes {
+        assert_eq!(
+            term.as_deref(),
+            Some("complete CONTINUE"),
+            "{old}'s terminate hook"
+        );
+        assert_eq!(
+            launch.as_deref(),
+            Some("complete CONTINUE"),
+            "its replacement's launch hook"
+        );
+    }
+    for (_, _, r) in &done {
+        assert_eq!(
+            r.old_watch_exit,
+            Some(0),
+            "{}'s watch exits 0 by itself",
+            r.old_id
+        );
+        assert!(
+            r.old_boot_exit.is_some(),
+            "{}'s boot exits with its server",
+            r.old_id
+        );
+        assert!(
+            r.old_servers_left.is_empty(),
+            "{}'s server was stopped",
+            r.old_id
+        );
+    }
+    for (old, watch_log, _) in &old_logs {
+        assert!(
+            watch_log.contains("removed this node from the raft configuration")
+                && watch_log.contains("terminate hook completed"),
+            "{old}'s watch log:\n{}",
+            tail(watch_log, 30)
+        );
+    }
+    for nd in nodes.iter_mut() {
+        if let Some(w) = nd.watch.as_mut() {
+            w.stop();
+        }
+        nd.boot.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roll_three_nodes_2_6_1_to_2_6_2() {
+    roll(44, 3, "roll_three_nodes_2_6_1_to_2_6_2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "5 nodes, several minutes: tests/run-full-matrix.sh"]
+async fn roll_five_nodes_2_6_1_to_2_6_2() {
+    roll(46, 5, "roll_five_nodes_2_6_1_to_2_6_2").await;
+}
+
+/// The same roll, terminate first, no hooks, no watch (no reaping): what users do today.
+/// Each old node loses power and is terminated, then its replacement boots. Autopilot's
+/// `dead_server_last_contact_threshold` is set to its minimum, 1 minute (10 by default), and
+/// the driver waits for autopilot to drop the dead voter before the next node: without that
+/// wait the second termination leaves 2 live voters of 4 and the cluster loses quorum for
+/// good, so this is the naive way at its best.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about 5 minutes (autopilot's 1-minute threshold per node): tests/run-full-matrix.sh"]
+async fn naive_roll_terminate_first() {
+    let name = "naive_roll_terminate_first";
+    let n = 3;
+    let steady = 1;
+    let test_start = Instant::now();
+    let (seed, order) = order(n);
+    eprintln!("{name}: VB_ROLL_SEED={seed} replacement order {order:?}");
+    let toml = node_toml(
+        n,
+        false,
+        30,
+        false,
+        "dead_server_last_contact_threshold = \"1m\"\n",
+    );
+    let (mut tb, mut nodes, root, new_ips) = form_cluster(47, n, false, false, &toml).await;
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, test_start, ips.clone(), &root);
+    ap_until(
+        &load,
+        "steady failure tolerance",
+        Duration::from_secs(90),
+        |ap| ap.ft == steady && ap.voters.len() == n && ap.unhealthy_voters.is_empty(),
+    )
+    .await;
+    let canary = format!("canary-{seed}");
+    kv_and_canary(&tb, n, &root, &canary).await;
+    let tasks = load.start();
+    let floors = failover_floor(&load, 2).await;
+    let floor = floors.iter().cloned().fold(0.0, f64::max);
+
+    let opts = RefreshOpts {
+        node: NodeOpts {
+            extra_toml: toml.clone(),
+            binary: Some(bao()),
+        },
+        watch: false,
+        launch_bound: Duration::from_secs(150),
+        leave_bound: Duration::from_secs(0),
+        exit_bound: Duration::from_secs(0),
+    };
+    let roll_from = load.now();
+    let mut done = Vec::new();
+    let mut dead_listed = Vec::new();
+    for (k, &pos) in order.iter().enumerate() {
+        let t0 = load.now();
+        let r = replace_terminate_first(&mut tb, &mut nodes, pos, &new_ips[k], &opts, Some(&ips));
+        // The next node only once the replacement is a voter and the dead one is gone.
+        let old = r.old_id.clone();
+        let new = r.new_id.clone();
+        ap_until(
+            &load,
+            "the replacement a healthy voter and the dead voter dropped by autopilot",
+            Duration::from_secs(180),
+            |ap| {
+                ap.voters.contains(&new)
+                    && !ap.voters.contains(&old)
+                    && ap.unhealthy_voters.is_empty()
+            },
+        )
+        .await;
+        let t1 = load.now();
+        // How long autopilot listed the dead voter (from the power-off).
+        let listed_until = load
+            .samples()
+            .iter()
+            .filter(|s| s.t >= t0)
+            .filter(|s| s.ap.as_ref().is_some_and(|a| a.voters.contains(&old)))
+            .map(|s| s.t)
+            .fold(t0, f64::max);
+        eprintln!(
+            "replaced {old} by {new} at {t0:.1}..{t1:.1} s: replacement ready {:.1} s after the \
+             termination; the dead voter listed {:.1} s",
+            r.launch_secs,
+            listed_until - t0
+        );
+        dead_listed.push(listed_until - t0);
+        done.push((t0, t1, r));
+    }
+    let roll_to = load.now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end = load.now();
+    load.finish(tasks).await;
+
+    let writes = load.writes();
+    let samples = load.samples();
+    let (min_ft, nsamples, unreadable, uninformed) = ft_stats(&samples, roll_from, end);
+    let below: Vec<(f64, Class)> = classify(&samples, roll_from, end)
+        .into_iter()
+        .filter(|(_, k)| matches!(k, Class::Ft(f) if *f < steady))
+        .collect();
+    // Dead voters: unhealthy ones the leader has stats of (a leader not yet informed of a
+    // voter calls it unhealthy too, see `Class::Uninformed`).
+    let max_dead = samples
+        .iter()
+        .filter(|s| s.t >= roll_from && s.t <= end)
+        .filter_map(|s| {
+            let a = s.ap.as_ref()?;
+            Some(
+                a.unhealthy_voters
+                    .iter()
+                    .filter(|v| !a.unknown_voters.contains(v))
+                    .count(),
+            )
+        })
+        .max()
+        .unwrap_or(0);
+    let g = gaps(&writes, roll_from, end);
+    let long = longest(&g);
+    let changes = leader_changes(&samples, roll_from, end);
+    let attempts = writes
+        .iter()
+        .filter(|(t, _)| *t >= roll_from && *t <= end)
+        .count();
+    let failed = writes
+        .iter()
+        .filter(|(t, ok)| *t >= roll_from && *t <= end && !ok)
+        .count();
+    eprintln!("---- {name} (VB_ROLL_SEED={seed}) ----");
+    eprintln!("failover floor: {floor:.2} s ({floors:?})");
+    for (t0, t1, r) in &done {
+        eprintln!(
+            "  {} -> {}: {:.1} s to a healthy voter set ({:.1}..{:.1})",
+            r.old_id,
+            r.new_id,
+            t1 - t0,
+            t0,
+            t1
+        );
+    }
+    eprintln!("whole roll: {:.1} s", roll_to - roll_from);
+    eprintln!(
+        "failure tolerance: min {min_ft:?} (steady {steady}); {} of {nsamples} samples below \
+         steady ({:.1} s), {unreadable} unreadable, {uninformed} uninformed",
+        below.len(),
+        below.len() as f64 * SAMPLE_EVERY.as_secs_f64()
+    );
+    eprintln!(
+        "dead voters autopilot listed: at most {max_dead} at once; each listed {dead_listed:.1?} s"
+    );
+    eprintln!(
+        "writes: {attempts} attempts, {failed} failed, longest gap {:.2} s ({:.2}..{:.2})",
+        long.0, long.1, long.2
+    );
+    eprintln!("leadership changes: {}", changes.len());
+    for c in &changes {
+        eprintln!("  {:.1}..{:.1} s: {} -> {}", c.0, c.1, c.2, c.3);
+    }
+    eprintln!("test took {:.1} s", test_start.elapsed().as_secs_f64());
+    write_report(
+        name,
+        &serde_json::json!({
+            "nodes": n, "seed": seed, "order": order,
+            "failover_floor_secs": secs3(floor),
+            "replacements": done.iter().map(|d| {
+                let mut j = d.2.json();
+                j["to_healthy_voters_secs"] = serde_json::json!(secs3(d.1 - d.0));
+                j
+            }).collect::<Vec<_>>(),
+            "roll_secs": secs3(roll_to - roll_from),
+            "min_failure_tolerance": min_ft,
+            "steady_failure_tolerance": steady,
+            "samples_below_steady": below.len(),
+            "samples": nsamples, "unreadable_samples": unreadable,
+            "uninformed_leader_samples": uninformed,
+            "max_dead_voters_listed": max_dead,
+            "dead_voter_listed_secs": dead_listed.iter().map(|s| secs3(*s)).collect::<Vec<_>>(),
+            "write_attempts": attempts, "failed_writes": failed,
+            "longest_gap_secs": secs3(long.0),
+            "leader_changes": changes.len(),
+        }),
+    );
+
+    // The comparison is real: the tolerance dipped and autopilot listed dead voters.
+    assert!(
+        min_ft.is_some_and(|m| m < steady),
+        "the naive roll shows a tolerance dip below {steady}: min {min_ft:?}"
+    );
+    assert!(max_dead >= 1, "autopilot listed a dead voter");
+    assert!(
+        dead_listed.iter().all(|s| *s >= 30.0),
+        "each dead voter stayed listed (autopilot's threshold): {dead_listed:?}"
+    );
+    let (code, body) = tb
+        .api(active(&tb, tb.instances.len()).await)
+        .get("kv/canary", Some(&root))
+        .await
+        .expect("read the canary");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["data"]["value"], canary.as_str());
+    for nd in nodes.iter_mut() {
+        nd.boot.stop();
+    }
+}
+
+// ----------------------------------------------------------------------------- loss
+
+/// Loss without a hook: a standby's processes lose power while EC2 still says its
+/// instance is running: over 3 watch intervals it stays in the raft configuration (only
+/// unreachable: never reaped). Once EC2 says terminated, the active node's watch reaps it
+/// within one interval plus a margin of 3 s (the watch loop wakes every 5 s, and a pass
+/// logs in, asks EC2 and removes the peer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_instance_reaped_within_one_interval_unreachable_never() {
+    const INTERVAL: u64 = 5;
+    const MARGIN: f64 = 3.0;
+    let test_start = Instant::now();
+    let n = 3;
+    let toml = node_toml(n, false, INTERVAL, true, "");
+    let (tb, mut nodes, root, _) = form_cluster(48, n, false, true, &toml).await;
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, test_start, ips.clone(), &root);
+    ap_until(&load, "3 healthy voters", Duration::from_secs(90), |ap| {
+        ap.ft == 1 && ap.voters.len() == n && ap.unhealthy_voters.is_empty()
+    })
+    .await;
+    let (leader, standbys) = roles(&tb, n).await;
+    let leader = leader.expect("an active node");
+    let b = standbys[0];
+    let b_id = tb.instances[b].id.clone();
+    let others: Vec<usize> = (0..n).filter(|i| *i != b).collect();
+    eprintln!("node {b} ({b_id}) loses power; node {leader} is active");
+    if let Some(w) = nodes[b].watch.as_mut() {
+        w.power_off();
+    }
+    nodes[b].boot.power_off();
+    ips.lock().unwrap().retain(|ip| *ip != tb.instances[b].ip);
+    let off = Instant::now();
+
+    // Unreachable, instance running: never reaped, over 3 intervals (and a bit).
+    let describes = || {
+        std::fs::read_to_string(tb.path().join("proxy.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("op=DescribeInstances"))
+            .count()
+    };
+    let describes_before = describes();
+    let hold = Duration::from_secs(3 * INTERVAL + 2);
+    let mut looks = 0;
+    while off.elapsed() < hold {
+        for &i in &others {
+            if let Some(servers) = raft_servers(&tb, i, &root).await {
+                looks += 1;
+                assert!(
+                    servers.iter().any(|(id, _)| *id == b_id),
+                    "{b_id} reaped {:.1} s after losing power while its instance still runs: {servers:?}",
+                    off.elapsed().as_secs_f64()
+                );
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        looks >= 20,
+        "the raft configuration was read ({looks} times)"
+    );
+    // The reaper looked meanwhile: one DescribeInstances per peer per pass, 2 peers.
+    let looked = describes() - describes_before;
+    assert!(
+        looked >= 3,
+        "the reaping passes asked EC2 during the hold ({looked} DescribeInstances)"
+    );
+    let ap = ap_until(&load, "autopilot state", Duration::from_secs(20), |_| true).await;
+    assert!(
+        ap.unhealthy_voters.contains(&b_id),
+        "autopilot sees {b_id} unhealthy, so it is only unreachable, not healthy: {ap:?}"
+    );
+    eprintln!(
+        "after {:.1} s ({} intervals of {INTERVAL} s) unreachable: still a voter ({looks} looks, {looked} DescribeInstances by the agents meanwhile), autopilot: unhealthy {:?}, ft {}",
+        off.elapsed().as_secs_f64(),
+        3,
+        ap.unhealthy_voters,
+        ap.ft
+    );
+
+    // Now EC2 says terminated.
+    tb.terminate_instance(&b_id);
+    let term = Instant::now();
+    let gone_after = poll(
+        "the terminated peer reaped",
+        Duration::from_secs(60),
+        || async {
+            for &i in &others {
+                if let Some(servers) = raft_servers(&tb, i, &root).await {
+                    return (!servers.iter().any(|(id, _)| *id == b_id))
+                        .then(|| term.elapsed().as_secs_f64());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let reaper = others
+        .iter()
+        .find(|i| {
+            nodes[**i]
+                .watch
+                .as_ref()
+                .is_some_and(|w| w.stderr().contains("reaped raft peer"))
+        })
+        .copied();
+    eprintln!(
+        "---- terminated in EC2 -> out of the raft configuration: {gone_after:.2} s \
+         (bound: one interval {INTERVAL} s + {MARGIN} s); reaped by node {reaper:?}; test took {:.1} s",
+        test_start.elapsed().as_secs_f64()
+    );
+    assert!(reaper.is_some(), "a watch logged the reaping");
+    assert!(
+        gone_after <= INTERVAL as f64 + MARGIN,
+        "reaped {gone_after:.2} s after the termination: more than one interval ({INTERVAL} s) + {MARGIN} s"
+    );
+    for nd in nodes.iter_mut() {
+        if let Some(w) = nd.watch.as_mut() {
+            w.stop();
+        }
+        nd.boot.stop();
+    }
+}
