@@ -1160,20 +1160,17 @@ async fn naive_roll_terminate_first() {
         .into_iter()
         .filter(|(_, k)| matches!(k, Class::Ft(f) if *f < steady))
         .collect();
-    // Dead voters: unhealthy ones the leader has stats of (a leader not yet informed of a
+    // Dead voters: the unhealthy ones of informed samples (a leader not yet informed of a
     // voter calls it unhealthy too, see `Class::Uninformed`).
+    let informed: BTreeSet<u64> = classify(&samples, roll_from, end)
+        .into_iter()
+        .filter(|(_, k)| matches!(k, Class::Ft(_)))
+        .map(|(t, _)| (t * 1000.0) as u64)
+        .collect();
     let max_dead = samples
         .iter()
-        .filter(|s| s.t >= roll_from && s.t <= end)
-        .filter_map(|s| {
-            let a = s.ap.as_ref()?;
-            Some(
-                a.unhealthy_voters
-                    .iter()
-                    .filter(|v| !a.unknown_voters.contains(v))
-                    .count(),
-            )
-        })
+        .filter(|s| informed.contains(&((s.t * 1000.0) as u64)))
+        .filter_map(|s| Some(s.ap.as_ref()?.unhealthy_voters.len()))
         .max()
         .unwrap_or(0);
     let g = gaps(&writes, roll_from, end);
