@@ -95,7 +95,8 @@ async fn hand_over<L: Lifecycle>(
     let mut stepped_down = false;
     let mut last_why = String::new();
     loop {
-        let why = match step(ctx, &mut stepped_down).await {
+        let settling = start.elapsed() < ALL_HEALTHY_FIRST;
+        let why = match step(ctx, &mut stepped_down, settling).await {
             Ok(Some(left)) => return left,
             Ok(None) => String::new(),
             Err(why) => why,
@@ -124,13 +125,37 @@ async fn hand_over<L: Lifecycle>(
     }
 }
 
+/// How long a leave first waits for every other voter to be healthy before the removal
+/// rule alone decides. After an election the new leader's autopilot calls the voters it
+/// has not heard from yet unhealthy (2.5-5 s measured on OpenBao 2.6): read then, the rule
+/// would let a leave lower the failure tolerance that is only unknown. A voter unhealthy
+/// for longer is really down, and the rule (which still keeps quorum) decides.
+const ALL_HEALTHY_FIRST: Duration = Duration::from_secs(30);
+
+/// Whether autopilot calls every voter of the configuration but `me` healthy.
+fn all_healthy(
+    state: &super::autopilot::State,
+    members: &super::autopilot::Membership,
+    me: &str,
+) -> bool {
+    members
+        .voters
+        .iter()
+        .filter(|v| v.as_str() != me)
+        .all(|v| state.servers.get(v).is_some_and(|s| s.healthy))
+}
+
 /// Spreads the last check of concurrent leaves apart (several old nodes of one refresh):
 /// each then reads a raft configuration that already holds the others' removals.
 const JITTER_MS: u64 = 2_000;
 
 /// One attempt: `Ok(Some)` when done, `Ok(None)` to look again at once (after a
 /// step-down), `Err(why)` to wait.
-async fn step(ctx: &Ctx<'_>, stepped_down: &mut bool) -> std::result::Result<Option<Left>, String> {
+async fn step(
+    ctx: &Ctx<'_>,
+    stepped_down: &mut bool,
+    settling: bool,
+) -> std::result::Result<Option<Left>, String> {
     let me = ctx.me();
     let s = match Session::open(ctx).await {
         Ok(s) => s,
@@ -167,6 +192,12 @@ async fn step(ctx: &Ctx<'_>, stepped_down: &mut bool) -> std::result::Result<Opt
         let state = s.autopilot().await.map_err(|e| e.to_string())?;
         match state.removal_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))? {
             Removal::NotAMember => Ok(Some(Left::NotAMember)),
+            Removal::Safe { remaining, .. } if settling && !all_healthy(&state, &members, me) => {
+                Err(format!(
+                    "autopilot does not call every other voter healthy yet ({remaining} remain): waiting up to {} s for that (a leader elected moments ago has not heard from its followers yet)",
+                    ALL_HEALTHY_FIRST.as_secs()
+                ))
+            }
             Removal::Safe { remaining, healthy } => {
                 s.remove_peer(me).await.map_err(|e| e.to_string())?;
                 tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, "removed this node from the raft configuration");
