@@ -42,38 +42,4 @@ if [[ $rc -ne 0 ]]; then
     exit 1
 fi
 
-python3 - "$REPORT" "${BENCH_PROFILE:-debug}" <<'PY' | tee bench/roll-results.md
-import json, statistics, sys, datetime
-rep = json.load(open(sys.argv[1]))
-profile = sys.argv[2]
-print("# Rolling upgrades (bench/roll.sh)\n")
-print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {profile} build, 2 cores, "
-      "loopback test-bed (tests/rolling.rs), OpenBao 2.6.1 -> 2.6.2.\n")
-rolls = {k: v for k, v in rep.items() if isinstance(v, dict) and v.get("replacements")}
-print("| roll | nodes | per replaced node (median / max) | whole roll | min failure tolerance (steady) "
-      "| writes failed / tried | longest write gap | failover floor | leader changes |")
-print("|---|---|---|---|---|---|---|---|---|")
-for name, r in sorted(rolls.items(), key=lambda kv: (kv[1].get("nodes", 0), kv[0])):
-    per = [x.get("replacement_secs") for x in r["replacements"] if x.get("replacement_secs") is not None]
-    per_s = f"{statistics.median(per):.1f} s / {max(per):.1f} s" if per else "-"
-    def g(k, fmt="{}"):
-        v = r.get(k)
-        return "-" if v is None else fmt.format(v)
-    print(f"| {name} | {g('nodes')} | {per_s} | {g('roll_secs', '{:.1f} s')} "
-          f"| {g('min_failure_tolerance')} ({g('steady_failure_tolerance')}) "
-          f"| {g('failed_writes')} / {g('write_attempts')} | {g('longest_gap_secs', '{:.2f} s')} "
-          f"| {g('failover_floor_secs', '{:.2f} s')} | {g('leader_changes')} |")
-print()
-for name, r in sorted(rep.items()):
-    if name in rolls:
-        continue
-    print(f"## {name}\n")
-    for k, v in r.items():
-        if not isinstance(v, (dict, list)):
-            print(f"- {k}: {v}")
-    print()
-print("Full reports (JSON):\n")
-print("```json")
-print(json.dumps(rep, indent=1, sort_keys=True)[:20000])
-print("```")
-PY
+python3 bench/roll_report.py "$REPORT" "${BENCH_PROFILE:-debug}" | tee bench/roll-results.md
