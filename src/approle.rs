@@ -248,6 +248,15 @@ pub async fn login<S: ObjectStore, K: Kms>(
     }
 }
 
+/// The `path "..."` names of a policy, in order (for the tests that pin each role's policy).
+#[cfg(test)]
+pub(crate) fn policy_paths(hcl: &str) -> Vec<&str> {
+    hcl.lines()
+        .filter_map(|l| l.trim().strip_prefix("path \""))
+        .filter_map(|l| l.split('"').next())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -510,11 +510,7 @@ mod tests {
     /// Exactly two paths, each `read` only: what a snapshot needs and nothing more.
     #[test]
     fn the_policy_is_exactly_the_snapshot_paths() {
-        let paths: Vec<&str> = POLICY_HCL
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("path \""))
-            .filter_map(|l| l.split('"').next())
-            .collect();
+        let paths = crate::approle::policy_paths(POLICY_HCL);
         assert_eq!(
             paths,
             [

@@ -111,11 +111,7 @@ mod tests {
     /// Exactly these paths: what joining and leaving need, and ending its own login.
     #[test]
     fn the_policy_is_exactly_the_lifecycle_paths() {
-        let paths: Vec<&str> = POLICY_HCL
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("path \""))
-            .filter_map(|l| l.split('"').next())
-            .collect();
+        let paths = crate::approle::policy_paths(POLICY_HCL);
         assert_eq!(
             paths,
             [

@@ -35,6 +35,18 @@ fn recorded_peers(cfg: &Config) -> Vec<std::net::IpAddr> {
         .unwrap_or_default()
 }
 
+/// A step's context, with the CA as it is on disk now (boot may write it after we start).
+fn ctx_of<'a>(cfg: &'a Config, id: &'a node::Identity, ca: &'a [u8]) -> Ctx<'a> {
+    Ctx {
+        cfg,
+        facts: &id.facts,
+        tag_value: &id.tag_value,
+        sdk: &id.sdk,
+        ca,
+        peers: recorded_peers(cfg),
+    }
+}
+
 pub async fn run(cfg: &Config) -> Result<i32> {
     // Who this is: IMDS, and the cluster tag (IMDS tags, else one DescribeTags).
     let id = node::identity(cfg).await?;
@@ -62,15 +74,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                 if state.as_deref() == Some("Terminated") {
                     // The CA is on disk once boot ran; without it there is no server to leave.
                     let ca = api_clients::cluster_ca(cfg).unwrap_or_default();
-                    let ctx = Ctx {
-                        cfg,
-                        facts: &id.facts,
-                        tag_value: &id.tag_value,
-                        sdk: &id.sdk,
-                        ca: &ca,
-                        peers: recorded_peers(cfg),
-                    };
-                    let left = super::leave::run(&ctx).await?;
+                    let left = super::leave::run(&ctx_of(cfg, &id, &ca)).await?;
                     tracing::info!(outcome = ?left, "left the cluster: watch ends");
                     return Ok(crate::error::exit::OK);
                 }
@@ -84,15 +88,9 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             last_reap = Instant::now();
             match api_clients::cluster_ca(cfg) {
                 Ok(ca) => {
-                    let ctx = Ctx {
-                        cfg,
-                        facts: &id.facts,
-                        tag_value: &id.tag_value,
-                        sdk: &id.sdk,
-                        ca: &ca,
-                        peers: recorded_peers(cfg),
-                    };
-                    if let Err(e) = super::reap::pass(&ctx, &mut absent_before).await {
+                    if let Err(e) =
+                        super::reap::pass(&ctx_of(cfg, &id, &ca), &mut absent_before).await
+                    {
                         tracing::warn!(
                             "reaping pass failed ({e}); the next one is in {} s",
                             interval.as_secs()
