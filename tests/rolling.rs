@@ -10,6 +10,10 @@
 //! - `lost_instance_reaped_within_one_interval_unreachable_never` (CI): a node that only
 //!   lost power stays a voter; once EC2 says its instance is terminated, it is reaped within
 //!   one watch interval.
+//! - `launch_abandoned_past_its_bound_leaves_raft` (CI): a new instance whose config alone
+//!   bounds its launch hook to 3 s joins, removes itself from the raft configuration,
+//!   completes the hook with ABANDON and exits 82 with its server stopped; the cluster is
+//!   its 3 original voters again, tolerance 1.
 //!
 //! How the numbers are read: a tolerance sample that no active node answered is
 //! "unreadable", one from a leader elected moments ago that has no raft stats of some voter
@@ -1380,6 +1384,274 @@ async fn lost_instance_reaped_within_one_interval_unreachable_never() {
     assert!(
         gone_after <= INTERVAL as f64 + MARGIN,
         "reaped {gone_after:.2} s after the termination: more than one interval ({INTERVAL} s) + {MARGIN} s"
+    );
+    for nd in nodes.iter_mut() {
+        if let Some(w) = nd.watch.as_mut() {
+            w.stop();
+        }
+        nd.boot.stop();
+    }
+}
+
+// ----------------------------------------------------------------------------- abandon
+
+/// PIDs of the running processes whose command line holds `needle` (a server names its
+/// node's `etc/vault.hcl`), zombies excluded.
+fn procs_naming(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !zombie
+            && cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The launch hook's ABANDON path, end to end: a 3-node cluster formed with hooks (and a
+/// `watch` per node), then one more instance launched through the launch hook as the refresh
+/// driver does, its config alone with `lifecycle.launch_timeout_secs = 3`: autopilot's 10 s
+/// server stabilization keeps it from being a healthy voter that soon. Its `boot` joins,
+/// waits 3 s, removes itself from the raft configuration, completes the hook with ABANDON and
+/// exits 82, stopping its server; the cluster is the 3 original voters again, tolerance 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_abandoned_past_its_bound_leaves_raft() {
+    let test_start = Instant::now();
+    let n = 3;
+    let toml = node_toml(n, true, 30, true, "");
+    let (mut tb, mut nodes, root, new_ips) = form_cluster(53, n, true, true, &toml).await;
+    let formed = test_start.elapsed().as_secs_f64();
+    let original: BTreeSet<String> = tb.instances.iter().map(|i| i.id.clone()).collect();
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, test_start, ips, &root);
+    ap_until(&load, "3 healthy voters", Duration::from_secs(90), |ap| {
+        ap.ft == 1 && ap.voters.len() == n && ap.unhealthy_voters.is_empty()
+    })
+    .await;
+
+    // The launch, as `refresh_launch_first` does it, with a 3 s bound for this node only.
+    // `node_toml` ends with the [lifecycle] table.
+    let launched = Instant::now();
+    let new = tb.add_instance(&new_ips[0]);
+    let new_id = tb.instances[new].id.clone();
+    assert_eq!(
+        tb.lifecycle_cmd(&["launch", "--instance", &new_id]),
+        "Pending:Wait"
+    );
+    let opts = NodeOpts {
+        extra_toml: format!("{toml}launch_timeout_secs = 3\n"),
+        binary: Some(bao_2_6_1()),
+    };
+    let mut procs = start_node(&tb, new, &opts, true);
+    let server_needle = format!("{}/etc/vault.hcl", tb.node_dir(new).display());
+    eprintln!(
+        "launched {new_id} ({}) with launch_timeout_secs = 3",
+        new_ips[0]
+    );
+
+    // Until its boot exits: when it is ready, whether the raft configuration (through node
+    // 0) lists it and when, and whether its server runs (the /proc scan must see it once).
+    const READY_BOUND: f64 = 90.0;
+    const EXIT_AFTER_READY: f64 = 80.0;
+    let secs = |t: Instant| t.elapsed().as_secs_f64();
+    let mut ready_at: Option<f64> = None;
+    let mut listed: Vec<(f64, bool)> = Vec::new();
+    let mut server_seen = false;
+    let (status, exit_at) = loop {
+        let t = secs(launched);
+        if ready_at.is_none() && procs.boot.stderr().contains("node ready") {
+            ready_at = Some(t);
+        }
+        server_seen |= !procs_naming(&server_needle).is_empty();
+        if let Some(s) = procs.boot.exited() {
+            break (s, t);
+        }
+        let late = match ready_at {
+            None => t > READY_BOUND,
+            Some(r) => t > r + EXIT_AFTER_READY,
+        };
+        if late {
+            let log = procs.boot.stderr();
+            procs.boot.stop();
+            panic!(
+                "new node's boot: ready at {ready_at:?} s, still running {t:.1} s after the \
+                 launch (bounds: ready {READY_BOUND} s, exit {EXIT_AFTER_READY} s after):\n{}",
+                tail(&log, 40)
+            );
+        }
+        if let Ok(Some(servers)) =
+            tokio::time::timeout(Duration::from_secs(2), raft_servers(&tb, 0, &root)).await
+        {
+            if let Some((_, voter)) = servers.iter().find(|(id, _)| *id == new_id) {
+                listed.push((secs(launched), *voter));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let log = procs.boot.stderr();
+    let ready_at = ready_at.unwrap_or_else(|| panic!("no node ready:\n{}", tail(&log, 40)));
+    let leave_line = log
+        .lines()
+        .find(|l| l.contains("left the raft configuration before abandoning"))
+        .unwrap_or("")
+        .to_string();
+    let lines_of = |k: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(k)).collect() };
+    let removed_lines = lines_of("removed this node from the raft configuration");
+    eprintln!(
+        "new node's boot exited ({status}) {exit_at:.1} s after the launch: node ready seen at \
+         {ready_at:.1} s, exit {:.1} s after ready",
+        exit_at - ready_at
+    );
+    eprintln!(
+        "raft configuration listed {new_id} from {:?} to {:?} s (as a voter: {})",
+        listed.first().map(|l| secs3(l.0)),
+        listed.last().map(|l| secs3(l.0)),
+        listed.iter().any(|l| l.1)
+    );
+    for l in lines_of("launch hook waits")
+        .iter()
+        .chain(removed_lines.iter())
+        .chain([leave_line.as_str()].iter())
+        .chain(lines_of("ABANDON").iter())
+        .chain(lines_of("not leaving").iter())
+    {
+        eprintln!("  boot: {l}");
+    }
+
+    // Its server is gone (the exec launcher stops it), and its watch, seeing the instance
+    // Terminated, ends.
+    let (_, left) = procs.boot.wait_or_kill(Duration::ZERO);
+    let strays = procs_naming(&server_needle);
+    let watch_exit = procs
+        .watch
+        .as_mut()
+        .map(|w| w.wait_or_kill(Duration::from_secs(30)));
+    let watch_log = procs.watch.as_ref().map(|w| w.stderr()).unwrap_or_default();
+    eprintln!(
+        "new node's watch: {:?}; its last lines:\n{}",
+        watch_exit,
+        tail(&watch_log, 6)
+    );
+
+    // The group's view.
+    let events = tb.lifecycle_events(&new_id);
+    let outcome = tb.hook_outcome(&new_id, LAUNCH_HOOK);
+    let state = tb.lifecycle_cmd(&["state", "--instance", &new_id]);
+    eprintln!("lifecycle: {new_id} {state}, launch hook {outcome:?}; events {events:?}");
+
+    // The cluster's.
+    let servers = poll(
+        "the raft configuration",
+        Duration::from_secs(20),
+        || async { raft_servers(&tb, 0, &root).await },
+    )
+    .await;
+    let after = ap_until(
+        &load,
+        "failure tolerance 1, 3 healthy voters",
+        Duration::from_secs(60),
+        |ap| ap.ft == 1 && ap.voters.len() == n && ap.unhealthy_voters.is_empty(),
+    )
+    .await;
+    eprintln!(
+        "after: raft {servers:?}; autopilot ft {} voters {:?} servers {} ({:.1} s after the \
+         launch)",
+        after.ft,
+        after.voters,
+        after.servers,
+        secs(launched)
+    );
+    eprintln!(
+        "---- formation {formed:.1} s, launch -> ready {ready_at:.1} s, ready -> exit 82 {:.1} s, \
+         launch -> exit {exit_at:.1} s; test took {:.1} s",
+        exit_at - ready_at,
+        secs(test_start)
+    );
+
+    assert_eq!(
+        status.code(),
+        Some(82),
+        "boot exits 82 (exit::ABANDONED):\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        log.contains("ABANDON") && log.contains("lifecycle.launch_timeout_secs"),
+        "its stderr names the ABANDON and the bound:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        !log.contains("launch hook completed: this node is a healthy voter"),
+        "it never continued:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        !listed.is_empty(),
+        "the raft configuration listed the new node while it waited"
+    );
+    assert_eq!(
+        removed_lines.len(),
+        1,
+        "its boot removed itself from the raft configuration:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        leave_line.contains("Removed"),
+        "leave outcome: {leave_line:?}"
+    );
+    assert_eq!(outcome.as_deref(), Some("complete ABANDON"), "{events:?}");
+    assert_eq!(state, "Terminated", "abandoned in Pending:Wait: {events:?}");
+    assert!(
+        events.iter().any(|e| e["action"] == "complete"
+            && e["result"] == "ABANDON"
+            && e["hook"] == LAUNCH_HOOK),
+        "{events:?}"
+    );
+    let ids: BTreeSet<String> = servers.iter().map(|(id, _)| id.clone()).collect();
+    assert!(!ids.contains(&new_id), "{new_id} still listed: {servers:?}");
+    assert_eq!(ids, original, "exactly the 3 original servers");
+    assert!(
+        servers.iter().all(|(_, voter)| *voter),
+        "all voters: {servers:?}"
+    );
+    assert_eq!(
+        after.voters.iter().cloned().collect::<BTreeSet<_>>(),
+        original
+    );
+    assert_eq!(after.servers, n, "no other server left: {:?}", after.raw);
+    assert!(
+        server_seen,
+        "the /proc scan saw the new node's server running"
+    );
+    assert!(
+        left.is_empty(),
+        "server PIDs left behind by its boot: {left:?}"
+    );
+    assert!(
+        strays.is_empty(),
+        "server processes of the new node: {strays:?}"
+    );
+    assert!(
+        matches!(&watch_exit, Some((Some(s), killed)) if s.code() == Some(0) && killed.is_empty()),
+        "its watch leaves (the instance is Terminated) and exits 0: {watch_exit:?}\n{}",
+        tail(&watch_log, 20)
     );
     for nd in nodes.iter_mut() {
         if let Some(w) = nd.watch.as_mut() {
