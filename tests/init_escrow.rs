@@ -330,6 +330,8 @@ async fn a_power_loss_during_sys_init_is_recovered_by_moving_the_store_aside() {
     let delays_ms = [150u64, 700, 1400];
     let tb = Testbed::start(62, delays_ms.len());
     let mut moved = 0;
+    let mut late = 0;
+    let mut during = 0;
     for (i, ms) in delays_ms.iter().enumerate() {
         let cluster = format!("midinit-{i}");
         tb.tag(i, "Cluster", &cluster).await;
@@ -338,12 +340,27 @@ async fn a_power_loss_during_sys_init_is_recovered_by_moving_the_store_aside() {
         a.wait_log("calling sys/init", Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(*ms));
         a.power_off();
-        assert!(
-            tb.node_dir(i).join("state/init-attempt.json").exists(),
-            "{ms} ms: the attempt is on disk"
-        );
+        // On a quiet machine sys/init can answer before the longest delay: that power loss
+        // came after init, not during it, and proves nothing here (the crash trials cover
+        // it). Counted apart; every power loss during sys/init must be recovered.
+        let was_late = a.stderr().contains("sys/init succeeded");
+        if was_late {
+            late += 1;
+            eprintln!("{ms} ms: sys/init had answered before the power loss");
+        } else {
+            during += 1;
+            assert!(
+                tb.node_dir(i).join("state/init-attempt.json").exists(),
+                "{ms} ms: the attempt is on disk"
+            );
+        }
         let (mut a, log) = restart(&tb, i);
-        if log.contains("was moved aside (kept, not deleted)") {
+        let was_moved = log.contains("was moved aside (kept, not deleted)");
+        assert!(
+            was_moved || was_late,
+            "{ms} ms: a power loss during sys/init was not recovered by moving the store aside:\n{log}"
+        );
+        if was_moved && !was_late {
             moved += 1;
             let aside = tree(&tb.node_dir(i))
                 .into_iter()
@@ -351,16 +368,22 @@ async fn a_power_loss_during_sys_init_is_recovered_by_moving_the_store_aside() {
                 .count();
             assert_eq!(aside, 1, "{ms} ms: the store is kept beside data/");
         }
-        assert!(log.contains("sys/init succeeded"), "{ms} ms:\n{log}");
+        // After a late power loss the restart resumes the one init there was.
+        if !was_late {
+            assert!(log.contains("sys/init succeeded"), "{ms} ms:\n{log}");
+        }
         assert!(!tb.node_dir(i).join("state/init-attempt.json").exists());
         let (code, out) = tb.escrow_verify(i);
         assert_eq!(code, 0, "{ms} ms: {out}");
         a.stop();
     }
     assert_eq!(
-        moved,
-        delays_ms.len(),
+        moved, during,
         "every interrupted init was recovered by moving its store aside"
+    );
+    assert!(
+        during >= 2,
+        "at least two power losses fell during sys/init ({late} came after it)"
     );
 }
 
