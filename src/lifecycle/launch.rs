@@ -15,7 +15,7 @@
 //! baked into an image from a running node never counts for another instance) so that later
 //! boots of the member (from its disk) make no call for a hook that ended long ago.
 
-use super::session::{Ctx, Session};
+use super::session::{Ctx, Logins};
 use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
 use crate::error::{exit, Error, Result};
 use crate::{fsutil, retry};
@@ -164,7 +164,10 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let lc = SdkAutoscaling::new(ctx.sdk);
     let started = Instant::now();
-    let ended = wait_then_complete(&lc, action, timing, || healthy_voter(ctx)).await?;
+    let logins = Logins::default();
+    let ended = wait_then_complete(&lc, action, timing, || healthy_voter(ctx, &logins)).await;
+    logins.end().await;
+    let ended = ended?;
     let waited_ms = started.elapsed().as_millis() as u64;
     match &ended {
         Ended::Continued => {
@@ -209,11 +212,19 @@ fn completed_earlier(ctx: &Ctx<'_>) -> bool {
 }
 
 /// Whether autopilot, asked at the active node, calls this node a healthy voter.
-async fn healthy_voter(ctx: &Ctx<'_>) -> std::result::Result<bool, Wait> {
-    let s = Session::open(ctx).await.map_err(|e| Wait::of(&e))?;
-    let state = s.autopilot().await;
-    s.close().await;
-    let state = state.map_err(|e| Wait::of(&e))?;
+async fn healthy_voter(ctx: &Ctx<'_>, logins: &Logins) -> std::result::Result<bool, Wait> {
+    let state = {
+        let s = logins.session(ctx).await.map_err(|e| Wait::of(&e))?;
+        s.autopilot().await
+    };
+    let state = match state {
+        Ok(state) => state,
+        Err(e) => {
+            // Maybe another node leads now: log in afresh at the next poll.
+            logins.end().await;
+            return Err(Wait::of(&e));
+        }
+    };
     if state.healthy_voter(ctx.me()) {
         return Ok(true);
     }

@@ -14,7 +14,7 @@
 //! own view lags by seconds.
 
 use super::autopilot::{target_tolerance, Removal};
-use super::session::{Ctx, Session};
+use super::session::{Ctx, Logins};
 use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
 use crate::error::Result;
 use crate::launcher;
@@ -88,6 +88,19 @@ async fn hand_over<L: Lifecycle>(
     action: Option<Action<'_>>,
     bound: Duration,
 ) -> Left {
+    let logins = Logins::default();
+    let left = wait_to_leave(ctx, lc, action, bound, &logins).await;
+    logins.end().await;
+    left
+}
+
+async fn wait_to_leave<L: Lifecycle>(
+    ctx: &Ctx<'_>,
+    lc: &L,
+    action: Option<Action<'_>>,
+    bound: Duration,
+    logins: &Logins,
+) -> Left {
     let me = ctx.me();
     let start = Instant::now();
     let heartbeat = Duration::from_secs(ctx.cfg.lifecycle.heartbeat_secs);
@@ -96,7 +109,7 @@ async fn hand_over<L: Lifecycle>(
     let mut last_why = String::new();
     loop {
         let settling = start.elapsed() < ALL_HEALTHY_FIRST;
-        let why = match step(ctx, &mut stepped_down, settling).await {
+        let why = match step(ctx, logins, &mut stepped_down, settling).await {
             Ok(Some(left)) => return left,
             Ok(None) => String::new(),
             Err(why) => why,
@@ -153,11 +166,12 @@ const JITTER_MS: u64 = 2_000;
 /// step-down), `Err(why)` to wait.
 async fn step(
     ctx: &Ctx<'_>,
+    logins: &Logins,
     stepped_down: &mut bool,
     settling: bool,
 ) -> std::result::Result<Option<Left>, String> {
     let me = ctx.me();
-    let s = match Session::open(ctx).await {
+    let s = match logins.session(ctx).await {
         Ok(s) => s,
         // Nobody, this node included, names a leader: no cluster to hand over to (this
         // node's server is down too, or it stands alone).
@@ -168,7 +182,9 @@ async fn step(
     };
     if s.leader_is_me {
         let r = s.step_down().await;
-        s.close().await;
+        drop(s);
+        // The next look logs in at the new leader.
+        logins.end().await;
         r.map_err(|e| format!("step-down refused: {e}"))?;
         *stepped_down = true;
         tracing::info!(instance_id = %me, "stepped down: waiting for another voter to take over");
@@ -184,30 +200,34 @@ async fn step(
             NEW_LEADER.as_secs()
         ));
     }
-    let result = async {
-        // Decide on a fresh view: the raft configuration for who votes, autopilot for who
-        // is healthy, both read after a random pause.
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
-        let members = s.membership().await.map_err(|e| e.to_string())?;
-        let state = s.autopilot().await.map_err(|e| e.to_string())?;
-        match state.removal_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))? {
-            Removal::NotAMember => Ok(Some(Left::NotAMember)),
-            Removal::Safe { remaining, .. } if settling && !all_healthy(&state, &members, me) => {
-                Err(format!(
-                    "autopilot does not call every other voter healthy yet ({remaining} remain): waiting up to {} s for that (a leader elected moments ago has not heard from its followers yet)",
-                    ALL_HEALTHY_FIRST.as_secs()
-                ))
-            }
-            Removal::Safe { remaining, healthy } => {
-                s.remove_peer(me).await.map_err(|e| e.to_string())?;
-                tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, "removed this node from the raft configuration");
-                Ok(Some(Left::Removed {
-                    stepped_down: *stepped_down,
-                }))
-            }
+    // Decide on a fresh view: the raft configuration for who votes, autopilot for who is
+    // healthy, both read after a random pause.
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
+    let view =
+        async { Ok::<_, crate::error::Error>((s.membership().await?, s.autopilot().await?)) }.await;
+    let (members, state) = match view {
+        Ok(v) => v,
+        Err(e) => {
+            drop(s);
+            // Maybe another node leads now: log in afresh at the next look.
+            logins.end().await;
+            return Err(e.to_string());
+        }
+    };
+    match state.removal_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))? {
+        Removal::NotAMember => Ok(Some(Left::NotAMember)),
+        Removal::Safe { remaining, .. } if settling && !all_healthy(&state, &members, me) => {
+            Err(format!(
+                "autopilot does not call every other voter healthy yet ({remaining} remain): waiting up to {} s for that (a leader elected moments ago has not heard from its followers yet)",
+                ALL_HEALTHY_FIRST.as_secs()
+            ))
+        }
+        Removal::Safe { remaining, healthy } => {
+            s.remove_peer(me).await.map_err(|e| e.to_string())?;
+            tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, "removed this node from the raft configuration");
+            Ok(Some(Left::Removed {
+                stepped_down: *stepped_down,
+            }))
         }
     }
-    .await;
-    s.close().await;
-    result
 }

@@ -99,6 +99,37 @@ pub fn host_ip(url: &str) -> Option<IpAddr> {
     host.rsplit_once(':').map_or(host, |(h, _)| h).parse().ok()
 }
 
+/// One login kept across the polls of one wait (a launch hook's, a leave's): a login costs an
+/// S3 read, a KMS decrypt and an AppRole login, and a wait polls every 2 s. It is ended
+/// (revoked) after a failed call or a step-down, so the next poll logs in again at whichever
+/// node leads then, and when the wait is over.
+#[derive(Default)]
+pub struct Logins(tokio::sync::Mutex<Option<Session>>);
+
+impl Logins {
+    /// The kept session, logging in first when there is none. Drop the guard before
+    /// [`Logins::end`].
+    pub async fn session(
+        &self,
+        ctx: &Ctx<'_>,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, Session>> {
+        let mut g = self.0.lock().await;
+        if g.is_none() {
+            *g = Some(Session::open(ctx).await?);
+        }
+        tokio::sync::MutexGuard::try_map(g, Option::as_mut)
+            .map_err(|_| Error::Internal("no lifecycle session after a login".into()))
+    }
+
+    /// Ends the kept login, if any.
+    pub async fn end(&self) {
+        let kept = self.0.lock().await.take();
+        if let Some(s) = kept {
+            s.close().await;
+        }
+    }
+}
+
 /// A logged-in session at the active node.
 pub struct Session {
     pub leader: VaultClient,
