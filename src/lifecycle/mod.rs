@@ -56,7 +56,8 @@ path "auth/token/revoke-self" {
   capabilities = ["update"]
 }
 "#;
-/// A lifecycle session lives for one decision (seconds); the watch logs in again for each.
+/// A lifecycle login serves one reaping pass, or one wait (re-made every 5 minutes, see
+/// [`session::RELOGIN_AFTER`]); a copied token must not last.
 pub const TOKEN_TTL: &str = "10m";
 
 /// The lifecycle node credential (see [`crate::approle`]).

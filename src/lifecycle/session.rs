@@ -102,7 +102,8 @@ pub fn host_ip(url: &str) -> Option<IpAddr> {
 /// One login kept across the polls of one wait (a launch hook's, a leave's): a login costs an
 /// S3 read, a KMS decrypt and an AppRole login, and a wait polls every 2 s. It is ended
 /// (revoked) after a failed call or a step-down, so the next poll logs in again at whichever
-/// node leads then, and when the wait is over.
+/// node leads then; when it is [`RELOGIN_AFTER`] old, well inside the token's 10 minutes; and
+/// when the wait is over.
 #[derive(Default)]
 pub struct Logins(tokio::sync::Mutex<Option<Session>>);
 
@@ -114,6 +115,13 @@ impl Logins {
         ctx: &Ctx<'_>,
     ) -> Result<tokio::sync::MappedMutexGuard<'_, Session>> {
         let mut g = self.0.lock().await;
+        if g.as_ref()
+            .is_some_and(|s| s.opened.elapsed() >= RELOGIN_AFTER)
+        {
+            if let Some(old) = g.take() {
+                old.close().await;
+            }
+        }
         if g.is_none() {
             *g = Some(Session::open(ctx).await?);
         }
@@ -130,12 +138,17 @@ impl Logins {
     }
 }
 
+/// Age at which a kept login is replaced: half the lifecycle token's TTL
+/// ([`super::TOKEN_TTL`], 10 minutes), so no call ever carries an expired token.
+pub const RELOGIN_AFTER: Duration = Duration::from_secs(300);
+
 /// A logged-in session at the active node.
 pub struct Session {
     pub leader: VaultClient,
     /// Whether the active node is this node.
     pub leader_is_me: bool,
     token: Secret,
+    opened: std::time::Instant,
 }
 
 fn err(message: String, exit: i32) -> Error {
@@ -186,6 +199,7 @@ impl Session {
             leader,
             leader_is_me,
             token,
+            opened: std::time::Instant::now(),
         })
     }
 

@@ -3,8 +3,9 @@
 //! leaves the cluster gracefully when it becomes `Terminated` ([`super::leave`]); and every
 //! `lifecycle.watch_interval_secs` it reaps dead peers ([`super::reap`]).
 //!
-//! It holds no secret between steps: each step logs in with the lifecycle credential for
-//! seconds and revokes the token. A failed step is logged and tried again at the next tick;
+//! It holds no secret between steps: each reaping pass logs in with the lifecycle credential
+//! and revokes the token at its end; a leave keeps one login for its wait (see
+//! [`super::session::Logins`]). A failed step is logged and tried again at the next tick;
 //! only a finished leave ends the command (exit 0: the instance is going away).
 
 use super::session::Ctx;
