@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 /// `sys/storage/raft/autopilot/state`, the parts the agent reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
-    pub healthy: bool,
-    pub failure_tolerance: i64,
     pub leader: String,
     /// By server id (the instance id).
     pub servers: BTreeMap<String, Server>,
@@ -20,8 +18,6 @@ pub struct Server {
     /// Autopilot's own verdict: alive, in contact, caught up with the leader's log, and
     /// stable for `server_stabilization_time`.
     pub healthy: bool,
-    /// `alive`, `left`, `failed`, ...
-    pub node_status: String,
 }
 
 impl Server {
@@ -43,14 +39,11 @@ impl State {
                     Server {
                         status: s["status"].as_str().unwrap_or_default().to_owned(),
                         healthy: s["healthy"].as_bool().unwrap_or(false),
-                        node_status: s["node_status"].as_str().unwrap_or_default().to_owned(),
                     },
                 )
             })
             .collect();
         Some(State {
-            healthy: d["healthy"].as_bool().unwrap_or(false),
-            failure_tolerance: d["failure_tolerance"].as_i64().unwrap_or(0),
             leader: d["leader"].as_str().unwrap_or_default().to_owned(),
             servers,
         })
