@@ -84,7 +84,12 @@ pub async fn run(
             // Another cluster's data must never be reported ready, even from disk.
             Err(e @ Error::ForeignCluster { .. }) => Err(e),
             // An abandoned launch hook: the group is replacing this instance.
-            Err(e @ Error::Lifecycle { .. }) => Err(e),
+            Err(
+                e @ Error::Lifecycle {
+                    exit: crate::error::exit::ABANDONED,
+                    ..
+                },
+            ) => Err(e),
             Err(e) => {
                 tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");
                 Ok(())
