@@ -9,6 +9,10 @@
 //! instance id, this node itself. And only while what remains keeps quorum
 //! ([`super::autopilot::State::removal_keeps_quorum`]). Autopilot's
 //! `dead_server_last_contact_threshold` stays the backstop for what EC2 cannot tell.
+//!
+//! The watch unit's [`Reaper`] logs in only when EC2's list of the group's instances no
+//! longer matches the members it last read (or every 10 minutes); the boot's [`pass`] runs
+//! only when a peer it knew has vanished from that list.
 
 use super::autopilot::{target_tolerance, Removal};
 use super::session::{Ctx, Session};
@@ -16,6 +20,7 @@ use crate::aws::ec2::{Ec2Api, SdkEc2};
 use crate::error::Result;
 use crate::vault_api::Health;
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 /// What EC2 says about one server's instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,14 +69,64 @@ pub async fn pass(ctx: &Ctx<'_>, absent_before: &mut BTreeSet<String>) -> Result
     let s = Session::open(ctx).await?;
     let result = pass_in(ctx, &s, absent_before).await;
     s.close().await;
-    result
+    result.map(|(removed, _)| removed)
 }
 
+/// How long the watch trusts the membership its last full pass read: past it, the next
+/// tick logs in and reads the raft configuration again even if EC2's list did not change.
+const TRUST_MEMBERS: Duration = Duration::from_secs(600);
+
+/// The watch unit's reaper: what its last full pass learnt, so that a tick while nothing
+/// changed costs one `DescribeInstances` and no login (an S3 read, a KMS decrypt and an
+/// AppRole login every `watch_interval_secs`, forever, on the active node).
+#[derive(Default)]
+pub struct Reaper {
+    absent_before: BTreeSet<String>,
+    /// The raft members (instance ids) at the last full pass, and when.
+    members: Option<(BTreeSet<String>, Instant)>,
+}
+
+impl Reaper {
+    /// One tick: a full pass ([`pass`]) unless the members last read are recent and EC2
+    /// lists each other one as pending or running, and no instance besides (so none is
+    /// gone, and none joined since).
+    pub async fn tick(&mut self, ctx: &Ctx<'_>) -> Result<Vec<String>> {
+        let local = ctx.local()?;
+        if !matches!(local.health().await, Ok(Health::Active)) {
+            self.members = None;
+            return Ok(Vec::new());
+        }
+        if let Some((known, at)) = &self.members {
+            if at.elapsed() < TRUST_MEMBERS && self.absent_before.is_empty() {
+                let listed: BTreeSet<String> = SdkEc2::new(ctx.sdk)
+                    .instances_tagged(&ctx.cfg.cluster.tag_key, ctx.tag_value)
+                    .await?
+                    .into_iter()
+                    .map(|i| i.id)
+                    .filter(|id| id != ctx.me())
+                    .collect();
+                let others: BTreeSet<String> =
+                    known.iter().filter(|id| *id != ctx.me()).cloned().collect();
+                if listed == others {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let s = Session::open(ctx).await?;
+        let result = pass_in(ctx, &s, &mut self.absent_before).await;
+        s.close().await;
+        let (removed, members) = result?;
+        self.members = Some((members, Instant::now()));
+        Ok(removed)
+    }
+}
+
+/// A full pass at the active node; returns the ids removed and the members left.
 async fn pass_in(
     ctx: &Ctx<'_>,
     s: &Session,
     absent_before: &mut BTreeSet<String>,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, BTreeSet<String>)> {
     let ec2 = SdkEc2::new(ctx.sdk);
     // Who is a member comes from the raft configuration; health from autopilot.
     let mut members = s.membership().await?;
@@ -113,7 +168,7 @@ async fn pass_in(
             }
         }
     }
-    Ok(removed)
+    Ok((removed, members.servers))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::imds::{self, SdkImds};
 use crate::{api_clients, node};
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// IMDS polling interval for the target lifecycle state: what AWS's scale-in guidance uses,
@@ -61,7 +60,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         interval_secs = interval.as_secs(),
         "watching the lifecycle state and the raft peers"
     );
-    let mut absent_before = BTreeSet::new();
+    let mut reaper = super::reap::Reaper::default();
     // The first reaping pass waits one interval: boot reaps on its own when it settles.
     let mut last_reap = Instant::now();
     let mut last_state = None;
@@ -89,9 +88,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             last_reap = Instant::now();
             match api_clients::cluster_ca(cfg) {
                 Ok(ca) => {
-                    if let Err(e) =
-                        super::reap::pass(&ctx_of(cfg, &id, &ca), &mut absent_before).await
-                    {
+                    if let Err(e) = reaper.tick(&ctx_of(cfg, &id, &ca)).await {
                         tracing::warn!(
                             "reaping pass failed ({e}); the next one is in {} s",
                             interval.as_secs()
