@@ -566,26 +566,38 @@ fn classify(samples: &[Sample], from: f64, to: f64) -> Vec<(f64, Class)> {
     out
 }
 
-/// The lengths of the stretches of uninformed samples in `[from, to]` (first to last
-/// sample of a stretch, plus one period).
-fn uninformed_runs(samples: &[Sample], from: f64, to: f64) -> Vec<f64> {
+/// The stretches of consecutive samples in `[from, to]` whose class `pick` selects, as
+/// (first sample's time, length: first to last sample plus one period).
+fn runs(samples: &[Sample], from: f64, to: f64, pick: fn(&Class) -> bool) -> Vec<(f64, f64)> {
     let mut out = Vec::new();
     let mut run: Option<(f64, f64)> = None;
     for (t, k) in classify(samples, from, to) {
-        match (k == Class::Uninformed, run) {
+        match (pick(&k), run) {
             (true, None) => run = Some((t, t)),
             (true, Some((a, _))) => run = Some((a, t)),
             (false, Some((a, b))) => {
-                out.push(b - a + SAMPLE_EVERY.as_secs_f64());
+                out.push((a, b - a + SAMPLE_EVERY.as_secs_f64()));
                 run = None;
             }
             (false, None) => {}
         }
     }
     if let Some((a, b)) = run {
-        out.push(b - a + SAMPLE_EVERY.as_secs_f64());
+        out.push((a, b - a + SAMPLE_EVERY.as_secs_f64()));
     }
     out
+}
+
+/// The stretches of uninformed samples in `[from, to]`.
+fn uninformed_runs(samples: &[Sample], from: f64, to: f64) -> Vec<(f64, f64)> {
+    runs(samples, from, to, |k| *k == Class::Uninformed)
+}
+
+/// The stretches in `[from, to]` where the sampler could not see the tolerance: samples
+/// that are unreadable or uninformed, back to back. A dip could hide only in one of these,
+/// so each must stay short (see the roll's assertions).
+fn blind_runs(samples: &[Sample], from: f64, to: f64) -> Vec<(f64, f64)> {
+    runs(samples, from, to, |k| !matches!(k, Class::Ft(_)))
 }
 
 /// In `[from, to]`: the minimum failure tolerance of the informed samples, the number of
@@ -839,7 +851,9 @@ async fn roll(block: u8, n: usize, name: &str) {
     let (min_ft, nsamples, unreadable, uninformed) = ft_stats(&samples, roll_from, end);
     let uninformed_max = uninformed_runs(&samples, roll_from, end)
         .into_iter()
+        .map(|(_, len)| len)
         .fold(0.0, f64::max);
+    let blind = blind_runs(&samples, roll_from, end);
     let g = gaps(&writes, roll_from, end);
     let long = longest(&g);
     let changes = leader_changes(&samples, roll_from, end);
@@ -864,7 +878,7 @@ async fn roll(block: u8, n: usize, name: &str) {
     eprintln!(
         "failure tolerance: min {min_ft:?} (steady {steady}) over {nsamples} samples, \
          {unreadable} unreadable, {uninformed} from a new leader not yet informed (longest \
-         such stretch {uninformed_max:.1} s)"
+         such stretch {uninformed_max:.1} s); blind stretches (start, length) {blind:.1?}"
     );
     eprintln!(
         "writes: {} attempts, {failed} failed, longest gap {:.2} s ({:.2}..{:.2})",
@@ -960,10 +974,26 @@ async fn roll(block: u8, n: usize, name: &str) {
         "failure tolerance fell below {steady}: {:?}",
         dips(&samples, roll_from, end, steady)
     );
+    // The sampler must not be blind for long: a dip could hide only where no sample says
+    // what the tolerance is. Uninformed stretches follow leader changes and are bounded by
+    // UNINFORMED_GRACE in `classify`; they last 2.5-5 s here and about 4 s on CI, so a
+    // share of all samples (once 90 %) is the wrong yardstick: CI failed one roll at 89 %
+    // (23 uninformed of 210, three leader changes) with nothing wrong. Each blind stretch is held to the grace plus a second instead,
+    // and most of the roll (two thirds) must still be seen.
+    let too_long: Vec<&(f64, f64)> = blind
+        .iter()
+        .filter(|(_, len)| *len > UNINFORMED_GRACE + 1.0)
+        .collect();
     assert!(
-        (nsamples - unreadable - uninformed) * 10 >= nsamples * 9,
-        "at least 90 % of the samples say something ({unreadable} unreadable, {uninformed} \
-         uninformed, of {nsamples})"
+        too_long.is_empty(),
+        "the sampler was blind longer than {:.0} s: {too_long:.1?} (start, length); \
+         {unreadable} unreadable, {uninformed} uninformed, of {nsamples}",
+        UNINFORMED_GRACE + 1.0
+    );
+    assert!(
+        (nsamples - unreadable - uninformed) * 3 >= nsamples * 2,
+        "at least two thirds of the samples say something ({unreadable} unreadable, \
+         {uninformed} uninformed, of {nsamples}; blind stretches {blind:.1?})"
     );
     let bad = check_gaps(&g, &changes, floor);
     assert!(bad.is_empty(), "write gaps over the rule: {bad:?}");
