@@ -92,17 +92,8 @@ pub fn check_separate(
     operator_ca_pem: &str,
     cluster_ca_pem: &[u8],
 ) -> std::result::Result<(), String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let parse = |pem: &[u8], what: &str| -> std::result::Result<Vec<Vec<u8>>, String> {
-        let ders: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
-            .map(|c| c.map(|c| c.as_ref().to_vec()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| format!("{what} is malformed PEM: {e}"))?;
-        if ders.is_empty() {
-            return Err(format!("{what} holds no PEM CERTIFICATE block"));
-        }
-        Ok(ders)
+    let parse = |pem: &[u8], what: &str| {
+        crate::tls::pem_certs(pem).map_err(|problem| format!("{what}: {problem}"))
     };
     // (subject, SubjectPublicKeyInfo), both as DER.
     let identity = |der: &[u8], what: &str| -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
@@ -624,7 +615,7 @@ mod tests {
         assert_eq!(check_separate(&other.pem, cluster.pem.as_bytes()), Ok(()));
         // Not a certificate at all: refused with the reason.
         let e = check_separate("not a pem", cluster.pem.as_bytes()).unwrap_err();
-        assert!(e.contains("operator CA holds no PEM CERTIFICATE"), "{e}");
+        assert!(e.contains("operator CA: no PEM CERTIFICATE block"), "{e}");
     }
 
     #[test]

@@ -110,11 +110,17 @@ fn refuse(object: &str, problem: impl Into<String>) -> Error {
 }
 
 fn certs(pem: &[u8], object: &str) -> Result<Vec<CertificateDer<'static>>> {
+    pem_certs(pem).map_err(|problem| refuse(object, problem))
+}
+
+/// Every CERTIFICATE block of a PEM bundle, as DER; the problem when it is malformed or
+/// holds none. Shared with the operator CA's checks (`access`), which report it their way.
+pub fn pem_certs(pem: &[u8]) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| refuse(object, format!("malformed PEM: {e}")))?;
+        .map_err(|e| format!("malformed PEM: {e}"))?;
     if certs.is_empty() {
-        return Err(refuse(object, "no PEM CERTIFICATE block found"));
+        return Err("no PEM CERTIFICATE block found".into());
     }
     Ok(certs)
 }
