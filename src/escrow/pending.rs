@@ -77,15 +77,10 @@ pub struct Sealer {
     instance_arn: String,
 }
 
-/// The data key's context: cluster, item, class `pending`, and (version 2) the instance.
-fn context(layout: &Layout, version: u32, instance_arn: &str) -> Context {
-    if version < 2 {
-        // Written by an agent before classes existed.
-        return vec![
-            (super::CTX_CLUSTER.to_owned(), layout.cluster.clone()),
-            (super::CTX_ITEM.to_owned(), ITEM.to_owned()),
-        ];
-    }
+/// The data key's context: cluster, item, class `pending`, and the instance. The node
+/// role may decrypt class `pending` only for its own instance, so a file from before the
+/// classes (version 1) cannot be read here: `read` refuses it, naming the way out.
+fn context(layout: &Layout, instance_arn: &str) -> Context {
     let mut ctx = layout.context_of(ITEM, super::Class::Pending);
     ctx.push((super::CTX_INSTANCE.to_owned(), instance_arn.to_owned()));
     ctx
@@ -99,7 +94,7 @@ impl Sealer {
         instance_id: &str,
         instance_arn: &str,
     ) -> Result<Sealer> {
-        let ctx = context(layout, VERSION, instance_arn);
+        let ctx = context(layout, instance_arn);
         let (key, encrypted_key) = kms.data_key(&layout.kms_key_id, &ctx).await?;
         if key.len() != 32 {
             return Err(Error::Escrow {
@@ -226,6 +221,15 @@ pub async fn read<K: Kms>(
             ),
         });
     }
+    if f.version != VERSION {
+        return Err(Error::Escrow {
+            message: format!(
+                "{} is format version {} and this agent reads {VERSION}: its data key is not bound to this instance, so the node role cannot decrypt it. Keep it and escrow it by hand with the operator role (docs/internals.md \"Init and escrow\")",
+                p.display(),
+                f.version
+            ),
+        });
+    }
     let ek = B64
         .decode(&f.encrypted_data_key)
         .map_err(|_| bad("data key"))?;
@@ -235,9 +239,7 @@ pub async fn read<K: Kms>(
         .and_then(|n| n.try_into().ok())
         .ok_or_else(|| bad("nonce"))?;
     let mut buf = Zeroizing::new(B64.decode(&f.ciphertext).map_err(|_| bad("ciphertext"))?);
-    let key_bytes = kms
-        .decrypt(&ek, &context(layout, f.version, &f.instance_arn))
-        .await?;
+    let key_bytes = kms.decrypt(&ek, &context(layout, &f.instance_arn)).await?;
     let key = LessSafeKey::new(
         UnboundKey::new(&AES_256_GCM, &key_bytes).map_err(|_| bad("data key length"))?,
     );
@@ -375,5 +377,22 @@ mod tests {
         let mut other = layout();
         other.cluster = "staging".into();
         assert!(read(&kms, &other, d.path()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_of_another_format_version_is_refused_and_kept() {
+        let kms = FakeKms::default();
+        let d = tempfile::tempdir().unwrap();
+        let sealer = Sealer::prepare(&kms, &layout(), "i-1", ARN).await.unwrap();
+        let p = sealer.write(&secrets(), d.path()).unwrap();
+        let mut f: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f["version"] = 1.into();
+        std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
+        let e = read(&kms, &layout(), d.path()).await.err().unwrap();
+        assert!(
+            e.to_string().contains("format version 1") && e.to_string().contains("operator role"),
+            "{e}"
+        );
+        assert!(p.exists(), "the file is kept for the operator");
     }
 }
