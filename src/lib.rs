@@ -24,6 +24,7 @@ pub mod logging;
 pub mod member;
 pub mod node;
 pub mod node_lock;
+pub mod raft_config;
 pub mod raft_store;
 pub mod render;
 pub mod retry;

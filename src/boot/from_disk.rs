@@ -11,15 +11,15 @@
 //! a changed `config.toml` takes effect on this start too.
 
 use super::{
-    fetch_tls, initialize_or_join, local_client, render_config, report, settle, start,
-    write_config, Launched, Ready,
+    fetch_tls, initialize_or_join, render_config, report, settle, start, write_config, Launched,
+    Ready,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::Owner;
 use crate::member::{self, Member};
 use crate::vault_api::{Health, VaultClient};
-use crate::{init, launcher, node, node_lock, tls};
+use crate::{api_clients, init, launcher, node, node_lock, tls};
 use std::time::{Duration, Instant};
 
 pub async fn run(
@@ -51,7 +51,7 @@ pub async fn run(
     let ca_pem = std::fs::read(&ca_path).map_err(|e| Error::NoInput {
         message: format!("cannot read the cluster CA {}: {e}", ca_path.display()),
     })?;
-    let local = local_client(cfg, &node.facts, &ca_pem)?;
+    let local = api_clients::local_any_source(cfg, &node.facts, &ca_pem)?;
     let reloader = launcher::Reloader::of(&running);
     let launched = Launched {
         running,

@@ -20,11 +20,10 @@ use crate::aws::s3::SdkS3;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, FileSpec, Outcome, Owner};
-use crate::imds::InstanceFacts;
 use crate::launcher::{self, Running};
 use crate::node_lock::{self, NodeLock};
 use crate::vault_api::{self, Liveness, VaultClient};
-use crate::{init, lifecycle, member, node, render, tls};
+use crate::{api_clients, init, lifecycle, member, node, render, tls};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::Instrument;
@@ -199,32 +198,6 @@ pub(crate) async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Res
     Ok(running)
 }
 
-/// The local node's API client (the cluster CA is the only trust anchor): at the bind
-/// address, or the private IP when the server binds to every address.
-pub(crate) fn local_client(
-    cfg: &Config,
-    facts: &InstanceFacts,
-    ca_pem: &[u8],
-) -> Result<VaultClient> {
-    let bind = render::bind_ip(cfg, facts);
-    let connect_ip: IpAddr = if bind.is_unspecified() {
-        facts.local_ipv4
-    } else {
-        bind
-    };
-    peer_client(cfg, ca_pem, connect_ip)
-}
-
-/// The API client of the node at `ip`.
-pub(crate) fn peer_client(cfg: &Config, ca_pem: &[u8], ip: IpAddr) -> Result<VaultClient> {
-    VaultClient::new(
-        ca_pem,
-        ip,
-        cfg.vault.api_port,
-        cfg.tls.server_name.as_deref(),
-    )
-}
-
 /// Step 6 and after: wait until the server answers, init or join; with the exec launcher,
 /// then stay with the server and exit with it.
 pub(crate) async fn serve(
@@ -236,7 +209,7 @@ pub(crate) async fn serve(
     launched: Launched,
     started: Instant,
 ) -> Result<i32> {
-    let client = local_client(cfg, &node.facts, &material.ca_pem)?;
+    let client = api_clients::local_any_source(cfg, &node.facts, &material.ca_pem)?;
     let ready = &Ready {
         node,
         local: &client,
@@ -325,7 +298,7 @@ pub(crate) async fn initialize_or_join(
         .peers
         .iter()
         .filter(|p| !p.is_self)
-        .map(|p| peer_client(cfg, ca_pem, p.ip))
+        .map(|p| api_clients::peer(cfg, ca_pem, p.ip))
         .collect::<Result<Vec<_>>>()?;
     let s3 = SdkS3::new(&node.sdk);
     let kms = SdkKms::new(&node.sdk);

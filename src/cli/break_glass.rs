@@ -55,7 +55,7 @@ pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
             cfg.vault.tls_dir.display()
         ),
     })?;
-    let local = crate::boot::local_client(cfg, &id.facts, &ca)?;
+    let local = crate::api_clients::local_any_source(cfg, &id.facts, &ca)?;
     let token = access::generate_root(&local, &shares, access::SETTLE_BOUND).await?;
     tracing::warn!(
         shares = shares.len(),

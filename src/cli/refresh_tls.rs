@@ -49,7 +49,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         let ca = tls::trust_anchors(&cfg.vault.tls_dir, &m.ca_pem);
         let mut down = Vec::new();
         for p in n.peers.iter().filter(|p| !p.is_self) {
-            let c = crate::boot::peer_client(cfg, &ca, p.ip)?;
+            let c = crate::api_clients::peer(cfg, &ca, p.ip)?;
             if !matches!(
                 c.health().await,
                 Ok(Health::Active | Health::Standby | Health::PerfStandby)

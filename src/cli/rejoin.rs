@@ -23,6 +23,7 @@ use crate::node;
 use crate::node_lock;
 use crate::secret::Secret;
 use crate::vault_api::{Health, VaultClient};
+use crate::{api_clients, raft_config};
 use reqwest::Method;
 use serde_json::Value;
 use std::io::Write;
@@ -48,13 +49,6 @@ enum Membership {
     Down,
 }
 
-/// One server of the raft configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RaftServer {
-    node_id: String,
-    voter: bool,
-}
-
 /// Everything rejoin looked at, for [`classify`] and [`quorum_refusal`].
 #[derive(Debug, Default)]
 struct Seen {
@@ -67,7 +61,7 @@ struct Seen {
     /// The leader address the healthy peers report.
     leader: Option<String>,
     /// The raft configuration (read with `VAULT_TOKEN`).
-    raft: Option<Vec<RaftServer>>,
+    raft: Option<raft_config::Membership>,
 }
 
 fn say(line: impl std::fmt::Display) {
@@ -126,12 +120,12 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     // Health of the peers and the cluster's view. During a CA rotation some nodes serve the
     // new CA's certificate and some the old one's: trust both (see `tls::trust_anchors`).
     let ca = crate::tls::trust_anchors(&cfg.vault.tls_dir, &material.ca_pem);
-    let local = boot::local_client(cfg, &node.facts, &ca)?;
+    let local = api_clients::local_any_source(cfg, &node.facts, &ca)?;
     let mut seen = Seen::default();
     let mut healthy_ids: Vec<&str> = Vec::new();
     let mut healthy_peers: Vec<VaultClient> = Vec::new();
     for p in node.peers.iter().filter(|p| !p.is_self) {
-        let c = boot::peer_client(cfg, &ca, p.ip)?;
+        let c = api_clients::peer(cfg, &ca, p.ip)?;
         if let Some((200 | 429, h)) = get(&c, "sys/health", None).await {
             seen.cluster_id = h["cluster_id"]
                 .as_str()
@@ -146,7 +140,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     }
     let healthy = healthy_peers.len();
     let total = node.peers.len();
-    let quorum = total / 2 + 1;
+    let quorum = raft_config::quorum(total);
     say(format!(
         "{healthy} of {} other node(s) healthy; quorum of {total} is {quorum}",
         total.saturating_sub(1)
@@ -159,13 +153,13 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         };
     }
     if let Some(t) = &token {
-        let servers = raft_configuration(&healthy_peers, &local, t).await?;
+        let raft = raft_configuration(&healthy_peers, &local, t).await?;
         say(format!(
             "raft configuration: {} server(s), {} voter(s)",
-            servers.len(),
-            servers.iter().filter(|s| s.voter).count()
+            raft.servers.len(),
+            raft.voters.len()
         ));
-        seen.raft = Some(servers);
+        seen.raft = Some(raft);
     }
     let me = node.facts.instance_id.as_str();
     let membership = classify(&seen, me);
@@ -173,7 +167,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
 
     // While this node restarts only the others serve: they must hold a quorum by themselves.
     let refusal = match &seen.raft {
-        Some(servers) => quorum_refusal(servers, me, &healthy_ids),
+        Some(raft) => quorum_refusal(raft, me, &healthy_ids),
         None => (healthy < quorum).then(|| format!(
             "only {healthy} of the other {} node(s) are healthy and a quorum of {total} is {quorum}: restarting this node now could cost the cluster its quorum (or there is none to join). Bring the other nodes back first",
             total.saturating_sub(1)
@@ -280,26 +274,14 @@ async fn raft_configuration(
     peers: &[VaultClient],
     local: &VaultClient,
     token: &Secret,
-) -> Result<Vec<RaftServer>> {
+) -> Result<raft_config::Membership> {
     let mut answers = Vec::new();
     for c in peers.iter().chain(std::iter::once(local)) {
         match get(c, "sys/storage/raft/configuration", Some(token)).await {
-            Some((200, body)) => {
-                let servers = body["data"]["config"]["servers"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .filter_map(|s| {
-                                Some(RaftServer {
-                                    node_id: s["node_id"].as_str()?.to_owned(),
-                                    voter: s["voter"].as_bool().unwrap_or(false),
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                return Ok(servers);
-            }
+            Some((200, body)) => match raft_config::Membership::parse(&body) {
+                Some(raft) => return Ok(raft),
+                None => answers.push(format!("{}: HTTP 200 without a server list", c.base())),
+            },
             Some((status, body)) => {
                 answers.push(format!("{}: HTTP {status} {}", c.base(), body["errors"]))
             }
@@ -317,20 +299,20 @@ async fn raft_configuration(
 /// Why restarting (or removing) this node would cost the cluster its quorum, counted on the
 /// raft configuration: every voter counts, also those whose instance is gone, and only the
 /// other voters that answered healthy keep serving while this node restarts.
-fn quorum_refusal(servers: &[RaftServer], me: &str, healthy: &[&str]) -> Option<String> {
-    let voters: Vec<&RaftServer> = servers.iter().filter(|s| s.voter).collect();
-    let quorum = voters.len() / 2 + 1;
+fn quorum_refusal(raft: &raft_config::Membership, me: &str, healthy: &[&str]) -> Option<String> {
+    let voters = &raft.voters;
+    let quorum = raft_config::quorum(voters.len());
     let alive = voters
         .iter()
-        .filter(|s| s.node_id != me && healthy.contains(&s.node_id.as_str()))
+        .filter(|id| *id != me && healthy.contains(&id.as_str()))
         .count();
     if alive >= quorum {
         return None;
     }
     let silent: Vec<&str> = voters
         .iter()
-        .filter(|s| s.node_id != me && !healthy.contains(&s.node_id.as_str()))
-        .map(|s| s.node_id.as_str())
+        .filter(|id| *id != me && !healthy.contains(&id.as_str()))
+        .map(String::as_str)
         .collect();
     Some(format!(
         "the raft configuration has {} voter(s), a quorum is {quorum}, and only {alive} other voter(s) answer healthy (not answering: {silent:?}): restarting this node now could cost the cluster its quorum. Bring those nodes back, or remove the dead ones from the raft configuration (sys/storage/raft/remove-peer), first",
@@ -351,8 +333,8 @@ fn classify(seen: &Seen, me: &str) -> Membership {
         health,
         Some(Health::Active | Health::Standby | Health::PerfStandby)
     );
-    if let Some(servers) = &seen.raft {
-        if !servers.iter().any(|s| s.node_id == me) {
+    if let Some(raft) = &seen.raft {
+        if !raft.servers.contains(me) {
             return Membership::Unknown("not in the cluster's raft configuration (removed)".into());
         }
         return match health {
@@ -401,10 +383,7 @@ async fn wait_voter(
     let start = Instant::now();
     loop {
         if let Some((200, body)) = get(local, "sys/storage/raft/configuration", Some(t)).await {
-            let voter = body["data"]["config"]["servers"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s["node_id"] == me && s["voter"] == true));
-            if voter {
+            if raft_config::Membership::parse(&body).is_some_and(|m| m.voters.contains(me)) {
                 return Ok(());
             }
         }
@@ -426,13 +405,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn servers(list: &[(&str, bool)]) -> Vec<RaftServer> {
-        list.iter()
-            .map(|(id, voter)| RaftServer {
-                node_id: (*id).into(),
-                voter: *voter,
-            })
-            .collect()
+    fn servers(list: &[(&str, bool)]) -> raft_config::Membership {
+        raft_config::Membership {
+            servers: list.iter().map(|(id, _)| (*id).into()).collect(),
+            voters: list
+                .iter()
+                .filter(|(_, voter)| *voter)
+                .map(|(id, _)| (*id).into())
+                .collect(),
+            leader: None,
+        }
     }
 
     /// A local server answering `status`, in cluster `cid`, following `leader`; the peers in

@@ -43,7 +43,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             Value::Null,
         ),
         Some(ca) => {
-            let local = crate::boot::local_client(cfg, &n.facts, ca)?;
+            let local = crate::api_clients::local_any_source(cfg, &n.facts, ca)?;
             let answer = local.health().await;
             let health = match &answer {
                 Ok(h) => json!(h.to_string()),
@@ -65,20 +65,14 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                         )
                         .await
                     {
-                        Ok((200, body)) => {
-                            let servers = body["data"]["config"]["servers"]
-                                .as_array()
-                                .cloned()
-                                .unwrap_or_default();
-                            let me = servers
-                                .iter()
-                                .find(|s| s["node_id"] == n.facts.instance_id.as_str());
-                            json!({
-                                "role": me.map(|s| if s["leader"] == true { "leader" } else if s["voter"] == true { "voter" } else { "non-voter" }).unwrap_or("not a member"),
-                                "voters": servers.iter().filter(|s| s["voter"] == true).map(|s| s["node_id"].clone()).collect::<Vec<_>>(),
-                                "servers": servers.len(),
-                            })
-                        }
+                        Ok((200, body)) => match crate::raft_config::Membership::parse(&body) {
+                            Some(m) => json!({
+                                "role": m.role(&n.facts.instance_id),
+                                "voters": m.voters,
+                                "servers": m.servers.len(),
+                            }),
+                            None => json!("HTTP 200 without a server list"),
+                        },
                         Ok((s, body)) => json!(format!("HTTP {s}: {}", body["errors"])),
                         Err(e) => json!(e.to_string()),
                     }

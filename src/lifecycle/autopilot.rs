@@ -1,6 +1,7 @@
 //! What autopilot says about the raft servers, and the quorum arithmetic the lifecycle
 //! decisions rest on. Pure: the calls that fetch the state live in [`super::session`].
 
+use crate::raft_config::{quorum, Membership};
 use std::collections::BTreeMap;
 
 /// `sys/storage/raft/autopilot/state`, the parts the agent reads.
@@ -122,28 +123,6 @@ pub fn target_tolerance(expected_size: u8) -> usize {
     usize::from(expected_size.saturating_sub(1) / 2)
 }
 
-/// `sys/storage/raft/configuration`: who is in the raft configuration, and who votes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Membership {
-    pub servers: std::collections::BTreeSet<String>,
-    pub voters: std::collections::BTreeSet<String>,
-}
-
-impl Membership {
-    /// Parses the API answer (`{"data": {"config": {"servers": [...]}}}`).
-    pub fn parse(body: &serde_json::Value) -> Option<Membership> {
-        let mut m = Membership::default();
-        for s in body["data"]["config"]["servers"].as_array()? {
-            let id = s["node_id"].as_str()?.to_owned();
-            if s["voter"].as_bool().unwrap_or(false) {
-                m.voters.insert(id.clone());
-            }
-            m.servers.insert(id);
-        }
-        Some(m)
-    }
-}
-
 /// The outcome of [`State::removal_keeps_quorum`] when it allows the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
@@ -153,11 +132,6 @@ pub enum Removal {
         remaining: usize,
         healthy: usize,
     },
-}
-
-/// Raft's quorum of `voters`: a strict majority.
-pub fn quorum(voters: usize) -> usize {
-    voters / 2 + 1
 }
 
 #[cfg(test)]
@@ -170,6 +144,7 @@ mod tests {
         Membership {
             servers: s.servers.keys().cloned().collect(),
             voters: s.voters().map(|(id, _)| id.clone()).collect(),
+            leader: Some(s.leader.clone()),
         }
     }
 

@@ -148,7 +148,7 @@ const ALL_HEALTHY_FIRST: Duration = Duration::from_secs(30);
 /// Whether autopilot calls every voter of the configuration but `me` healthy.
 fn all_healthy(
     state: &super::autopilot::State,
-    members: &super::autopilot::Membership,
+    members: &crate::raft_config::Membership,
     me: &str,
 ) -> bool {
     members

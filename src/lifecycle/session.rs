@@ -3,7 +3,7 @@
 //! this node's `sys/leader`, which standbys answer without a token), so nothing depends on a
 //! standby forwarding requests.
 
-use super::autopilot::{Membership, State};
+use super::autopilot::State;
 use crate::approle::{self, LoginError};
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
 use crate::imds::InstanceFacts;
+use crate::raft_config::Membership;
 use crate::secret::Secret;
 use crate::vault_api::VaultClient;
 use crate::{api_clients, render};
