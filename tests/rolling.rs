@@ -646,6 +646,26 @@ fn dips(samples: &[Sample], from: f64, to: f64, steady: i64) -> Vec<String> {
         .collect()
 }
 
+/// The fault proxy's count of the KMS calls only an init (or a node that may init) makes:
+/// DescribeKey (the escrow key's ARN), GenerateDataKey and Encrypt.
+fn init_kms_calls(tb: &Testbed) -> BTreeMap<&'static str, usize> {
+    let log = std::fs::read_to_string(tb.path().join("proxy.log")).unwrap_or_default();
+    ["DescribeKey", "GenerateDataKey", "Encrypt"]
+        .into_iter()
+        .map(|op| {
+            let op_word = format!("op={op}");
+            let n = log
+                .lines()
+                .filter(|l| {
+                    let mut words = l.split(' ');
+                    words.clone().any(|w| w == "svc=KMS") && words.any(|w| w == op_word)
+                })
+                .count();
+            (op, n)
+        })
+        .collect()
+}
+
 /// Writes the report where `VB_ROLL_REPORT` says (if set); `name` keys it, so one file
 /// collects the reports of every roll run in the same process.
 fn write_report(name: &str, report: &serde_json::Value) {
@@ -810,6 +830,7 @@ async fn roll(block: u8, n: usize, name: &str) {
         exit_bound: Duration::from_secs(30),
     };
     let roll_from = load.now();
+    let init_kms_before = init_kms_calls(&tb);
     let mut done: Vec<(f64, f64, Replacement)> = Vec::new();
     let mut old_logs = Vec::new();
     for (k, &pos) in order.iter().enumerate() {
@@ -1014,6 +1035,14 @@ async fn roll(block: u8, n: usize, name: &str) {
         .filter(|k| !escrow_before.contains_key(*k))
         .collect();
     eprintln!("escrow objects added during the roll: {added:?}");
+    // Joining a cluster that exists, the new nodes write nothing under the escrow prefix,
+    // so they resolve no escrow key and encrypt nothing (the init path's KMS calls).
+    let init_kms_after = init_kms_calls(&tb);
+    eprintln!("KMS calls of the init path, before the roll and after: {init_kms_before:?} {init_kms_after:?}");
+    assert_eq!(
+        init_kms_after, init_kms_before,
+        "KMS calls of the init path during the roll"
+    );
     for (i, nd) in nodes.iter().enumerate() {
         let log = nd.boot.stderr();
         assert!(

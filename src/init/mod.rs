@@ -80,18 +80,15 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     d: &Deps<'_, S, K, E>,
 ) -> Result<Settled> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    // Only a node that may write under the escrow prefix (take the lock, init, resume) needs
-    // the key's ARN; a member's boot writes nothing there and skips the KMS call.
-    let member = matches!(
-        d.local.health().await,
-        Ok(Health::Active | Health::Standby | Health::PerfStandby)
-    );
-    let layout = if member && !has_pending(&cfg.agent.state_dir) {
-        Layout::new(cfg, me.cluster)
-    } else {
-        with_key_arn(Layout::new(cfg, me.cluster), d.kms, aws).await
-    };
-    let (outcome, finished) = init_or_join(cfg, me, d, &layout).await?;
+    // Only a node that writes under the escrow prefix needs the key's ARN: one resuming a
+    // pending init (now), or one about to take the init lock (`init_or_join` resolves it
+    // then). A member, or a node joining a cluster that exists, writes nothing there and
+    // makes no KMS call.
+    let mut layout = Layout::new(cfg, me.cluster);
+    if has_pending(&cfg.agent.state_dir) {
+        with_key_arn(&mut layout, d.kms, aws).await;
+    }
+    let (outcome, finished) = init_or_join(cfg, me, d, &mut layout).await?;
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
     let post_init_done = match outcome {
         Outcome::Initialized | Outcome::Resumed => finished,
@@ -109,9 +106,9 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
 /// compares `s3:x-amz-server-side-encryption-aws-kms-key-id` with the key ARN. A failed
 /// `DescribeKey` keeps the configured name (then a policy that compares ARNs refuses the
 /// write, and says so).
-async fn with_key_arn<K: Kms>(mut layout: Layout, kms: &K, aws: Duration) -> Layout {
+async fn with_key_arn<K: Kms>(layout: &mut Layout, kms: &K, aws: Duration) {
     if layout.kms_key_id.starts_with("arn:") {
-        return layout;
+        return;
     }
     match retry::retry("DescribeKey (escrow key)", aws, || {
         kms.describe(&layout.kms_key_id)
@@ -125,7 +122,6 @@ async fn with_key_arn<K: Kms>(mut layout: Layout, kms: &K, aws: Duration) -> Lay
             "could not resolve the escrow key to its ARN ({e}); writing with the configured name"
         ),
     }
-    layout
 }
 
 /// Checks that this node serves the cluster the escrow marker names; returns its id.
@@ -163,7 +159,7 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
-    layout: &Layout,
+    layout: &mut Layout,
 ) -> Result<(Outcome, bool)> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
@@ -185,6 +181,7 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     let mut said_waiting = false;
     // Once seen initialized, a cluster stays so: stop asking peers and S3 every round.
     let mut initialized_elsewhere = false;
+    let mut key_resolved = false;
     loop {
         match d.local.health().await {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
@@ -195,6 +192,11 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
                 initialized_elsewhere =
                     initialized_elsewhere || cluster_initialized(d, layout, aws).await?;
                 if !initialized_elsewhere {
+                    // The lock, and all an init writes, go under the escrow prefix.
+                    if !key_resolved {
+                        with_key_arn(layout, d.kms, aws).await;
+                        key_resolved = true;
+                    }
                     match lock::acquire(d.s3, layout, me.instance_id, aws).await? {
                         lock::Lock::Mine(g) => {
                             tracing::info!(generation = g, lock = %layout.url(&layout.lock_dir()), "won the init lock");
