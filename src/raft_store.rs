@@ -83,9 +83,25 @@ fn move_entries_aside(data_dir: &Path) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let stamp = name.rsplit("removed-").next().unwrap_or("aside").to_owned();
-    let aside = data_dir.join(format!("removed-{stamp}"));
-    std::fs::create_dir(&aside)
-        .map_err(|e| Error::write(&aside, format!("create the aside directory: {e}")))?;
+    // Two moves within one second share a stamp: the second takes the next free suffix,
+    // as `rename_aside` does, instead of failing on the first one's directory.
+    let mut aside = data_dir.join(format!("removed-{stamp}"));
+    let mut n = 0;
+    loop {
+        match std::fs::create_dir(&aside) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
+                n += 1;
+                aside = data_dir.join(format!("removed-{stamp}.{n}"));
+            }
+            Err(e) => {
+                return Err(Error::write(
+                    &aside,
+                    format!("create the aside directory: {e}"),
+                ))
+            }
+        }
+    }
     let entries = std::fs::read_dir(data_dir)
         .map_err(|e| Error::write(data_dir, format!("list the raft data: {e}")))?;
     for entry in entries {
@@ -139,10 +155,15 @@ mod tests {
         assert_eq!(std::fs::read(a.join("vault.db")).unwrap(), b"v");
         assert_eq!(std::fs::read(a.join("raft/raft.db")).unwrap(), b"r");
         // A second move leaves the first aside directory where it is.
+        // Within the same second too (same stamp): it takes the next suffix.
         std::fs::write(data.join("vault.db"), "w").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1100));
         let b = move_entries_aside(&data).unwrap();
         assert!(a.exists() && b.exists() && a != b);
         assert_eq!(std::fs::read(b.join("vault.db")).unwrap(), b"w");
+        std::fs::write(data.join("vault.db"), "x").unwrap();
+        let c = move_entries_aside(&data).unwrap();
+        assert!(a.exists() && b.exists() && c.exists() && c != a && c != b);
+        assert_eq!(std::fs::read(c.join("vault.db")).unwrap(), b"x");
+        assert_eq!(std::fs::read(a.join("vault.db")).unwrap(), b"v");
     }
 }
