@@ -83,10 +83,14 @@ fn move_entries_aside(data_dir: &Path) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let stamp = name.rsplit("removed-").next().unwrap_or("aside").to_owned();
+    move_entries_into(data_dir, &stamp)
+}
+
+fn move_entries_into(data_dir: &Path, stamp: &str) -> Result<PathBuf> {
     // Two moves within one second share a stamp: the second takes the next free suffix,
     // as `rename_aside` does, instead of failing on the first one's directory.
     let mut aside = data_dir.join(format!("removed-{stamp}"));
-    let mut n = 0;
+    let mut n = 1;
     loop {
         match std::fs::create_dir(&aside) {
             Ok(()) => break,
@@ -155,13 +159,16 @@ mod tests {
         assert_eq!(std::fs::read(a.join("vault.db")).unwrap(), b"v");
         assert_eq!(std::fs::read(a.join("raft/raft.db")).unwrap(), b"r");
         // A second move leaves the first aside directory where it is.
-        // Within the same second too (same stamp): it takes the next suffix.
+        // Within the same second too (the same stamp, given here so that the test does
+        // not depend on the clock): each takes the next suffix.
         std::fs::write(data.join("vault.db"), "w").unwrap();
-        let b = move_entries_aside(&data).unwrap();
+        let b = move_entries_into(&data, "T").unwrap();
+        assert_eq!(b, data.join("removed-T"));
         assert!(a.exists() && b.exists() && a != b);
         assert_eq!(std::fs::read(b.join("vault.db")).unwrap(), b"w");
         std::fs::write(data.join("vault.db"), "x").unwrap();
-        let c = move_entries_aside(&data).unwrap();
+        let c = move_entries_into(&data, "T").unwrap();
+        assert_eq!(c, data.join("removed-T.2"));
         assert!(a.exists() && b.exists() && c.exists() && c != a && c != b);
         assert_eq!(std::fs::read(c.join("vault.db")).unwrap(), b"x");
         assert_eq!(std::fs::read(a.join("vault.db")).unwrap(), b"v");
