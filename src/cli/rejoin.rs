@@ -280,7 +280,10 @@ async fn raft_configuration(
         match get(c, "sys/storage/raft/configuration", Some(token)).await {
             Some((200, body)) => match raft_config::Membership::parse(&body) {
                 Some(raft) => return Ok(raft),
-                None => answers.push(format!("{}: HTTP 200 without a server list", c.base())),
+                None => answers.push(format!(
+                    "{}: HTTP 200, but not a server list whose every entry has a node_id",
+                    c.base()
+                )),
             },
             Some((status, body)) => {
                 answers.push(format!("{}: HTTP {status} {}", c.base(), body["errors"]))

@@ -71,7 +71,9 @@ pub async fn run(cfg: &Config) -> Result<i32> {
                                 "voters": m.voters,
                                 "servers": m.servers.len(),
                             }),
-                            None => json!("HTTP 200 without a server list"),
+                            None => json!(
+                                "HTTP 200, but not a server list whose every entry has a node_id"
+                            ),
                         },
                         Ok((s, body)) => json!(format!("HTTP {s}: {}", body["errors"])),
                         Err(e) => json!(e.to_string()),

@@ -224,7 +224,7 @@ pub async fn read<K: Kms>(
     if f.version != VERSION {
         return Err(Error::Escrow {
             message: format!(
-                "{} is format version {} and this agent reads {VERSION}: its data key is not bound to this instance, so the node role cannot decrypt it. Keep it and escrow it by hand with the operator role (docs/internals.md \"Init and escrow\")",
+                "{} is format version {} and this agent reads {VERSION}: its data key is not bound to this instance, so the node role cannot decrypt it. Keep it: with the operator role, escrow its items and finish post-init by hand, then move it out of the state directory for boot to go on (docs/internals.md \"Init and escrow\")",
                 p.display(),
                 f.version
             ),
