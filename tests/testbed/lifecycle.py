@@ -18,7 +18,9 @@ States, as on AWS:
   terminate: Terminating:Wait (a terminate hook)  --CONTINUE or ABANDON-->  Terminating:Proceed
              Terminating:Proceed (no terminate hook)
   terminated (the driver terminated it in moto):  Terminating:Proceed  -->  Terminated
-A heartbeat sets the wait's deadline to now + the hook's heartbeat timeout.  When a deadline
+A heartbeat sets the wait's deadline to now + the hook's heartbeat timeout, but never past
+the wait's global timeout, as on AWS: 100 x the heartbeat timeout or 48 hours from the wait's
+start, whichever is less.  When a deadline
 passes, the hook's default result is applied as if completed (checked lazily, at every read
 and write of the state).  Completing or heartbeating for another group, an unknown hook, a
 hook the instance is not waiting on, or an instance not in a Wait state is a 400
@@ -134,6 +136,12 @@ def _read(path: Path) -> dict:
 def _event(doc: dict, now: float, iid: str, action: str, hook: str | None, result: str | None) -> None:
     doc["events"].append({"time": round(now, 3), "instance": iid, "action": action, "hook": hook,
                           "result": result, "state": doc["instances"][iid]["state"]})
+
+
+# AWS bounds every lifecycle wait, heartbeats or not: 100 x the hook's heartbeat timeout or
+# 48 hours from the wait's start, whichever is less (the "global timeout").
+GLOBAL_TIMEOUT_FACTOR = 100
+GLOBAL_TIMEOUT_MAX = 48 * 3600
 
 
 def _set(doc: dict, now: float, iid: str, state: str, hook: str | None = None,
@@ -318,7 +326,9 @@ class LifecycleState:
         with self._txn() as (doc, now):
             iid = self._active(doc, group, hook_name, iid, token)
             inst = doc["instances"][iid]
-            inst["deadline"] = now + doc["hooks"][hook_name]["heartbeat_timeout"]
+            timeout = doc["hooks"][hook_name]["heartbeat_timeout"]
+            cap = inst["since"] + min(GLOBAL_TIMEOUT_FACTOR * timeout, GLOBAL_TIMEOUT_MAX)
+            inst["deadline"] = min(now + timeout, cap)
             _event(doc, now, iid, "heartbeat", hook_name, None)
             return iid, inst["state"]
 

@@ -77,6 +77,9 @@ def main() -> int:
     ap.add_argument("--block", default="127.0.9", help="the 127.0.N address block to use")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
+    # A SIGTERM (the Rust harness's timeout) must still run the `finally` that stops the
+    # servers this script started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     moto_url = f"http://{a.block}.1:5000"
     proxy_url = f"http://{a.block}.2:5001"
     node_ip = f"{a.block}.11"
@@ -149,7 +152,7 @@ def main() -> int:
                                 PrivateIpAddress=node_ip)["Instances"][0]["InstanceId"]
 
         cli("init", "--group", GROUP)
-        cli("hook", "--name", "launch", "--transition", "launching", "--heartbeat-timeout", "2",
+        cli("hook", "--name", "launch", "--transition", "launching", "--heartbeat-timeout", "5",
             "--default-result", "ABANDON")
         cli("hook", "--name", "leave", "--transition", "terminating", "--heartbeat-timeout", "300",
             "--default-result", "CONTINUE")
@@ -168,14 +171,14 @@ def main() -> int:
         check(cli("launch", "--instance", iid) == "Pending:Wait", "launch with a launch hook -> Pending:Wait")
         check(imds_state() == "InService", "IMDS: Pending:Wait -> target InService")
         d0 = show()["instances"][iid]["deadline"]
-        for _ in range(3):  # 3 x 1.2 s > the 2 s heartbeat timeout: only heartbeats keep it waiting
-            time.sleep(1.2)
+        for _ in range(3):  # 3 x 2 s > the 5 s heartbeat timeout: only heartbeats keep it waiting
+            time.sleep(2.0)
             r = asg.record_lifecycle_action_heartbeat(AutoScalingGroupName=GROUP, LifecycleHookName="launch",
                                                       InstanceId=iid)
             check(r["ResponseMetadata"]["HTTPStatusCode"] == 200, "RecordLifecycleActionHeartbeat -> 200")
         inst = show()["instances"][iid]
-        check(inst["state"] == "Pending:Wait" and inst["deadline"] > d0 + 3,
-              f"heartbeats pushed the deadline by {inst['deadline'] - d0:.1f} s, still Pending:Wait after 3.6 s")
+        check(inst["state"] == "Pending:Wait" and inst["deadline"] > d0 + 5,
+              f"heartbeats pushed the deadline by {inst['deadline'] - d0:.1f} s, still Pending:Wait after 6 s")
         refused(lambda: asg.complete_lifecycle_action(AutoScalingGroupName=GROUP, LifecycleHookName="leave",
                                                       InstanceId=iid, LifecycleActionResult="CONTINUE"),
                 "ValidationError", "No active Lifecycle Action found with instance ID", "complete for the other hook")
@@ -278,13 +281,26 @@ def main() -> int:
         n = sum(1 for e in show()["events"] if e["action"] == "heartbeat" and e["instance"] in ids)
         check(not errors and n == 60, f"4 x 15 concurrent heartbeats: {n} recorded, errors {errors[:2]}")
 
+        # ---- the global timeout: heartbeats never push a wait past 100 x the heartbeat
+        # timeout from its start (here 30000 s; the wait is made to have started 29990 s ago)
+        doc = show()
+        doc["instances"][ids[0]]["since"] -= 29990
+        state.write_text(json.dumps(doc))  # nothing else writes the file now
+        asg.record_lifecycle_action_heartbeat(AutoScalingGroupName=GROUP, LifecycleHookName="launch",
+                                              InstanceId=ids[0])
+        left = show()["instances"][ids[0]]["deadline"] - time.time()
+        check(0 < left <= 12, f"a heartbeat near the global timeout extends the wait by {left:.0f} s, not 300")
+
         log = (work / "proxy.log").read_text()
         check("svc=AutoScaling op=CompleteLifecycleAction emulated instance=" in log
               and "svc=AutoScaling op=RecordLifecycleActionHeartbeat emulated" in log
               and "key=AKIASELFTEST" in log and "error=ValidationError" in log,
               "proxy log names svc=AutoScaling op=..., the outcome and key=")
         asg.describe_auto_scaling_groups()
-        time.sleep(0.2)
+        until = time.monotonic() + 5  # the proxy logs after it answers
+        while ("svc=AutoScaling op=DescribeAutoScalingGroups key=" not in (work / "proxy.log").read_text()
+               and time.monotonic() < until):
+            time.sleep(0.1)
         check("svc=AutoScaling op=DescribeAutoScalingGroups key=" in (work / "proxy.log").read_text(),
               "other Auto Scaling calls are still forwarded to moto")
         print("PASS")
