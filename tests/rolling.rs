@@ -833,7 +833,11 @@ async fn roll(block: u8, n: usize, name: &str) {
     let tasks = load.start();
     let floors = failover_floor(&load, 2).await;
     let floor = floors.iter().cloned().fold(0.0, f64::max);
-    assert!(floor > 0.0, "a step-down costs the writer something");
+    // A gap of one period is no gap: a step-down must cost at least one missed write.
+    assert!(
+        floor >= 2.0 * WRITE_EVERY.as_secs_f64(),
+        "a step-down costs the writer something: floor {floor:.2} s"
+    );
 
     // The roll.
     let opts = RefreshOpts {
@@ -1104,9 +1108,10 @@ async fn roll(block: u8, n: usize, name: &str) {
             "{}'s watch exits 0 by itself",
             r.old_id
         );
-        assert!(
-            r.old_boot_exit.is_some(),
-            "{}'s boot exits with its server",
+        assert_eq!(
+            r.old_boot_exit,
+            Some(0),
+            "{}'s boot exits 0 with its server stopped by the watch",
             r.old_id
         );
         assert!(
@@ -1115,6 +1120,56 @@ async fn roll(block: u8, n: usize, name: &str) {
             r.old_id
         );
     }
+    // The launch hook holds a new node until autopilot calls it a healthy voter: the
+    // sampler (reading the same autopilot every 0.5 s) sees it so by the time the driver
+    // saw the hook end, give or take a sample and a poll. A CONTINUE sent when the server
+    // merely answers would come ~10 s early (autopilot's server stabilization time).
+    for (t0, _, r) in &done {
+        let continued = t0 + r.launch_secs;
+        let healthy_voter_at = samples
+            .iter()
+            .filter(|s| s.t >= *t0)
+            .find(|s| {
+                s.ap.as_ref().is_some_and(|ap| {
+                    ap.voters.contains(&r.new_id) && !ap.unhealthy_voters.contains(&r.new_id)
+                })
+            })
+            .map(|s| s.t);
+        assert!(
+            healthy_voter_at.is_some_and(|t| t <= continued + 2.0),
+            "{}'s launch hook ended at {continued:.1} s; autopilot first called it a healthy \
+             voter at {healthy_voter_at:?}",
+            r.new_id
+        );
+    }
+    // The active node steps down before it leaves: the node that led when its own
+    // termination began has "stepped down" in its watch log (at least the roll's first
+    // leader, an old node, is one).
+    let leader_at = |t: f64| {
+        samples
+            .iter()
+            .filter(|s| s.t <= t)
+            .filter_map(|s| s.ap.as_ref())
+            .next_back()
+            .map(|ap| ap.leader.clone())
+    };
+    let mut led = 0;
+    for (t0, _, r) in &done {
+        if leader_at(t0 + r.launch_secs).as_deref() == Some(r.old_id.as_str()) {
+            led += 1;
+            let (_, watch_log, _) = old_logs
+                .iter()
+                .find(|(id, _, _)| *id == r.old_id)
+                .expect("the old node's logs");
+            assert!(
+                watch_log.contains("stepped down"),
+                "{} led when its termination began; its watch log:\n{}",
+                r.old_id,
+                tail(watch_log, 30)
+            );
+        }
+    }
+    assert!(led >= 1, "no old node led when its termination began");
     for (old, watch_log, _) in &old_logs {
         assert!(
             watch_log.contains("removed this node from the raft configuration")
