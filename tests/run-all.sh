@@ -40,9 +40,18 @@ LOGS=target/test-logs
 # Build everything first (one cargo at a time), and learn the test executables.
 LIST=$(mktemp)
 trap 'rm -f "$LIST"' EXIT
-# Stopped from outside (CI's timeout, Ctrl-C): stop the running test binaries too (their
-# PIDs are in $LOGS/.pids; the lanes' subshells are this shell's jobs).
-trap 'kill $(cat "$LOGS/.pids" 2>/dev/null) $(jobs -p) 2>/dev/null; exit 143' TERM INT
+# Stopped from outside (CI's timeout, Ctrl-C): stop the running test binaries and what they
+# started. Each runs in a session (and process group) of its own whose id is in
+# $LOGS/.pid-<name> while it runs, so the group is killed whole: a test binary killed alone
+# skips its Drops and would leave its servers behind. The lanes' subshells are jobs.
+stop_running() {
+    local f
+    for f in "$LOGS"/.pid-*; do
+        [[ -e $f ]] && kill -TERM -- "-$(cat "$f")" 2>/dev/null
+    done
+    kill $(jobs -p) 2>/dev/null
+}
+trap 'stop_running; exit 143' TERM INT
 cargo test --all-targets --no-run --message-format=json-render-diagnostics |
     python3 -c '
 import json, os, sys
@@ -73,9 +82,14 @@ T0=$SECONDS
 # Runs one binary, output to its log; prints a result line when it ends.
 run_one() {
     local name=$1 exe=$2 log="$LOGS/${1//:/-}.log" t0=$SECONDS rc=0
-    "$exe" --test-threads=2 "${@:3}" >"$log" 2>&1 &
-    echo "$!" >>"$LOGS/.pids"
+    local pidfile="$LOGS/.pid-${1//:/-}"
+    # setsid execs the binary (a background job here is no group leader): $! is its PID,
+    # and its session's and process group's id.
+    setsid "$exe" --test-threads=2 "${@:3}" >"$log" 2>&1 &
+    echo "$!" >"$pidfile"
     wait "$!" || rc=$?
+    # Ended: its PID may be reused from now on, so it is no longer a target.
+    rm -f "$pidfile"
     local summary
     summary=$(grep -E '^test result:' "$log" | tail -1 || true)
     if [[ $rc -eq 0 ]]; then
