@@ -11,8 +11,8 @@
 //! a changed `config.toml` takes effect on this start too.
 
 use super::{
-    fetch_tls, initialize_or_join, render_config, report, settle, start, write_config, Launched,
-    Ready,
+    answer_the_group, fetch_tls, initialize_or_join, lifecycle_ctx, render_config, report, settle,
+    start, write_config, Joined, Launched, Ready,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -66,36 +66,42 @@ pub async fn run(
         reloader,
         flavor,
     };
+    // The lifecycle steps run whether the refresh worked or not: they need the recorded
+    // peers, the CA on disk and their own credential (an S3 read and a KMS decrypt), not
+    // fresh peers or TLS. So a launch hook that a boot which died left unanswered is
+    // answered by the next one, with the node lock already released.
+    let group = lifecycle_ctx(cfg, &node, &ca_pem);
     let (local, ready, record) = (&local, &ready, &record);
-    settle(local, deadline, launched, |health, untouched| async move {
-        report(&health, started);
-        if untouched && health == Health::Sealed {
-            tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
-            return Ok(());
-        }
-        serving(cfg, local, record).await?;
-        tracing::info!(
-            from_disk = true,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "node ready: unsealed cluster member, started from its last known good files"
-        );
-        match refresh(cfg, ready, started).await {
-            Ok(()) => Ok(()),
-            // Another cluster's data must never be reported ready, even from disk.
-            Err(e @ Error::ForeignCluster { .. }) => Err(e),
-            // An abandoned launch hook: the group is replacing this instance.
-            Err(
-                e @ Error::Lifecycle {
-                    exit: crate::error::exit::ABANDONED,
-                    ..
-                },
-            ) => Err(e),
-            Err(e) => {
-                tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");
-                Ok(())
+    settle(
+        local,
+        deadline,
+        launched,
+        |health, untouched| async move {
+            report(&health, started);
+            if untouched && health == Health::Sealed {
+                tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
+                return Ok(None);
             }
-        }
-    })
+            serving(cfg, local, record).await?;
+            tracing::info!(
+                from_disk = true,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "node ready: unsealed cluster member, started from its last known good files"
+            );
+            match refresh(cfg, ready, started).await {
+                Ok(joined) => Ok(Some(joined)),
+                // Another cluster's data must never be reported ready, even from disk.
+                Err(e @ Error::ForeignCluster { .. }) => Err(e),
+                Err(e) => {
+                    tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");
+                    Ok(Some(Joined {
+                        vanished: Vec::new(),
+                    }))
+                }
+            }
+        },
+        |joined| answer_the_group(&group, joined),
+    )
     .await
 }
 
@@ -126,7 +132,7 @@ async fn serving(cfg: &Config, local: &VaultClient, record: &Member) -> Result<(
 
 /// After serving: peers from EC2, TLS from S3, then what every boot checks against the
 /// escrow (cluster id, post-init), which also records the membership again.
-async fn refresh(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<()> {
+async fn refresh(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<Joined> {
     let id = node::Identity {
         facts: r.node.facts.clone(),
         tag_value: r.node.tag_value.clone(),

@@ -198,8 +198,9 @@ pub(crate) async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Res
     Ok(running)
 }
 
-/// Step 6 and after: wait until the server answers, init or join; with the exec launcher,
-/// then stay with the server and exit with it.
+/// Step 6 and after: wait until the server answers, init or join, then answer the group
+/// (reaping, the launch hook); with the exec launcher, then stay with the server and exit
+/// with it.
 pub(crate) async fn serve(
     cfg: &Config,
     node: &node::Node,
@@ -219,40 +220,85 @@ pub(crate) async fn serve(
         flavor,
     };
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
-    settle(&client, deadline, launched, |health, untouched| async move {
-        report(&health, started);
-        if untouched && health == vault_api::Health::Sealed {
-            // Auto-unseal never leaves a running server sealed: an operator sealed it on
-            // purpose. Not ours to undo; a restart (or `rejoin`) unseals it.
-            tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
-            return Ok(());
-        }
-        initialize_or_join(cfg, ready, started).await
-    })
+    let group = lifecycle_ctx(cfg, node, &material.ca_pem);
+    settle(
+        &client,
+        deadline,
+        launched,
+        |health, untouched| async move {
+            report(&health, started);
+            if untouched && health == vault_api::Health::Sealed {
+                // Auto-unseal never leaves a running server sealed: an operator sealed it
+                // on purpose. Not ours to undo; a restart (or `rejoin`) unseals it.
+                tracing::warn!("this node's server is running and sealed, by an operator: left sealed. Restart vault.service or run `vault-bootstrap rejoin` to unseal it");
+                return Ok(None);
+            }
+            initialize_or_join(cfg, ready, started).await.map(Some)
+        },
+        |joined| answer_the_group(&group, joined),
+    )
     .await
+}
+
+/// What the lifecycle steps after a settle need: this node, its peers' addresses, the CA.
+pub(crate) fn lifecycle_ctx<'a>(
+    cfg: &'a Config,
+    node: &'a node::Node,
+    ca_pem: &'a [u8],
+) -> lifecycle::session::Ctx<'a> {
+    lifecycle::session::Ctx {
+        cfg,
+        facts: &node.facts,
+        tag_value: &node.tag_value,
+        sdk: &node.sdk,
+        ca: ca_pem,
+        peers: node
+            .peers
+            .iter()
+            .filter(|p| !p.is_self)
+            .map(|p| p.ip)
+            .collect(),
+    }
+}
+
+/// The lifecycle steps after a settle (`None`: the node was left as an operator had it).
+pub(crate) async fn answer_the_group(
+    ctx: &lifecycle::session::Ctx<'_>,
+    joined: Option<Joined>,
+) -> Result<()> {
+    match joined {
+        Some(j) => lifecycle::after_settle(ctx, &j.vanished).await,
+        None => Ok(()),
+    }
 }
 
 /// Waits until the started server answers, then runs `then` (init or join, and whatever
 /// the command adds; `untouched`: systemd found the unit running and left it). Then the node
-/// is settled: the node lock is released, and with the exec launcher the agent stays with
-/// the server and exits with it. A failure stops the exec launcher's server: never an
-/// orphan behind a failed command (keys are escrowed or sealed in the pending file by then).
-pub(crate) async fn settle<F, Fut>(
+/// is settled: the node lock is released (a `rejoin` or `refresh-tls` may take over), and
+/// `after` runs with what `then` returned: the lifecycle steps, which may wait for many
+/// minutes and must not hold the lock. With the exec launcher the agent then stays with the
+/// server and exits with it. A failure stops the exec launcher's server: never an orphan
+/// behind a failed command (keys are escrowed or sealed in the pending file by then).
+pub(crate) async fn settle<T, F, Fut, A, AFut>(
     client: &VaultClient,
     deadline: Duration,
     launched: Launched,
     then: F,
+    after: A,
 ) -> Result<i32>
 where
     F: FnOnce(vault_api::Health, bool) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<T>>,
+    A: FnOnce(T) -> AFut,
+    AFut: std::future::Future<Output = Result<()>>,
 {
     let Launched { running, lock } = launched;
     match running {
         Running::Unit { untouched, .. } => {
             let health = vault_api::wait_answering(client, deadline, None).await?;
-            then(health, untouched).await?;
+            let settled = then(health, untouched).await?;
             drop(lock);
+            after(settled).await?;
             Ok(crate::error::exit::OK)
         }
         Running::Child(mut child) => {
@@ -262,12 +308,16 @@ where
                 then(health, false).await
             }
             .await;
-            match waited {
-                Ok(()) => {
-                    // From now on we only supervise, and a `rejoin` may take over.
+            let waited = match waited {
+                Ok(settled) => {
                     drop(lock);
-                    launcher::supervise(child).await
+                    after(settled).await
                 }
+                Err(e) => Err(e),
+            };
+            match waited {
+                // From now on we only supervise.
+                Ok(()) => launcher::supervise(child).await,
                 Err(e) => {
                     launcher::stop_child(&mut child, Duration::from_secs(5)).await;
                     Err(e)
@@ -287,12 +337,20 @@ pub(crate) struct Ready<'a> {
     pub flavor: crate::config::Flavor,
 }
 
-/// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else.
+/// What a settled node tells the lifecycle steps ([`answer_the_group`]).
+pub(crate) struct Joined {
+    /// Peers this node knew when it last settled that EC2 no longer lists as pending or
+    /// running: the only evidence worth a reaping pass at boot.
+    pub vanished: Vec<String>,
+}
+
+/// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else;
+/// then record the membership.
 pub(crate) async fn initialize_or_join(
     cfg: &Config,
     r: &Ready<'_>,
     started: Instant,
-) -> Result<()> {
+) -> Result<Joined> {
     let (node, ca_pem) = (r.node, r.ca_pem);
     let peers = node
         .peers
@@ -323,9 +381,7 @@ pub(crate) async fn initialize_or_join(
     )
     .instrument(tracing::info_span!("init"))
     .await?;
-    // Peers this node knew when it last settled that EC2 no longer lists as pending or
-    // running: the only evidence worth a reaping pass at boot (which logs in with the
-    // lifecycle credential, a KMS decrypt); the watch unit's interval covers the rest.
+    // Read before the record is written again below.
     let vanished: Vec<String> = member::read(&cfg.agent.state_dir)
         .ok()
         .flatten()
@@ -356,29 +412,7 @@ pub(crate) async fn initialize_or_join(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "node ready: unsealed cluster member"
     );
-    let ctx = lifecycle::session::Ctx {
-        cfg,
-        facts: &node.facts,
-        tag_value: &node.tag_value,
-        sdk: &node.sdk,
-        ca: ca_pem,
-        peers: node
-            .peers
-            .iter()
-            .filter(|p| !p.is_self)
-            .map(|p| p.ip)
-            .collect(),
-    };
-    // A voter whose instance is gone only counts against quorum: the active node removes
-    // it now rather than at the watch unit's next interval (one look: terminated only).
-    if cfg.lifecycle.reap && !vanished.is_empty() {
-        tracing::info!(vanished = ?vanished, "peers recorded at the last settle are gone from EC2's list: reaping pass");
-        if let Err(e) = lifecycle::reap::pass(&ctx, &mut Default::default()).await {
-            tracing::warn!("reaping at boot failed ({e}); the watch unit tries again");
-        }
-    }
-    // Last: the group may count this instance InService only once it is a healthy voter.
-    lifecycle::launch::run(&ctx).await
+    Ok(Joined { vanished })
 }
 
 pub(crate) fn report(health: &vault_api::Health, started: Instant) {

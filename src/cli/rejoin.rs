@@ -246,16 +246,23 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
     let launched = boot::Launched { running, lock };
-    boot::settle(&local, deadline, launched, |_, _| async {
-        boot::initialize_or_join(cfg, ready, started).await?;
-        wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
-        say(format!(
-            "done in {:.1} s: an unsealed member again",
-            started.elapsed().as_secs_f64()
-        ));
-        tracing::info!("rejoin complete");
-        Ok(())
-    })
+    let group = boot::lifecycle_ctx(cfg, &node, &ca);
+    boot::settle(
+        &local,
+        deadline,
+        launched,
+        |_, _| async {
+            let joined = boot::initialize_or_join(cfg, ready, started).await?;
+            wait_voter(&local, &node.facts.instance_id, token.as_ref(), join).await?;
+            say(format!(
+                "done in {:.1} s: an unsealed member again",
+                started.elapsed().as_secs_f64()
+            ));
+            tracing::info!("rejoin complete");
+            Ok(Some(joined))
+        },
+        |joined| boot::answer_the_group(&group, joined),
+    )
     .await
 }
 

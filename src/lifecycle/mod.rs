@@ -36,8 +36,8 @@ use std::time::Duration;
 pub const NAME: &str = "vault-bootstrap-lifecycle";
 /// What a node needs to join and leave safely: read autopilot's view and the raft
 /// configuration, hand leadership over, remove a server. No secret engine, no sys/init, no
-/// snapshot: a leaked token can shrink the cluster by removing peers (which rejoin when
-/// restarted), never read data.
+/// snapshot: a leaked token can shrink the cluster by removing peers (each stays out until
+/// an operator runs `rejoin` on it), never read data.
 pub const POLICY_HCL: &str = r#"# vault-bootstrap lifecycle: join and leave without losing quorum, nothing else.
 path "sys/storage/raft/autopilot/state" {
   capabilities = ["read"]
@@ -69,6 +69,8 @@ pub const ROLE: approle::Role = approle::Role {
     token_ttl: TOKEN_TTL,
     // Exactly the paths above: revoke-self is one of them.
     default_policy: false,
+    docs: "docs/operations.md \"Rolling upgrades\"",
+    bound_setting: "lifecycle.bound_cidrs",
 };
 
 /// Creates the lifecycle policy and AppRole in post-init and escrows its credentials
@@ -94,6 +96,39 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     );
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     approle::provision(&ROLE, &cidrs, local, root, s3, kms, layout, aws).await
+}
+
+/// What `boot` does for the group once the node is settled (its node lock released):
+/// - a voter whose instance is gone only counts against quorum: with `vanished` peers (gone
+///   from EC2's list since the last settle), the active node reaps now rather than at the
+///   watch unit's next interval (one look: terminated only);
+/// - then the launch hook: the group may count this instance InService only once it is a
+///   healthy voter.
+///
+/// Only an abandoned launch (exit 82) fails the boot: the group is replacing this instance.
+/// Any other failure leaves a serving member serving; the hook then ends with its default
+/// result at its timeout (on ABANDON the group terminates the instance and the watch unit
+/// leaves the cluster gracefully).
+pub async fn after_settle(ctx: &session::Ctx<'_>, vanished: &[String]) -> crate::error::Result<()> {
+    if ctx.cfg.lifecycle.reap && !vanished.is_empty() {
+        tracing::info!(vanished = ?vanished, "peers recorded at the last settle are gone from EC2's list: reaping pass");
+        if let Err(e) = reap::pass(ctx, &mut Default::default()).await {
+            tracing::warn!("reaping at boot failed ({e}); the watch unit tries again");
+        }
+    }
+    match launch::run(ctx).await {
+        Err(
+            e @ crate::error::Error::Lifecycle {
+                exit: crate::error::exit::ABANDONED,
+                ..
+            },
+        ) => Err(e),
+        Err(e) => {
+            tracing::error!("the launch hook was not answered ({e}): it ends with its default result at its timeout; this node keeps serving");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 /// The Auto Scaling group whose hooks this node answers: `lifecycle.group`, else the
