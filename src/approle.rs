@@ -37,6 +37,10 @@ pub struct Role {
     /// Whether its tokens also get the `default` policy (cubbyhole, wrapping, lookups,
     /// revoke-self); without it, they can do exactly what `policy_hcl` says.
     pub default_policy: bool,
+    /// Where the docs explain it, for error messages.
+    pub docs: &'static str,
+    /// The config key that widens its bound addresses for a new cluster.
+    pub bound_setting: &'static str,
 }
 
 /// The escrowed AppRole credentials.
@@ -189,14 +193,17 @@ pub async fn provision<S: ObjectStore, K: Kms>(
         .map_err(|e| Error::Internal(e.to_string()))?,
     );
     let (put, ct) = escrow::put_item(s3, kms, layout, role.item, &item, aws).await?;
-    if put == PutOutcome::Exists {
+    if put == PutOutcome::Exists && !stored_is_ours(s3, layout, role.item, &ct, aws).await? {
         // Another run escrowed its own secret_id meanwhile: ours must not stay valid unseen.
-        let _ = call(
+        let destroyed = call(
             Method::POST,
             format!("auth/approle/role/{name}/secret-id-accessor/destroy"),
             Some(serde_json::json!({ "secret_id_accessor": accessor })),
         )
         .await;
+        if !matches!(destroyed, Ok((200..=299, _, _))) {
+            tracing::warn!(role = name, accessor = %accessor, "another run escrowed this role's credentials first, and the secret_id made here could not be destroyed: destroy it by its accessor");
+        }
         return Ok(());
     }
     // Read back as the other escrow items are: the bytes and S3's checksum. Nodes may
@@ -217,6 +224,67 @@ pub enum LoginError {
     Refused { status: u16, errors: String },
     /// The server could not be asked.
     Api(Error),
+}
+
+impl LoginError {
+    /// What went wrong, naming what to do, and the exit code: for a login as `role` at
+    /// `server` with the item at `url`.
+    pub fn explain(self, role: &Role, url: &str, server: &VaultClient) -> (String, i32) {
+        match self {
+            LoginError::Item(e) => (
+                format!(
+                    "cannot read the {} credential {url} ({e}); the node that initialized the cluster writes it in post-init ({})",
+                    role.label, role.docs
+                ),
+                e.exit_code(),
+            ),
+            LoginError::NotCredentials => (
+                format!("{url} is not a role_id/secret_id document"),
+                crate::error::exit::DATAERR,
+            ),
+            LoginError::Api(e) => (e.to_string(), e.exit_code()),
+            LoginError::Refused { status, errors } => {
+                let from = server
+                    .source()
+                    .map_or_else(|| "this node".to_string(), |ip| ip.to_string());
+                (
+                    format!(
+                        "AppRole login as {name} from {from} at {at} refused (HTTP {status}: {errors}). Either {from} is outside the role's bound addresses (an instance that joined after init: {setting} widens them for a new cluster; for this one an operator widens secret_id_bound_cidrs and token_bound_cidrs of auth/approle/role/{name}), or its secret_id was destroyed ({docs})",
+                        name = role.name,
+                        at = server.base(),
+                        setting = role.bound_setting,
+                        docs = role.docs,
+                    ),
+                    crate::error::exit::NOPERM,
+                )
+            }
+        }
+    }
+}
+
+/// After a write-once upload answered `Exists`: whether the stored item is this run's own.
+/// The upload is retried on transient errors, so an attempt that landed but whose answer
+/// was lost meets its own bytes on the retry; only other bytes are another run's.
+async fn stored_is_ours<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    item: &str,
+    ct: &[u8],
+    aws: Duration,
+) -> Result<bool> {
+    let key = layout.object(item);
+    let stored = retry::retry("read a node credential item", aws, || {
+        s3.get_checked(&layout.bucket, &key)
+    })
+    .await?;
+    Ok(stored.body == ct)
+}
+
+/// Ends a login now rather than at its TTL (best effort: it expires anyway).
+pub async fn revoke_self(server: &VaultClient, token: &Secret) {
+    let _ = server
+        .call(Method::POST, "auth/token/revoke-self", Some(token), None)
+        .await;
 }
 
 /// Logs in as `role` with its escrowed credentials at `server`, which should connect from
@@ -268,7 +336,33 @@ mod tests {
         item: "r-item",
         token_ttl: "10m",
         default_policy: false,
+        docs: "the docs",
+        bound_setting: "r.bound_cidrs",
     };
+
+    /// An upload that landed and whose answer was lost meets its own bytes on the retry:
+    /// that is this run's item (its secret_id must stay valid); other bytes are another's.
+    #[tokio::test]
+    async fn an_existing_item_is_ours_only_when_its_bytes_are() {
+        let s3 = crate::escrow::fake::FakeS3::default();
+        let layout = Layout {
+            bucket: "esc".into(),
+            prefix: "vb/prod/".into(),
+            kms_key_id: "k".into(),
+            cluster: "prod".into(),
+        };
+        let d = Duration::from_secs(1);
+        let key = layout.object(ROLE.item);
+        s3.put_if_absent("esc", &key, b"ours".to_vec(), None)
+            .await
+            .unwrap();
+        assert!(stored_is_ours(&s3, &layout, ROLE.item, b"ours", d)
+            .await
+            .unwrap());
+        assert!(!stored_is_ours(&s3, &layout, ROLE.item, b"theirs", d)
+            .await
+            .unwrap());
+    }
 
     #[test]
     fn a_role_is_bound_to_the_cluster_and_short_lived() {

@@ -58,6 +58,8 @@ pub const ROLE: approle::Role = approle::Role {
     token_ttl: TOKEN_TTL,
     // Its tokens end themselves with the default policy's revoke-self.
     default_policy: true,
+    docs: "docs/operations.md \"Snapshots\"",
+    bound_setting: "snapshot.bound_cidrs",
 };
 
 /// Creates the snapshot policy and AppRole with the root token and escrows its credentials
@@ -182,30 +184,9 @@ pub async fn login<S: ObjectStore, K: Kms>(
     let url = layout.url(&layout.object(Layout::SNAPSHOT_APPROLE_ITEM));
     approle::login(&ROLE, active, s3, kms, layout, aws)
         .await
-        .map_err(|e| match e {
-            approle::LoginError::Item(e) => Error::Snapshot {
-                message: format!(
-                    "cannot read the snapshot credentials {url} ({e}); they are written by the node that initialized the cluster (docs/operations.md \"Snapshots\")"
-                ),
-                exit: e.exit_code(),
-            },
-            approle::LoginError::NotCredentials => Error::Snapshot {
-                message: format!("{url} is not a role_id/secret_id document"),
-                exit: exit::DATAERR,
-            },
-            approle::LoginError::Api(e) => e,
-            approle::LoginError::Refused { status, errors } => {
-                let from = active
-                    .source()
-                    .map_or_else(|| "this node".to_string(), |ip| ip.to_string());
-                Error::Snapshot {
-                    message: format!(
-                        "AppRole login as {NAME} from {from} at {} refused (HTTP {status}: {errors}). Either {from} is outside the role's bound addresses (an instance that joined after init: an operator widens secret_id_bound_cidrs and token_bound_cidrs of auth/approle/role/{NAME} to the VPC's CIDR; snapshot.bound_cidrs does that for a new cluster), or its secret_id was destroyed (docs/operations.md \"Snapshots\")",
-                        active.base(),
-                    ),
-                    exit: exit::NOPERM,
-                }
-            }
+        .map_err(|e| {
+            let (message, exit) = e.explain(&ROLE, &url, active);
+            Error::Snapshot { message, exit }
         })
 }
 

@@ -59,14 +59,7 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
     let token = snapshot::login(active, &s3, &SdkKms::new(&n.sdk), &layout, aws).await?;
     let result = snapshot::take(cfg, &n.tag_value, active, &token, &s3).await;
     // The login lives 10 minutes anyway; end it now (best effort, the default policy allows it).
-    let _ = active
-        .call(
-            reqwest::Method::POST,
-            "auth/token/revoke-self",
-            Some(&token),
-            None,
-        )
-        .await;
+    crate::approle::revoke_self(active, &token).await;
     let t = result?;
     tracing::info!(
         url = %t.url,

@@ -4,7 +4,7 @@
 //! standby forwarding requests.
 
 use super::autopilot::State;
-use crate::approle::{self, LoginError};
+use crate::approle;
 use crate::aws::kms::SdkKms;
 use crate::aws::s3::SdkS3;
 use crate::config::Config;
@@ -92,12 +92,9 @@ async fn leader_seen_by(
 /// The agent renders `api_addr` from the instance's address, so a name here means a
 /// cluster not rendered by it: no address.
 pub fn host_ip(url: &str) -> Option<IpAddr> {
-    let rest = url.split("://").nth(1)?;
-    let host = rest.split('/').next()?;
-    if let Some(v6) = host.strip_prefix('[') {
-        return v6.split(']').next()?.parse().ok();
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h).parse().ok()
+    let url = reqwest::Url::parse(url).ok()?;
+    // An IPv6 host comes bracketed, as in the URL.
+    url.host_str()?.trim_matches(['[', ']']).parse().ok()
 }
 
 /// One login kept across the polls of one wait (a launch hook's, a leave's): a login costs an
@@ -175,26 +172,9 @@ impl Session {
         let url = layout.url(&layout.object(Layout::LIFECYCLE_APPROLE_ITEM));
         let token = approle::login(&super::ROLE, &leader, &s3, &kms, &layout, aws)
             .await
-            .map_err(|e| match e {
-                LoginError::Item(e) => err(
-                    format!("cannot read the lifecycle credential {url} ({e}); the node that initialized the cluster writes it in post-init (docs/operations.md \"Rolling upgrades\")"),
-                    e.exit_code(),
-                ),
-                LoginError::NotCredentials => err(
-                    format!("{url} is not a role_id/secret_id document"),
-                    exit::DATAERR,
-                ),
-                LoginError::Api(e) => err(e.to_string(), exit::TEMPFAIL),
-                LoginError::Refused { status, errors } => err(
-                    format!(
-                        "AppRole login as {} from {} at {} refused (HTTP {status}: {errors}): this address is outside the role's bound addresses (set lifecycle.bound_cidrs to the group's subnets for a new cluster; an operator widens auth/approle/role/{} for this one), or its secret_id was destroyed",
-                        super::NAME,
-                        ctx.facts.local_ipv4,
-                        leader.base(),
-                        super::NAME
-                    ),
-                    exit::NOPERM,
-                ),
+            .map_err(|e| {
+                let (message, exit) = e.explain(&super::ROLE, &url, &leader);
+                err(message, exit)
             })?;
         Ok(Session {
             leader,
@@ -268,15 +248,7 @@ impl Session {
 
     /// Ends the login now rather than at its TTL (best effort).
     pub async fn close(self) {
-        let _ = self
-            .leader
-            .call(
-                Method::POST,
-                "auth/token/revoke-self",
-                Some(&self.token),
-                None,
-            )
-            .await;
+        approle::revoke_self(&self.leader, &self.token).await;
     }
 }
 
