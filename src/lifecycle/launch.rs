@@ -43,7 +43,7 @@ pub enum Ended {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wait {
     pub why: String,
-    /// Waiting cannot change it (the credential is refused or missing): stop now.
+    /// Waiting cannot change it (the credential is refused or unreadable): stop now.
     pub fatal: bool,
 }
 
@@ -51,10 +51,11 @@ impl Wait {
     fn of(e: &Error) -> Wait {
         Wait {
             why: e.to_string(),
-            fatal: matches!(
-                e.exit_code(),
-                exit::NOPERM | exit::NOINPUT | exit::DATAERR | exit::CONFIG
-            ),
+            // Not NOINPUT: a missing credential item is what a node that joins a new
+            // cluster finds until the initialiser's post-init escrows it, seconds later.
+            // (A cluster from before the lifecycle credential never gets one: that wait
+            // ends at its bound.)
+            fatal: matches!(e.exit_code(), exit::NOPERM | exit::DATAERR | exit::CONFIG),
         }
     }
 }
@@ -205,10 +206,16 @@ const LEAVE_ON_ABANDON: Duration = Duration::from_secs(60);
 
 /// Whether this instance's launch hook ended in an earlier boot ([`DONE_FILE`] naming it).
 fn completed_earlier(ctx: &Ctx<'_>) -> bool {
-    std::fs::read(ctx.cfg.agent.state_dir.join(DONE_FILE))
+    completed_for(&ctx.cfg.agent.state_dir, ctx.me())
+}
+
+/// Whether `state_dir`'s [`DONE_FILE`] names instance `me` (a file baked into an image, or
+/// copied from another instance, names another one).
+fn completed_for(state_dir: &std::path::Path, me: &str) -> bool {
+    std::fs::read(state_dir.join(DONE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["instance_id"] == ctx.me())
+        .is_some_and(|v| v["instance_id"] == me)
 }
 
 /// Whether autopilot, asked at the active node, calls this node a healthy voter.
@@ -372,6 +379,36 @@ mod tests {
             })
             .fatal
         );
+        // The credential item not escrowed yet (a new cluster's post-init runs late).
+        assert!(
+            !Wait::of(&Error::Lifecycle {
+                message: String::new(),
+                exit: exit::NOINPUT
+            })
+            .fatal
+        );
+    }
+
+    #[test]
+    fn only_this_instances_record_skips_the_hook() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!completed_for(d.path(), "i-me"), "no record");
+        let record = |id: &str| {
+            std::fs::write(
+                d.path().join(DONE_FILE),
+                serde_json::json!({ "instance_id": id, "hook": "h" }).to_string(),
+            )
+            .unwrap()
+        };
+        record("i-me");
+        assert!(completed_for(d.path(), "i-me"));
+        record("i-other");
+        assert!(
+            !completed_for(d.path(), "i-me"),
+            "another instance's record"
+        );
+        std::fs::write(d.path().join(DONE_FILE), "not json").unwrap();
+        assert!(!completed_for(d.path(), "i-me"), "a damaged record");
     }
 
     #[tokio::test]
