@@ -36,6 +36,11 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
 }
 
+/// Upper bound of `lifecycle.launch_timeout_secs` (see `Config::validate`).
+pub const MAX_LAUNCH_TIMEOUT_SECS: u64 = 1800;
+/// Upper bound of `lifecycle.heartbeat_secs`.
+pub const MAX_HEARTBEAT_SECS: u64 = 3600;
+
 /// ASG lifecycle hooks, graceful leave and evidence-based reaping (`vault-bootstrap watch`,
 /// docs/operations.md "Rolling upgrades"). Without hooks named, `boot` and `watch` complete
 /// none; reaping works with or without them.
@@ -574,6 +579,29 @@ impl Config {
                 return bad(key, "must be at least 1 (seconds)".into());
             }
         }
+        // The launch wait runs inside the boot unit's TimeoutStartSec (40 minutes): past it
+        // systemd would kill the boot and start the wait again from zero while heartbeats
+        // keep the hook alive, so the hook would never be abandoned.
+        if self.lifecycle.launch_timeout_secs > MAX_LAUNCH_TIMEOUT_SECS {
+            return bad(
+                "lifecycle.launch_timeout_secs",
+                format!(
+                    "{} is above {MAX_LAUNCH_TIMEOUT_SECS}: the wait must end inside the boot unit's TimeoutStartSec (40 minutes) with the steps before it",
+                    self.lifecycle.launch_timeout_secs
+                ),
+            );
+        }
+        // AWS allows a hook's heartbeat timeout of at most 7200 s, and a heartbeat must
+        // come well inside it.
+        if self.lifecycle.heartbeat_secs > MAX_HEARTBEAT_SECS {
+            return bad(
+                "lifecycle.heartbeat_secs",
+                format!(
+                    "{} is above {MAX_HEARTBEAT_SECS}: keep it well below the hooks' HeartbeatTimeout (at most 7200 s on AWS)",
+                    self.lifecycle.heartbeat_secs
+                ),
+            );
+        }
         if !(1..=10).contains(&self.vault.performance_multiplier) {
             return bad(
                 "vault.performance_multiplier",
@@ -859,6 +887,23 @@ kms_key_id = "alias/vault-unseal"
         assert_eq!(c.vault.launcher, LauncherKind::Systemd);
         assert_eq!(c.vault.bind(), BindAddress::Ip("0.0.0.0".parse().unwrap()));
         assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/vault-bootstrap"));
+    }
+
+    #[test]
+    fn lifecycle_waits_are_bounded_by_the_boot_unit_and_aws() {
+        for (key, ok, bad_value) in [
+            (
+                "launch_timeout_secs",
+                MAX_LAUNCH_TIMEOUT_SECS,
+                MAX_LAUNCH_TIMEOUT_SECS + 1,
+            ),
+            ("heartbeat_secs", MAX_HEARTBEAT_SECS, MAX_HEARTBEAT_SECS + 1),
+        ] {
+            assert!(parse(&format!("{MINIMAL}[lifecycle]\n{key} = {ok}\n")).is_ok());
+            let e = parse(&format!("{MINIMAL}[lifecycle]\n{key} = {bad_value}\n")).unwrap_err();
+            assert!(e.to_string().contains(&format!("lifecycle.{key}")), "{e}");
+            assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        }
     }
 
     #[test]
