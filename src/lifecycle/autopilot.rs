@@ -50,6 +50,9 @@ impl State {
         })
     }
 
+    /// Autopilot's voters (the tests build a raft configuration from them; decisions take
+    /// who votes from the raft configuration itself).
+    #[cfg(test)]
     pub fn voters(&self) -> impl Iterator<Item = (&String, &Server)> {
         self.servers.iter().filter(|(_, s)| s.is_voter())
     }

@@ -175,7 +175,9 @@ async fn step(
         Ok(s) => s,
         // Nobody, this node included, names a leader: no cluster to hand over to (this
         // node's server is down too, or it stands alone).
-        Err(_) if matches!(ctx.leader().await, Ok(None)) && !ctx.answers().await => {
+        // (This node's own health first: one call, where the leader search asks every
+        // peer again after the login's own search.)
+        Err(_) if !ctx.answers().await && matches!(ctx.leader().await, Ok(None)) => {
             return Ok(Some(Left::NoCluster))
         }
         Err(e) => return Err(e.to_string()),
