@@ -79,6 +79,39 @@ rm -rf "$LOGS"
 mkdir -p "$LOGS"
 T0=$SECONDS
 
+# The policy tier: the shipped IAM and bucket policies evaluated with their conditions by a
+# pinned IAM simulator (tests/policy/, node's test runner). moto ignores conditions, so this
+# is the only place they are evaluated. Needs node and npm; missing, it fails: never skipped.
+run_policy() {
+    local log="$LOGS/policy.log" t0=$SECONDS rc=0
+    {
+        command -v node >/dev/null && command -v npm >/dev/null ||
+            { echo "node and npm are needed (apt-get install nodejs npm)"; exit 1; }
+        # npm ci installs exactly package-lock.json's versions; skipped when the pinned
+        # simulator is already there.
+        if ! node -e '
+            const want = require("./tests/policy/package.json").dependencies["@cloud-copilot/iam-simulate"];
+            const have = require("./tests/policy/node_modules/@cloud-copilot/iam-simulate/package.json").version;
+            process.exit(want === have ? 0 : 1);' 2>/dev/null; then
+            npm ci --prefix tests/policy --no-audit --no-fund
+        fi
+        cd tests/policy && node --test
+    } >"$log" 2>&1 || rc=$?
+    local summary
+    summary=$(grep -E '^# (pass|fail) ' "$log" | tr '\n' ' ' || true)
+    if [[ $rc -eq 0 ]]; then
+        printf 'run-all: ok     %-18s %4ss  %s\n' policy "$((SECONDS - t0))" "$summary"
+    else
+        printf 'run-all: FAILED %-18s %4ss  exit %s; its output:\n' policy "$((SECONDS - t0))" "$rc"
+        sed 's/^/    | /' "$log"
+        touch "$LOGS/.failed-policy"
+    fi
+}
+# Name filters are for the Rust test binaries; a filtered run leaves the policy tier out.
+if [[ $# -eq 0 ]]; then
+    run_policy
+fi
+
 # Runs one binary, output to its log; prints a result line when it ends.
 run_one() {
     local name=$1 exe=$2 log="$LOGS/${1//:/-}.log" t0=$SECONDS rc=0

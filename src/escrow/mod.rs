@@ -832,4 +832,56 @@ mod tests {
         let r = verify(&s3, &kms, &l, D).await.unwrap();
         assert_eq!(r.shares_ok, 4);
     }
+
+    /// The shipped policies grant `kms:Decrypt` by these context keys and class values: a
+    /// rename on either side would leave a policy that silently grants nothing (or the
+    /// wrong thing), so the two are tied here.
+    #[test]
+    fn the_shipped_policies_use_the_context_keys_and_classes_of_the_code() {
+        let files = [
+            (
+                "iam-policy.json",
+                include_str!("../../packer/examples/iam-policy.json"),
+            ),
+            (
+                "iam-policy-operator.json",
+                include_str!("../../packer/examples/iam-policy-operator.json"),
+            ),
+        ];
+        let keys = [CTX_CLUSTER, CTX_ITEM, CTX_CLASS, CTX_INSTANCE];
+        let classes = [Class::Recovery, Class::NodeCredential, Class::Pending].map(Class::as_str);
+        let mut node_classes = Vec::new();
+        for (file, text) in files {
+            let policy: serde_json::Value = serde_json::from_str(text).unwrap();
+            for st in policy["Statement"].as_array().unwrap() {
+                let Some(ops) = st["Condition"].as_object() else {
+                    continue;
+                };
+                for by_key in ops.values() {
+                    for (key, value) in by_key.as_object().unwrap() {
+                        let Some(ctx) = key.strip_prefix("kms:EncryptionContext:") else {
+                            continue;
+                        };
+                        if ctx.starts_with("aws:") {
+                            continue; // S3's own context (SSE-KMS), not the agent's
+                        }
+                        assert!(keys.contains(&ctx), "{file}: unknown context key {key}");
+                        if ctx == CTX_CLASS {
+                            let v = value.as_str().unwrap();
+                            assert!(classes.contains(&v), "{file}: unknown class {v}");
+                            if file == "iam-policy.json" {
+                                node_classes.push(v.to_owned());
+                            }
+                        }
+                        if ctx == CTX_CLUSTER {
+                            assert_eq!(value, "prod-vault", "{file}: {key}");
+                        }
+                    }
+                }
+            }
+        }
+        // What the node may decrypt, exactly: never a recovery item.
+        node_classes.sort();
+        assert_eq!(node_classes, ["node-credential", "pending"]);
+    }
 }
