@@ -246,7 +246,12 @@ pub async fn take(
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::write(tmp.path(), e.to_string()))?;
-    let sha256 = crate::install::hex(ctx.finish().as_ref());
+    let hash = ctx.finish();
+    let sha256 = crate::install::hex(hash.as_ref());
+    let sha256_b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(hash.as_ref())
+    };
     if size == 0 {
         return Err(Error::Snapshot {
             message: format!("{} returned an empty snapshot", active.base()),
@@ -255,13 +260,16 @@ pub async fn take(
     }
     tracing::info!(size, sha256 = %sha256, from = %active.base(), "raft snapshot taken");
 
-    // 2. Upload write-once. PutObject is atomic: a failed one leaves no object.
+    // 2. Upload write-once, with the SHA-256 for S3 to check: a body that arrived
+    // different is refused, and PutObject is atomic, so a failed one leaves no object.
+    // Nothing reads the object back: the node role has no s3:GetObject on snapshots
+    // (restore is the operator's), so credentials taken off a node cannot download them.
     let now = crate::clock::now_unix();
     let key = object_key(&cfg.snapshot.prefix, cluster, now);
     let url = format!("s3://{bucket}/{key}");
     let meta = [(META_SHA256, sha256.clone()), (META_SIZE, size.to_string())];
     let put = retry::retry("upload the snapshot", aws, || {
-        s3.put_file_if_absent(bucket, &key, tmp.path(), kms_key, &meta)
+        s3.put_file_if_absent(bucket, &key, tmp.path(), kms_key, &sha256_b64, &meta)
     })
     .await
     .map_err(|e| Error::Snapshot {
@@ -279,28 +287,10 @@ pub async fn take(
         });
     }
 
-    // 3. Read back what S3 holds; a mismatch removes the object (it is not a good snapshot).
-    let head = retry::retry("HEAD the snapshot", aws, || s3.head(bucket, &key)).await?;
-    let problem = match &head {
-        None => Some("is missing right after its upload".to_string()),
-        Some(h) if h.size != size => Some(format!("has {} bytes, uploaded {size}", h.size)),
-        Some(h) if h.metadata.get(META_SHA256) != Some(&sha256) => Some(format!(
-            "carries sha256 {:?}, uploaded {sha256}",
-            h.metadata.get(META_SHA256)
-        )),
-        Some(_) => None,
-    };
-    if let Some(p) = problem {
-        let _ = s3.delete(bucket, &key).await;
-        return Err(Error::Snapshot {
-            message: format!("{url} {p}; deleted it"),
-            exit: exit::DATAERR,
-        });
-    }
     drop(tmp);
-    tracing::info!(url = %url, size, sha256 = %sha256, "snapshot stored and verified (size and sha256)");
+    tracing::info!(url = %url, size, sha256 = %sha256, "snapshot stored; S3 checked its sha256");
 
-    // 4. Keep the most recent `keep`. A failure here is logged: the snapshot is stored, and
+    // 3. Keep the most recent `keep`. A failure here is logged: the snapshot is stored, and
     // the next run prunes again.
     let mut pruned = Vec::new();
     match s3.list(bucket, &dir(&cfg.snapshot.prefix, cluster)).await {

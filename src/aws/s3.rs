@@ -78,14 +78,6 @@ pub fn sha256_b64(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(d.as_ref())
 }
 
-/// What `HeadObject` says about an object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectInfo {
-    pub size: u64,
-    /// User metadata (`x-amz-meta-*`), keys lower-case.
-    pub metadata: std::collections::HashMap<String, String>,
-}
-
 /// `s3://bucket/key` -> (bucket, key); both must be non-empty.
 pub fn parse_url(url: &str) -> Option<(String, String)> {
     let rest = url.strip_prefix("s3://")?;
@@ -145,12 +137,18 @@ impl SdkS3 {
     /// Uploads the file at `path` write-once (`If-None-Match: *`) with SSE-KMS and user
     /// metadata. The body is streamed from the file. A PutObject is atomic: when it fails,
     /// no object (and no part of one) exists under `key`.
+    ///
+    /// `sha256_b64` is the body's SHA-256 as the caller computed it while writing the file;
+    /// sent as `x-amz-checksum-sha256`, S3 computes its own over what it received and
+    /// refuses the put (`BadDigest`) when they differ. That is the read-back: the writer
+    /// needs no `s3:GetObject` on what it wrote.
     pub async fn put_file_if_absent(
         &self,
         bucket: &str,
         key: &str,
         path: &std::path::Path,
         sse_kms_key: &str,
+        sha256_b64: &str,
         metadata: &[(&str, String)],
     ) -> Result<PutOutcome> {
         let url = format!("s3://{bucket}/{key}");
@@ -165,38 +163,12 @@ impl SdkS3 {
             .if_none_match("*")
             .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
             .ssekms_key_id(sse_kms_key)
+            .checksum_sha256(sha256_b64)
             .body(body);
         for (k, v) in metadata {
             req = req.metadata(*k, v);
         }
         put_once(req, url).await
-    }
-
-    /// `HeadObject`: size and user metadata, `Ok(None)` when the object does not exist.
-    pub async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>> {
-        let url = format!("s3://{bucket}/{key}");
-        match self
-            .client
-            .head_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(Some(ObjectInfo {
-                size: out.content_length().unwrap_or(-1).max(0) as u64,
-                metadata: out
-                    .metadata()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })),
-            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
-            Err(e) => Err(sdk_error("HeadObject", url, e)),
-        }
     }
 
     /// Streams `s3://bucket/key` into `sink` chunk by chunk; returns the object's user
