@@ -5,8 +5,8 @@
 //! 1. The local server is initialized -> nothing to init; wait until unsealed.
 //! 2. A peer answers initialized, or the escrow marker exists -> join via `retry_join`.
 //! 3. Otherwise take the init lock (see [`lock`]); losers wait to join. A lock whose holder
-//!    EC2 shows `terminated` (or no longer lists), with no initialized cluster, is taken
-//!    over. A stopped holder is not gone: its volume still holds what it initialized.
+//!    EC2 shows `terminated` (or does not list on two looks, [`SECOND_LOOK`] apart), with
+//!    no initialized cluster, is taken over. A stopped holder is not gone: its volume still holds what it initialized.
 //! 4. The winner gets a KMS data key, records the attempt on disk (see [`attempt`]), calls
 //!    `sys/init`, seals the response to the pending file at once, escrows (see `escrow`),
 //!    removes the pending file, then post-init: audit device, autopilot, root token revoked
@@ -203,7 +203,7 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
                             return winner(cfg, me, d, layout).await;
                         }
                         lock::Lock::Held(holder) => {
-                            if holder_gone(d.ec2, &holder, aws).await?
+                            if holder_gone(d.ec2, &holder, aws, SECOND_LOOK).await?
                                 && !cluster_initialized(d, layout, aws).await?
                             {
                                 tracing::warn!(
@@ -270,15 +270,39 @@ async fn cluster_initialized<S: ObjectStore, K, E>(
     Ok(escrow::read_marker(d.s3, layout, aws).await?.is_some())
 }
 
-/// Only `terminated`, or no longer listed, is gone: a `stopping` or `stopped` holder still has
-/// its volume, and on it whatever it initialized; taking over from it could make a second
-/// cluster when it starts again.
-async fn holder_gone<E: Ec2Api>(ec2: &E, holder: &lock::LockBody, aws: Duration) -> Result<bool> {
-    let state = retry::retry("DescribeInstances (lock holder)", aws, || {
-        ec2.instance_state(&holder.instance_id)
-    })
-    .await?;
-    Ok(is_gone(state.as_deref()))
+/// How long after EC2 first says it does not know the lock holder it is asked again. EC2's
+/// API is eventually consistent: right after a launch, `DescribeInstances` can answer
+/// `InvalidInstanceID.NotFound` for an instance that runs, for a few seconds. A holder that
+/// wrote the lock had been running at least that long, so two looks this far apart tell
+/// "not yet visible" from "forgotten" (EC2 forgets a terminated instance after about an
+/// hour). Reaping asks for two looks too, a watch interval apart.
+const SECOND_LOOK: Duration = Duration::from_secs(10);
+
+/// Only `terminated`, or not listed on two looks `spacing` apart, is gone: a `stopping` or
+/// `stopped` holder still has its volume, and on it whatever it initialized; taking over
+/// from it could make a second cluster when it starts again.
+async fn holder_gone<E: Ec2Api>(
+    ec2: &E,
+    holder: &lock::LockBody,
+    aws: Duration,
+    spacing: Duration,
+) -> Result<bool> {
+    let look = || {
+        retry::retry("DescribeInstances (lock holder)", aws, || {
+            ec2.instance_state(&holder.instance_id)
+        })
+    };
+    let state = look().await?;
+    if state.is_some() {
+        return Ok(is_gone(state.as_deref()));
+    }
+    tracing::info!(
+        holder = %holder.instance_id,
+        again_in_secs = spacing.as_secs(),
+        "EC2 does not know the init lock's holder; asking again before taking the lock over"
+    );
+    tokio::time::sleep(spacing).await;
+    Ok(is_gone(look().await?.as_deref()))
 }
 
 fn is_gone(state: Option<&str>) -> bool {
@@ -822,6 +846,64 @@ mod tests {
         for s in ["pending", "running", "stopping", "stopped", "shutting-down"] {
             assert!(!is_gone(Some(s)), "{s}");
         }
+    }
+
+    /// EC2 answers these states, one per look, then keeps the last.
+    struct Looks(std::sync::Mutex<Vec<Option<&'static str>>>);
+
+    impl Ec2Api for Looks {
+        async fn instances_tagged(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<crate::aws::ec2::Instance>> {
+            Ok(Vec::new())
+        }
+        async fn instance_state(&self, _: &str) -> Result<Option<String>> {
+            let mut looks = self.0.lock().unwrap();
+            let next = if looks.len() > 1 {
+                looks.remove(0)
+            } else {
+                looks[0]
+            };
+            Ok(next.map(str::to_owned))
+        }
+        async fn tag_of(&self, _: &str, _: &str) -> Result<Option<String>> {
+            Ok(None)
+        }
+    }
+
+    fn gone_after(looks: Vec<Option<&'static str>>) -> bool {
+        let ec2 = Looks(std::sync::Mutex::new(looks));
+        let holder = lock::LockBody {
+            instance_id: "i-0holder".into(),
+            acquired_unix: 0,
+            cluster: "prod".into(),
+            generation: 0,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(holder_gone(
+            &ec2,
+            &holder,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_not_found_is_not_a_gone_holder() {
+        // EC2's eventual consistency: unknown for a moment, then running.
+        assert!(!gone_after(vec![None, Some("running")]));
+        assert!(!gone_after(vec![None, Some("stopped")]));
+        // Unknown on both looks, or terminated: gone.
+        assert!(gone_after(vec![None, None]));
+        assert!(gone_after(vec![Some("terminated")]));
+        assert!(gone_after(vec![None, Some("terminated")]));
+        assert!(!gone_after(vec![Some("running")]));
     }
 
     #[test]
