@@ -12,13 +12,19 @@ pub struct Membership {
     pub servers: BTreeSet<String>,
     pub voters: BTreeSet<String>,
     pub leader: Option<String>,
+    /// Raft's log index of this configuration (`config.index`): it changes with every
+    /// membership change (a removal, a join, a promotion) and with nothing else.
+    pub index: Option<u64>,
 }
 
 impl Membership {
     /// Parses the API answer (`{"data": {"config": {"servers": [...]}}}`); None when it is
     /// not that shape.
     pub fn parse(body: &serde_json::Value) -> Option<Membership> {
-        let mut m = Membership::default();
+        let mut m = Membership {
+            index: body["data"]["config"]["index"].as_u64(),
+            ..Membership::default()
+        };
         for s in body["data"]["config"]["servers"].as_array()? {
             let id = s["node_id"].as_str()?.to_owned();
             if s["voter"].as_bool().unwrap_or(false) {
@@ -30,6 +36,26 @@ impl Membership {
             m.servers.insert(id);
         }
         Some(m)
+    }
+
+    /// A name for this configuration that changes whenever its membership does: raft's
+    /// index of it when the server reports one, else a digest of who is in it and who
+    /// votes (a configuration seen again after changes then has its old name, which only
+    /// makes a decision on it wait for a stale ticket).
+    pub fn id(&self) -> String {
+        if let Some(i) = self.index.filter(|i| *i > 0) {
+            return format!("i{i:020}");
+        }
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for s in &self.servers {
+            ctx.update(s.as_bytes());
+            ctx.update(if self.voters.contains(s) {
+                b"=v;"
+            } else {
+                b"=n;"
+            });
+        }
+        format!("h{}", &crate::install::hex(ctx.finish().as_ref())[..32])
     }
 
     /// What `id` is here: "leader", "voter", "non-voter" or "not a member".
@@ -74,6 +100,32 @@ mod tests {
         // A server without an id is not a configuration the agent can reason about.
         let bad = json!({"data": {"config": {"servers": [{"voter": true}]}}});
         assert_eq!(Membership::parse(&bad), None);
+    }
+
+    #[test]
+    fn a_configuration_is_named_by_its_index_or_its_members() {
+        let servers = |index: Option<u64>, voter_c: bool| {
+            let mut config = json!({"servers": [
+                {"node_id": "a", "voter": true},
+                {"node_id": "b", "voter": true},
+                {"node_id": "c", "voter": voter_c},
+            ]});
+            if let Some(i) = index {
+                config["index"] = json!(i);
+            }
+            Membership::parse(&json!({"data": {"config": config}})).unwrap()
+        };
+        assert_eq!(servers(Some(42), true).id(), format!("i{:020}", 42));
+        assert_ne!(servers(Some(42), true).id(), servers(Some(43), true).id());
+        // Without an index: the same members name the same configuration, a promotion or
+        // a removal another.
+        let (h, promoted) = (servers(None, false).id(), servers(None, true).id());
+        assert!(h.starts_with('h') && h.len() == 33, "{h}");
+        assert_eq!(h, servers(None, false).id());
+        assert_ne!(h, promoted);
+        let mut fewer = servers(None, false);
+        fewer.servers.remove("c");
+        assert_ne!(fewer.id(), h);
     }
 
     #[test]

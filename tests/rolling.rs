@@ -14,6 +14,9 @@
 //!   bounds its launch hook to 3 s joins, removes itself from the raft configuration,
 //!   completes the hook with ABANDON and exits 82 with its server stopped; the cluster is
 //!   its 3 original voters again, tolerance 1.
+//! - `two_leavers_at_once_remove_one_at_a_time` (CI): two standbys of 4 voters terminated
+//!   together, a third voter stopped, both held between decision and removal so they decide
+//!   on one raft configuration: the removal ticket lets one remove itself, and quorum holds.
 //!
 //! How the numbers are read: a tolerance sample that no active node answered is
 //! "unreadable", one from a leader elected moments ago that has no raft stats of some voter
@@ -1785,6 +1788,197 @@ async fn launch_abandoned_past_its_bound_leaves_raft() {
         matches!(&watch_exit, Some((Some(s), killed)) if s.code() == Some(0) && killed.is_empty()),
         "its watch leaves (the instance is Terminated) and exits 0: {watch_exit:?}\n{}",
         tail(&watch_log, 20)
+    );
+    for nd in nodes.iter_mut() {
+        if let Some(w) = nd.watch.as_mut() {
+            w.stop();
+        }
+        nd.boot.stop();
+    }
+}
+
+// ----------------------------------------------------------------------------- two leave at once
+
+/// Two standbys of a 4-voter cluster are terminated together while a third voter is
+/// unhealthy but running (its server SIGSTOPped: EC2 says running, so it is never reaped).
+/// Each leaver alone may leave: 3 remain, 2 healthy, a quorum. Both together leave one
+/// healthy voter of two: no quorum. Each leaver is held 8 s between its decision and its
+/// `remove-peer` (`VAULT_BOOTSTRAP_PAUSE_AT`), so both decide on the same raft
+/// configuration: without the removal ticket both removed themselves. With it exactly one
+/// does, the other logs that another removal was decided on that configuration, decides
+/// again on the next one, finds it unsafe and leaves without removing itself; failure
+/// tolerance, sampled every 0.5 s, never goes below 0, and writes go on at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_leavers_at_once_remove_one_at_a_time() {
+    const HOLD_MS: u64 = 8_000;
+    let test_start = Instant::now();
+    let n = 4;
+    let toml = format!(
+        "{}leave_timeout_secs = 60\n",
+        node_toml(n, true, 30, false, "")
+    );
+    // Formed without watch units: they start below with the pause hook.
+    let (tb, mut nodes, root, _) = form_cluster(57, n, true, false, &toml).await;
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, test_start, ips.clone(), &root);
+    ap_until(&load, "4 healthy voters", Duration::from_secs(90), |ap| {
+        ap.voters.len() == n && ap.unhealthy_voters.is_empty()
+    })
+    .await;
+    kv_and_canary(&tb, n, &root, "two-leavers").await;
+    for (i, nd) in nodes.iter_mut().enumerate() {
+        nd.watch = Some(tb.spawn_agent_env(
+            i,
+            &["watch"],
+            &[(
+                "VAULT_BOOTSTRAP_PAUSE_AT",
+                &format!("remove-peer:{HOLD_MS}"),
+            )],
+        ));
+    }
+    let (leader, standbys) = roles(&tb, n).await;
+    let leader = leader.expect("an active node");
+    let (a, b, sick) = (standbys[0], standbys[1], standbys[2]);
+    let id = |i: usize| tb.instances[i].id.clone();
+
+    // The third voter: unhealthy, instance running.
+    let sick_needle = format!("{}/etc/vault.hcl", tb.node_dir(sick).display());
+    let sick_pids = procs_naming(&sick_needle);
+    assert!(!sick_pids.is_empty(), "node {sick}'s server process");
+    for p in &sick_pids {
+        signal(*p, 19); // SIGSTOP
+    }
+    ap_until(
+        &load,
+        "the stopped voter unhealthy",
+        Duration::from_secs(60),
+        |ap| ap.unhealthy_voters == vec![id(sick)],
+    )
+    .await;
+    let tasks = load.start();
+    eprintln!(
+        "leader {leader}; {} and {} terminate together; {} is stopped (unhealthy, running)",
+        id(a),
+        id(b),
+        id(sick)
+    );
+
+    let t_term = load.now();
+    tb.lifecycle_cmd(&["terminate", "--instance", &id(a)]);
+    tb.lifecycle_cmd(&["terminate", "--instance", &id(b)]);
+    let watch_log = |i: usize| nodes[i].watch.as_ref().unwrap().stderr();
+    let first = poll(
+        "one leaver removed from raft",
+        Duration::from_secs(120),
+        || async {
+            [a, b]
+                .into_iter()
+                .find(|i| watch_log(*i).contains("removed this node from the raft configuration"))
+        },
+    )
+    .await;
+    // The cluster is now {leader, the other leaver, the stopped voter}: 2 healthy of 3.
+    // Had both removed themselves, {leader, stopped voter} would have no quorum.
+    let t_first = load.now();
+    let t_quorum = load
+        .wait_write_after(t_first, Duration::from_secs(20))
+        .await;
+    eprintln!(
+        "{} removed itself; a write went through {:.1} s later, with the stopped voter still down",
+        id(first),
+        t_quorum - t_first
+    );
+    for p in &sick_pids {
+        signal(*p, 18); // SIGCONT
+    }
+    for i in [a, b] {
+        let got = tb.try_lifecycle_cmd(&[
+            "wait",
+            "--instance",
+            &id(i),
+            "--for",
+            "Terminating:Proceed",
+            "--timeout",
+            "150",
+        ]);
+        assert!(
+            got.is_ok(),
+            "{}'s terminate hook: {got:?}\nits watch log:\n{}",
+            id(i),
+            tail(&watch_log(i), 40)
+        );
+    }
+    let t_left = load.now();
+    let logs: Vec<String> = [a, b].into_iter().map(watch_log).collect();
+    for (k, log) in logs.iter().enumerate() {
+        eprintln!(
+            "---- leaver {} ({}), its watch log:\n{}",
+            k,
+            id([a, b][k]),
+            tail(log, 12)
+        );
+    }
+    // Writes go on through what is left (the second leaver stopped as a voter once its
+    // leave timed out: removing it would have lowered the tolerance).
+    let t_ok = load.wait_write_after(t_left, Duration::from_secs(30)).await;
+    load.finish(tasks).await;
+
+    let removed: Vec<usize> = [0, 1]
+        .into_iter()
+        .filter(|k| logs[*k].contains("removed this node from the raft configuration"))
+        .collect();
+    let waited: Vec<usize> = [0, 1]
+        .into_iter()
+        .filter(|k| logs[*k].contains("another removal (of"))
+        .collect();
+    let voters = wait_voters(&tb, leader, &root, 3).await;
+    let samples = load.samples();
+    let fts: Vec<i64> = samples
+        .iter()
+        .filter(|s| s.t >= t_term)
+        .filter_map(|s| s.ap.as_ref().map(|ap| ap.ft))
+        .collect();
+    eprintln!(
+        "---- removed: {removed:?}, waited on a ticket: {waited:?}; voters after: {voters:?}; \
+         failure tolerance over the leaves: min {:?} of {} samples; first write after: {:.1} s; \
+         test took {:.1} s",
+        fts.iter().min(),
+        fts.len(),
+        t_ok - t_left,
+        test_start.elapsed().as_secs_f64()
+    );
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s.t >= t_first && s.t < t_quorum)
+            .all(|s| s.ap.is_some()),
+        "autopilot answered at every sample between the first removal and the write after it"
+    );
+    // Both decided on one configuration: one of them met the other's ticket.
+    assert_eq!(
+        waited.len(),
+        1,
+        "exactly one leaver met the other's ticket (else the race was not made):\n{}\n----\n{}",
+        tail(&logs[0], 30),
+        tail(&logs[1], 30)
+    );
+    assert_eq!(removed.len(), 1, "exactly one leaver removed itself");
+    assert_ne!(removed, waited, "the one that waited did not remove itself");
+    let stayed = [a, b][waited[0]];
+    assert!(
+        voters.contains(&id(stayed)) && voters.contains(&id(sick)) && voters.contains(&id(leader)),
+        "the voters left: {voters:?}"
+    );
+    assert!(
+        fts.len() >= 20,
+        "failure tolerance sampled ({} samples)",
+        fts.len()
+    );
+    assert!(
+        fts.iter().all(|ft| *ft >= 0),
+        "failure tolerance went below 0: {fts:?}"
     );
     for nd in nodes.iter_mut() {
         if let Some(w) = nd.watch.as_mut() {

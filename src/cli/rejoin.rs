@@ -424,6 +424,7 @@ mod tests {
                 .map(|(id, _)| (*id).into())
                 .collect(),
             leader: None,
+            index: None,
         }
     }
 

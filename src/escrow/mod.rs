@@ -69,6 +69,29 @@ impl Layout {
         }
     }
 
+    /// The escrow key by its ARN when the config names an alias or a key id: every object
+    /// under the escrow prefix is written with SSE-KMS under it, and the shipped bucket
+    /// policy compares `s3:x-amz-server-side-encryption-aws-kms-key-id` with the key ARN. A
+    /// failed `DescribeKey` keeps the configured name (then a policy that compares ARNs
+    /// refuses the write, and says so).
+    pub async fn resolve_key_arn<K: Kms>(&mut self, kms: &K, aws: Duration) {
+        if self.kms_key_id.starts_with("arn:") {
+            return;
+        }
+        match retry::retry("DescribeKey (escrow key)", aws, || {
+            kms.describe(&self.kms_key_id)
+        })
+        .await
+        {
+            Ok(arn) if arn.starts_with("arn:") => self.kms_key_id = arn,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                key = %self.kms_key_id,
+                "could not resolve the escrow key to its ARN ({e}); writing with the configured name"
+            ),
+        }
+    }
+
     pub fn share_item(n: usize) -> String {
         format!("recovery-key-{n}")
     }
@@ -161,6 +184,25 @@ pub fn crash_point(point: &str) {
     if std::env::var("VAULT_BOOTSTRAP_CRASH_AT").ok().as_deref() == Some(point) {
         tracing::warn!(point, "test hook: killing the agent with SIGKILL");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Test-only pause: `VAULT_BOOTSTRAP_PAUSE_AT=<point>:<ms>` makes the agent wait that long
+/// at that point, so a test can hold two nodes inside a window that is milliseconds wide in
+/// production (two leavers between their decision and their removal) and prove what the
+/// agent does when both are in it. Harmless in production: it can only slow the agent.
+pub async fn pause_point(point: &str) {
+    let Ok(v) = std::env::var("VAULT_BOOTSTRAP_PAUSE_AT") else {
+        return;
+    };
+    let Some((p, ms)) = v.split_once(':') else {
+        return;
+    };
+    if p == point {
+        if let Ok(ms) = ms.parse::<u64>() {
+            tracing::warn!(point, ms, "test hook: pausing here");
+            tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
+        }
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
     // makes no KMS call.
     let mut layout = Layout::new(cfg, me.cluster);
     if has_pending(&cfg.agent.state_dir) {
-        with_key_arn(&mut layout, d.kms, aws).await;
+        layout.resolve_key_arn(d.kms, aws).await;
     }
     let (outcome, finished) = init_or_join(cfg, me, d, &mut layout).await?;
     let cluster_id = confirm_cluster(d, &layout, aws).await?;
@@ -99,29 +99,6 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
         cluster_id,
         post_init_done,
     })
-}
-
-/// The escrow key by its ARN when the config names an alias or a key id: every object
-/// under the escrow prefix is written with SSE-KMS under it, and the shipped bucket policy
-/// compares `s3:x-amz-server-side-encryption-aws-kms-key-id` with the key ARN. A failed
-/// `DescribeKey` keeps the configured name (then a policy that compares ARNs refuses the
-/// write, and says so).
-async fn with_key_arn<K: Kms>(layout: &mut Layout, kms: &K, aws: Duration) {
-    if layout.kms_key_id.starts_with("arn:") {
-        return;
-    }
-    match retry::retry("DescribeKey (escrow key)", aws, || {
-        kms.describe(&layout.kms_key_id)
-    })
-    .await
-    {
-        Ok(arn) if arn.starts_with("arn:") => layout.kms_key_id = arn,
-        Ok(_) => {}
-        Err(e) => tracing::warn!(
-            key = %layout.kms_key_id,
-            "could not resolve the escrow key to its ARN ({e}); writing with the configured name"
-        ),
-    }
 }
 
 /// Checks that this node serves the cluster the escrow marker names; returns its id.
@@ -194,7 +171,7 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
                 if !initialized_elsewhere {
                     // The lock, and all an init writes, go under the escrow prefix.
                     if !key_resolved {
-                        with_key_arn(layout, d.kms, aws).await;
+                        layout.resolve_key_arn(d.kms, aws).await;
                         key_resolved = true;
                     }
                     match lock::acquire(d.s3, layout, me.instance_id, aws).await? {

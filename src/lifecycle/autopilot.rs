@@ -148,6 +148,7 @@ mod tests {
             servers: s.servers.keys().cloned().collect(),
             voters: s.voters().map(|(id, _)| id.clone()).collect(),
             leader: Some(s.leader.clone()),
+            index: None,
         }
     }
 

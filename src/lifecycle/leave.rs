@@ -9,12 +9,15 @@
 //! removes it once EC2 reports the instance terminated. A node whose own server is down or
 //! sealed still removes itself, through the leader a peer names.
 //!
-//! Who votes is read from the raft configuration at the leader, after a random pause, just
-//! before each removal: several old nodes of one refresh may leave at once, and autopilot's
-//! own view lags by seconds.
+//! Who votes is read from the raft configuration at the leader just before each removal,
+//! and the removal takes the [`super::ticket`] of that configuration first: several old
+//! nodes of one refresh may leave at once, and only one removal is decided on each
+//! configuration; the others decide again on the configuration after it. (A random pause
+//! before the read spreads concurrent leavers apart; the ticket is what makes it safe.)
 
 use super::autopilot::{target_tolerance, Removal};
 use super::session::{Ctx, Logins};
+use super::ticket::Ticket;
 use crate::aws::autoscaling::{Action, Completed, Lifecycle, Outcome, SdkAutoscaling};
 use crate::error::Result;
 use crate::launcher;
@@ -225,6 +228,17 @@ async fn step(
             ))
         }
         Removal::Safe { remaining, healthy } => {
+            match super::ticket::take_here(ctx, &members, me).await {
+                Ok(Ticket::Mine) => {}
+                Ok(Ticket::Held(t)) => {
+                    return Err(format!(
+                        "another removal (of {} by {}) was decided on this raft configuration ({}): waiting for it to land, then deciding again on the configuration after it",
+                        t.server_id, t.decided_by, t.configuration
+                    ))
+                }
+                Err(e) => return Err(format!("cannot take the removal ticket: {e}")),
+            }
+            crate::escrow::pause_point("remove-peer").await;
             s.remove_peer(me).await.map_err(|e| e.to_string())?;
             tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, "removed this node from the raft configuration");
             Ok(Some(Left::Removed {

@@ -11,6 +11,9 @@
 //! - [`reap`]: the active node removes raft peers whose instances EC2 reports terminated
 //!   (or no longer knows, twice in a row), while what remains keeps quorum. Autopilot's
 //!   `dead_server_last_contact_threshold` stays the backstop.
+//! - [`ticket`]: every removal (a leave, a reaping) first takes a write-once ticket named by
+//!   the raft configuration it was decided on, so two removals are never decided on the
+//!   same configuration.
 //! - [`watch`]: the long-running unit (`vault-bootstrap watch`) that runs the last two.
 //!
 //! The Vault calls use the lifecycle node credential ([`ROLE`]): autopilot state, raft
@@ -21,6 +24,7 @@ pub mod launch;
 pub mod leave;
 pub mod reap;
 pub mod session;
+pub mod ticket;
 pub mod watch;
 
 use crate::approle;

@@ -7,7 +7,8 @@
 //! Never reaped: a peer that is only unreachable while EC2 says its instance is pending,
 //! running, stopping or stopped (its disk may bring it back), a server id that is not an
 //! instance id, this node itself. And only while what remains keeps quorum
-//! ([`super::autopilot::State::removal_keeps_quorum`]). Autopilot's
+//! ([`super::autopilot::State::removal_keeps_quorum`]), and each removal first takes the
+//! [`super::ticket`] of the configuration it was decided on, as leaves do. Autopilot's
 //! `dead_server_last_contact_threshold` stays the backstop for what EC2 cannot tell.
 //!
 //! The watch unit's [`Reaper`] logs in only when EC2's list of the group's instances no
@@ -155,6 +156,14 @@ async fn pass_in(
         ) {
             Ok(Removal::NotAMember) => {}
             Ok(Removal::Safe { remaining, healthy }) => {
+                // Serialised with every leave: one removal per configuration.
+                match super::ticket::take_here(ctx, &members, &id).await? {
+                    super::ticket::Ticket::Mine => {}
+                    super::ticket::Ticket::Held(t) => {
+                        tracing::info!(server_id = %id, other = %t.server_id, decided_by = %t.decided_by, "not reaping this pass: another removal was decided on this raft configuration; the next pass decides again");
+                        break;
+                    }
+                }
                 s.remove_peer(&id).await?;
                 absent_before.remove(&id);
                 tracing::warn!(server_id = %id, evidence = ?ev, remaining_voters = remaining, healthy_voters = healthy, "reaped raft peer: EC2 reports its instance gone");

@@ -1,0 +1,254 @@
+//! One removal per raft configuration, cluster-wide.
+//!
+//! Two nodes that leave at the same moment (a scale-in by two, an instance refresh that
+//! terminates several at once, a manual termination) would each read the same raft
+//! configuration, each find that removing itself keeps the removal rule, and both be
+//! removed: the failure tolerance drops by two, and with one voter down quorum is lost.
+//! Spacing the leavers apart in time only makes that rare.
+//!
+//! So every removal the agent makes (a leave, a reaping) first takes a write-once ticket
+//! named by the configuration it was decided on: `removal-tickets/<configuration>-<gen>.json`
+//! under the cluster's escrow prefix, created with `If-None-Match: *` and SSE-KMS like every
+//! object there. S3 lets exactly one writer create it. Every other decider on that
+//! configuration waits and decides again on the configuration after that removal, which
+//! has another name ([`Membership::id`]). A ticket whose removal never landed (its writer
+//! died between the ticket and `remove-peer`) holds its configuration for [`STALE`]; then
+//! the next generation may be taken.
+//!
+//! What this needs: S3 reachable while a node leaves (a leave is a change, not a recovery;
+//! one that cannot take its ticket waits with its hook heartbeated, up to
+//! `lifecycle.leave_timeout_secs`, and is reaped later). What it does not cover: autopilot's
+//! own dead-server cleanup and an operator's `remove-peer`, which take no ticket.
+
+use super::session::Ctx;
+use crate::aws::kms::SdkKms;
+use crate::aws::s3::{ObjectStore, PutOutcome, SdkS3};
+use crate::error::{exit, Error, Result};
+use crate::escrow::Layout;
+use crate::raft_config::Membership;
+use crate::retry;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How long a ticket holds its configuration while the removal it names has not landed.
+/// A removal lands within one `remove-peer` call (a raft commit: milliseconds to seconds)
+/// after its ticket; a ticket older than this with the configuration unchanged belongs to
+/// a decider that died or gave up, and a live one re-reads and re-decides anyway.
+pub const STALE: Duration = Duration::from_secs(120);
+
+/// Generations tried on one configuration before giving up: each stale one took
+/// [`STALE`], so this bound is hours, far past any leave's.
+const MAX_GENERATIONS: u32 = 64;
+
+/// A ticket's contents (not secret).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TicketBody {
+    /// [`Membership::id`] of the configuration the removal was decided on.
+    pub configuration: String,
+    pub generation: u32,
+    /// The instance whose agent decided the removal.
+    pub decided_by: String,
+    /// The raft server it removes.
+    pub server_id: String,
+    pub decided_unix: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ticket {
+    /// Go ahead: no other removal was decided on this configuration.
+    Mine,
+    /// Another removal was decided on this configuration and is not stale: wait for it,
+    /// then decide again on the configuration after it.
+    Held(TicketBody),
+}
+
+/// Where the tickets live.
+pub fn dir(layout: &Layout) -> String {
+    format!("{}removal-tickets/", layout.prefix)
+}
+
+fn key(layout: &Layout, configuration: &str, generation: u32) -> String {
+    format!("{}{configuration}-{generation:04}.json", dir(layout))
+}
+
+/// [`take`] for a removal this node decided: the escrow key resolved to its ARN, S3
+/// through this node's credentials.
+pub async fn take_here(ctx: &Ctx<'_>, members: &Membership, server_id: &str) -> Result<Ticket> {
+    let aws = Duration::from_secs(ctx.cfg.agent.aws_timeout_secs);
+    let mut layout = Layout::new(ctx.cfg, ctx.tag_value);
+    layout.resolve_key_arn(&SdkKms::new(ctx.sdk), aws).await;
+    let now = crate::clock::now_unix();
+    take(
+        &SdkS3::new(ctx.sdk),
+        &layout,
+        members,
+        ctx.me(),
+        server_id,
+        now,
+        aws,
+    )
+    .await
+}
+
+/// Takes the ticket for removing `server_id`, decided by `decided_by` on `members` (see
+/// the module docs). `layout.kms_key_id` must be the escrow key's ARN: the shipped bucket
+/// policy refuses a put under the escrow prefix that names the key otherwise.
+pub async fn take<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    members: &Membership,
+    decided_by: &str,
+    server_id: &str,
+    now_unix: u64,
+    aws: Duration,
+) -> Result<Ticket> {
+    let configuration = members.id();
+    for generation in 0..MAX_GENERATIONS {
+        let body = TicketBody {
+            configuration: configuration.clone(),
+            generation,
+            decided_by: decided_by.to_owned(),
+            server_id: server_id.to_owned(),
+            decided_unix: now_unix,
+        };
+        let bytes = serde_json::to_vec_pretty(&body).map_err(|e| Error::Internal(e.to_string()))?;
+        let k = key(layout, &configuration, generation);
+        let put = retry::retry("write the removal ticket", aws, || {
+            s3.put_if_absent(&layout.bucket, &k, bytes.clone(), Some(&layout.kms_key_id))
+        })
+        .await?;
+        if put == PutOutcome::Created {
+            return Ok(Ticket::Mine);
+        }
+        let raw = retry::retry("read the removal ticket", aws, || {
+            s3.get(&layout.bucket, &k)
+        })
+        .await?;
+        let held: TicketBody = serde_json::from_slice(&raw).map_err(|e| Error::Lifecycle {
+            message: format!(
+                "{} is not a removal ticket this agent wrote ({e}); no removal is decided on raft configuration {configuration} until it is moved out of the way",
+                layout.url(&k)
+            ),
+            exit: exit::DATAERR,
+        })?;
+        // The same decision again (a retry after a failed remove-peer, or a put whose
+        // first answer was lost): still this decider's.
+        if held.decided_by == decided_by && held.server_id == server_id {
+            return Ok(Ticket::Mine);
+        }
+        if now_unix.saturating_sub(held.decided_unix) < STALE.as_secs() {
+            return Ok(Ticket::Held(held));
+        }
+        tracing::warn!(
+            ticket = %layout.url(&k),
+            decided_by = %held.decided_by,
+            server_id = %held.server_id,
+            "a removal ticket older than {} s on a configuration that has not changed: its removal never landed; taking the next generation",
+            STALE.as_secs()
+        );
+    }
+    Err(Error::Lifecycle {
+        message: format!(
+            "{MAX_GENERATIONS} removal tickets were taken on raft configuration {configuration} under {} and none of their removals landed; look at the agents' logs before removing any",
+            layout.url(&dir(layout))
+        ),
+        exit: exit::TEMPFAIL,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::escrow::fake::FakeS3;
+
+    const D: Duration = Duration::from_secs(1);
+
+    fn layout() -> Layout {
+        Layout {
+            bucket: "esc".into(),
+            prefix: "vault-bootstrap/prod/".into(),
+            kms_key_id: "arn:aws:kms:eu-west-1:1:key/k".into(),
+            cluster: "prod".into(),
+        }
+    }
+
+    fn config(index: u64) -> Membership {
+        Membership {
+            servers: ["a", "b", "c", "d"].map(String::from).into(),
+            voters: ["a", "b", "c", "d"].map(String::from).into(),
+            leader: Some("a".into()),
+            index: Some(index),
+        }
+    }
+
+    #[tokio::test]
+    async fn two_deciders_on_one_configuration_get_one_ticket() {
+        let (s3, l) = (FakeS3::default(), layout());
+        let c = config(7);
+        assert_eq!(
+            take(&s3, &l, &c, "b", "b", 100, D).await.unwrap(),
+            Ticket::Mine
+        );
+        match take(&s3, &l, &c, "c", "c", 101, D).await.unwrap() {
+            Ticket::Held(t) => {
+                assert_eq!((t.decided_by.as_str(), t.server_id.as_str()), ("b", "b"));
+                assert_eq!(t.configuration, c.id());
+            }
+            other => panic!("{other:?}"),
+        }
+        // The first decider's retry is still its own; the next configuration is free.
+        assert_eq!(
+            take(&s3, &l, &c, "b", "b", 102, D).await.unwrap(),
+            Ticket::Mine
+        );
+        assert_eq!(
+            take(&s3, &l, &config(8), "c", "c", 103, D).await.unwrap(),
+            Ticket::Mine
+        );
+        // Each ticket was written under the escrow prefix, once.
+        let keys: Vec<String> = s3
+            .objects
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|(_, k)| k.clone())
+            .collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys
+            .iter()
+            .all(|k| k.starts_with("vault-bootstrap/prod/removal-tickets/")));
+    }
+
+    #[tokio::test]
+    async fn a_stale_ticket_gives_way_to_the_next_generation_once() {
+        let (s3, l) = (FakeS3::default(), layout());
+        let c = config(7);
+        assert_eq!(
+            take(&s3, &l, &c, "b", "b", 100, D).await.unwrap(),
+            Ticket::Mine
+        );
+        let later = 100 + STALE.as_secs();
+        assert_eq!(
+            take(&s3, &l, &c, "c", "c", later, D).await.unwrap(),
+            Ticket::Mine
+        );
+        // The second generation is fresh: a third decider waits for it.
+        assert!(matches!(
+            take(&s3, &l, &c, "d", "d", later + 1, D).await.unwrap(),
+            Ticket::Held(TicketBody { generation: 1, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_foreign_object_in_the_way_is_named() {
+        let (s3, l) = (FakeS3::default(), layout());
+        let c = config(7);
+        s3.objects
+            .lock()
+            .unwrap()
+            .insert(("esc".into(), key(&l, &c.id(), 0)), b"not json".to_vec());
+        let e = take(&s3, &l, &c, "b", "b", 100, D).await.unwrap_err();
+        assert_eq!(e.exit_code(), exit::DATAERR);
+        assert!(e.to_string().contains("removal-tickets/"), "{e}");
+    }
+}
