@@ -1124,6 +1124,8 @@ mod tests {
             exit::PROTOCOL,
             exit::NOPERM,
             exit::CONFIG,
+            exit::FOREIGN_CLUSTER,
+            exit::ABANDONED,
         ] {
             assert!(
                 line.split(' ').any(|c| c == code.to_string()),

@@ -534,6 +534,167 @@ async fn a_node_serving_another_cluster_is_never_ready() {
         );
         assert!(!log.contains("node ready"), "{log}");
     }
+
+    // Under the systemd launcher the server outlives the agent: before exit 81 it must be
+    // stopped, or a load balancer's health check keeps finding it serving.
+    let systemd = "[vault]\nlauncher = \"systemd\"\n";
+    let stub = SystemdStub::new(&tb, 1);
+    solo_config(&tb, 1, "alpha", systemd);
+    let path = stub.path();
+    let (code, _, log) =
+        tb.run_agent_env(1, &["boot"], &[("PATH", &path)], Duration::from_secs(120));
+    let calls = stub.calls();
+    let answers = tb.api(1).health().await;
+    stub.kill_server();
+    assert_eq!(code, 81, "{log}");
+    assert!(
+        calls.iter().any(|c| c.starts_with("start")),
+        "{calls:?}\n{log}"
+    );
+    assert!(
+        calls.iter().any(|c| c == "stop vault.service"),
+        "{calls:?}\n{log}"
+    );
+    assert!(
+        answers.is_none(),
+        "node 1 still answers sys/health after exit 81: {answers:?}"
+    );
+    assert!(!log.contains("node ready"), "{log}");
+
+    // The same from disk: node 0's membership record and its store agree, but the escrow
+    // marker names another cluster (a second init's); ready only after that check.
+    let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
+    let marker = |c: &str| format!("vault-bootstrap/{c}/cluster-initialized.json");
+    let read = |key: String| {
+        let s3 = s3.clone();
+        async move {
+            let o = s3
+                .get_object()
+                .bucket("vault-resources")
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            let b = o.body.collect().await.unwrap().into_bytes();
+            serde_json::from_slice::<serde_json::Value>(&b).unwrap()
+        }
+    };
+    let beta_id = read(marker("beta")).await["cluster_id"].clone();
+    let mut alpha = read(marker("alpha")).await;
+    assert_ne!(alpha["cluster_id"], beta_id);
+    alpha["cluster_id"] = beta_id;
+    tb.put_object(&marker("alpha"), alpha.to_string().as_bytes())
+        .await;
+    let stub = SystemdStub::new(&tb, 0);
+    solo_config(&tb, 0, "alpha", systemd);
+    let path = stub.path();
+    let (code, _, log) =
+        tb.run_agent_env(0, &["boot"], &[("PATH", &path)], Duration::from_secs(120));
+    let calls = stub.calls();
+    let answers = tb.api(0).health().await;
+    stub.kill_server();
+    assert_eq!(code, 81, "{log}");
+    assert!(
+        log.contains("from its last known good files"),
+        "the from-disk path: {log}"
+    );
+    assert!(
+        calls.iter().any(|c| c == "stop vault.service"),
+        "{calls:?}\n{log}"
+    );
+    assert!(
+        answers.is_none(),
+        "node 0 still answers sys/health after exit 81: {answers:?}"
+    );
+    assert!(!log.contains("node ready"), "{log}");
+}
+
+/// A stub `systemctl`, first on the agent's PATH, that runs node `i`'s real server as
+/// systemd runs `vault.service` (start, restart, stop, is-active of that one unit) and
+/// records every call. The server it starts inherits the agent's environment, as the exec
+/// launcher's does.
+struct SystemdStub {
+    bin: PathBuf,
+    calls: PathBuf,
+    pidfile: PathBuf,
+}
+
+impl SystemdStub {
+    fn new(tb: &Testbed, i: usize) -> SystemdStub {
+        let d = tb.node_dir(i);
+        let bin = d.join("stub-systemd");
+        std::fs::create_dir_all(&bin).unwrap();
+        let (calls, pidfile) = (d.join("systemctl.calls"), d.join("stub-server.pid"));
+        let _ = std::fs::remove_file(&calls);
+        let script = format!(
+            r#"#!/bin/sh
+echo "$*" >> '{calls}'
+pidf='{pid}'
+alive() {{ [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; }}
+stop() {{
+    if alive; then
+        kill "$(cat "$pidf")"
+        i=0; while alive && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    fi
+    rm -f "$pidf"
+}}
+case "$1" in
+    is-active) alive; exit $? ;;
+    start|restart)
+        [ "$1" = restart ] && stop
+        alive && exit 0
+        '{bao}' server -config='{hcl}' >>'{log}' 2>&1 </dev/null &
+        echo $! > "$pidf"
+        exit 0 ;;
+    stop) stop; exit 0 ;;
+    *) exit 0 ;;
+esac
+"#,
+            calls = calls.display(),
+            pid = pidfile.display(),
+            bao = bao().display(),
+            hcl = d.join("etc/vault.hcl").display(),
+            log = d.join("stub-server.log").display(),
+        );
+        std::fs::write(bin.join("systemctl"), script).unwrap();
+        std::fs::set_permissions(
+            bin.join("systemctl"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        SystemdStub {
+            bin,
+            calls,
+            pidfile,
+        }
+    }
+
+    /// The agent's PATH, the stub first.
+    fn path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// SIGKILLs the server this stub started, if it still runs (by its recorded PID).
+    fn kill_server(&self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            signal(pid, 9);
+        }
+    }
 }
 
 /// Issue 12, item 5: post-init interrupted on the initializer. Every other member and

@@ -86,14 +86,21 @@ pub async fn run(
             tracing::info!(
                 from_disk = true,
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "node ready: unsealed cluster member, started from its last known good files"
+                "serving from the last known good files (the record's cluster id matches the server's); checking it against the escrow marker"
             );
+            // Ready is said only after the marker's check, which refresh makes: another
+            // cluster's data must never be reported ready, even from disk.
             match refresh(cfg, ready, started).await {
                 Ok(joined) => Ok(Some(joined)),
-                // Another cluster's data must never be reported ready, even from disk.
                 Err(e @ Error::ForeignCluster { .. }) => Err(e),
                 Err(e) => {
                     tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");
+                    tracing::info!(
+                        from_disk = true,
+                        marker_checked = false,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "node ready: unsealed cluster member, started from its last known good files; its cluster id matches the membership record, not checked against the escrow marker (S3 not reached)"
+                    );
                     Ok(Some(Joined {
                         vanished: Vec::new(),
                     }))

@@ -294,9 +294,16 @@ where
 {
     let Launched { running, lock } = launched;
     match running {
-        Running::Unit { untouched, .. } => {
+        Running::Unit { unit, untouched } => {
             let health = vault_api::wait_answering(client, deadline, None).await?;
-            let settled = then(health, untouched).await?;
+            let settled = match then(health, untouched).await {
+                Ok(s) => s,
+                Err(e @ Error::ForeignCluster { .. }) => {
+                    stop_foreign(&unit).await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             drop(lock);
             after(settled).await?;
             Ok(crate::error::exit::OK)
@@ -324,6 +331,23 @@ where
                 }
             }
         }
+    }
+}
+
+/// Under systemd the server outlives the agent: left running, a node serving another
+/// cluster's data would stay unsealed and answer `sys/health` (200 or 429), and a load
+/// balancer would keep routing clients to it. So it is stopped before the agent exits 81
+/// (and the boot unit does not restart on 81: its store is not fixed by retrying).
+async fn stop_foreign(unit: &str) {
+    match launcher::systemctl(&["stop", unit]).await {
+        Ok(()) => tracing::error!(
+            unit,
+            "stopped the server: it serves another cluster's data than the escrow marker records"
+        ),
+        Err(e) => tracing::error!(
+            unit,
+            "could not stop the server ({e}): it still serves another cluster's data; stop it by hand"
+        ),
     }
 }
 
