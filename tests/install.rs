@@ -329,7 +329,7 @@ fn fake_server(work: &Path, name: &str) -> PathBuf {
 #[test]
 fn installs_the_documented_layout_and_a_second_run_changes_nothing() {
     if !is_root() {
-        eprintln!("skipped: install sets owners, which needs root (CI runs as root)");
+        eprintln!("SKIPPED: install sets owners, which needs root (CI runs as root)");
         return;
     }
     let s = staging();
@@ -486,7 +486,7 @@ fn release_zip(path: &Path, entries: &[(&str, &[u8])]) {
 #[test]
 fn installs_from_a_release_zip_and_openbao_gets_its_drop_in() {
     if !is_root() {
-        eprintln!("skipped: install sets owners, which needs root (CI runs as root)");
+        eprintln!("SKIPPED: install sets owners, which needs root (CI runs as root)");
         return;
     }
     let s = staging();
@@ -556,7 +556,7 @@ fn installs_from_a_release_zip_and_openbao_gets_its_drop_in() {
 #[test]
 fn an_existing_account_in_the_root_is_kept() {
     if !is_root() {
-        eprintln!("skipped: install sets owners, which needs root (CI runs as root)");
+        eprintln!("SKIPPED: install sets owners, which needs root (CI runs as root)");
         return;
     }
     let s = staging();
