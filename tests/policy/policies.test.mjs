@@ -145,6 +145,36 @@ const CASES = [
     { 's3:prefix': `vault-bootstrap/${CLUSTER}/`, 'aws:SecureTransport': 'false' }, EXPLICIT],
 ];
 
+// --- The data-perimeter variant: the node policy plus iam-policy-data-perimeter.json. The
+// instance's credentials reach the seal key, the escrow key and the escrow and snapshot
+// objects only from that instance, through a VPC endpoint of its own VPC; taken off the
+// instance they do not, even from inside the VPC. Calls S3 makes for SSE-KMS stay allowed.
+const PERIMETER = {
+  principal: NODE.principal,
+  identity: [...NODE.identity, { name: 'perimeter', policy: loadPolicy('packer/examples/iam-policy-data-perimeter.json') }],
+  context: {
+    ...NODE.context,
+    'aws:Ec2InstanceSourceVpc': 'vpc-0cluster',
+    'aws:Ec2InstanceSourcePrivateIPv4': '10.0.1.5',
+    'aws:ViaAWSService': 'false',
+  },
+};
+const onInstance = { 'aws:SourceVpc': 'vpc-0cluster', 'aws:VpcSourceIp': '10.0.1.5' };
+const SEAL_DECRYPT = ['kms:Decrypt', SEAL_KEY];
+CASES.push(
+  ['perimeter: the seal key from the instance, through its VPC endpoint', PERIMETER, ...SEAL_DECRYPT, onInstance, ALLOWED],
+  ['perimeter: a node credential from the instance', PERIMETER, 'kms:Decrypt', ESCROW_KEY, { ...ec('node-credential'), ...onInstance }, ALLOWED],
+  ['perimeter: an escrow write from the instance', PERIMETER, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`, { ...goodPut, ...onInstance }, ALLOWED],
+  ['perimeter: the seal key through a public endpoint is denied', PERIMETER, ...SEAL_DECRYPT, {}, EXPLICIT],
+  ['perimeter: the seal key from another VPC is denied', PERIMETER, ...SEAL_DECRYPT, { ...onInstance, 'aws:SourceVpc': 'vpc-0elsewhere' }, EXPLICIT],
+  ['perimeter: the seal key from another address in the VPC is denied', PERIMETER, ...SEAL_DECRYPT, { ...onInstance, 'aws:VpcSourceIp': '10.0.1.9' }, EXPLICIT],
+  ['perimeter: a node credential off the instance is denied', PERIMETER, 'kms:Decrypt', ESCROW_KEY, ec('node-credential'), EXPLICIT],
+  ['perimeter: an escrow write off the instance is denied', PERIMETER, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`, goodPut, EXPLICIT],
+  ["perimeter: S3's own SSE-KMS call for the node stays allowed", PERIMETER, 'kms:GenerateDataKey', ESCROW_KEY,
+    { 'aws:ViaAWSService': 'true', 'kms:ViaService': `s3.${REGION}.amazonaws.com`, 'kms:EncryptionContext:aws:s3:arn': `${ESCROW}/recovery-key-1.enc` }, ALLOWED],
+  ['perimeter: peers are still discovered through a public endpoint', PERIMETER, 'ec2:DescribeInstances', '*', {}, ALLOWED],
+);
+
 for (const [name, who, action, resource, context, expected] of CASES) {
   test(name, async () => {
     const got = await decide(who, action, resource, context);

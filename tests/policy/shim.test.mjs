@@ -12,6 +12,7 @@ const SHIPPED = [
   'packer/examples/iam-policy.json',
   'packer/examples/iam-policy-operator.json',
   'packer/examples/escrow-bucket-policy.json',
+  'packer/examples/iam-policy-data-perimeter.json',
 ];
 
 const policy = (condition) => ({
