@@ -91,7 +91,15 @@ pub async fn run(
             // Ready is said only after the marker's check, which refresh makes: another
             // cluster's data must never be reported ready, even from disk.
             match refresh(cfg, ready, started).await {
-                Ok(joined) => Ok(Some(joined)),
+                Ok(joined) => {
+                    tracing::info!(
+                        from_disk = true,
+                        marker_checked = true,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "node ready: unsealed cluster member, started from its last known good files; the escrow marker names its cluster"
+                    );
+                    Ok(Some(joined))
+                }
                 Err(e @ Error::ForeignCluster { .. }) => Err(e),
                 Err(e) => {
                     tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");

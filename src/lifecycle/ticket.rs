@@ -71,23 +71,19 @@ fn key(layout: &Layout, configuration: &str, generation: u32) -> String {
     format!("{}{configuration}-{generation:04}.json", dir(layout))
 }
 
-/// [`take`] for a removal this node decided: the escrow key resolved to its ARN, S3
-/// through this node's credentials.
+/// [`take`] for a removal this node decided, through this node's credentials. The escrow
+/// key's ARN comes from the marker, which recorded it at init: an S3 read, so a leave makes
+/// no KMS call (only a marker without an ARN is resolved with `DescribeKey`).
 pub async fn take_here(ctx: &Ctx<'_>, members: &Membership, server_id: &str) -> Result<Ticket> {
     let aws = Duration::from_secs(ctx.cfg.agent.aws_timeout_secs);
+    let s3 = SdkS3::new(ctx.sdk);
     let mut layout = Layout::new(ctx.cfg, ctx.tag_value);
-    layout.resolve_key_arn(&SdkKms::new(ctx.sdk), aws).await;
+    match crate::escrow::read_marker(&s3, &layout, aws).await? {
+        Some(m) if m.kms_key_id.starts_with("arn:") => layout.kms_key_id = m.kms_key_id,
+        _ => layout.resolve_key_arn(&SdkKms::new(ctx.sdk), aws).await,
+    }
     let now = crate::clock::now_unix();
-    take(
-        &SdkS3::new(ctx.sdk),
-        &layout,
-        members,
-        ctx.me(),
-        server_id,
-        now,
-        aws,
-    )
-    .await
+    take(&s3, &layout, members, ctx.me(), server_id, now, aws).await
 }
 
 /// Takes the ticket for removing `server_id`, decided by `decided_by` on `members` (see
