@@ -538,13 +538,45 @@ async fn a_node_serving_another_cluster_is_never_ready() {
     // Under the systemd launcher the server outlives the agent: before exit 81 it must be
     // stopped, or a load balancer's health check keeps finding it serving.
     let systemd = "[vault]\nlauncher = \"systemd\"\n";
-    let stub = SystemdStub::new(&tb, 1);
     solo_config(&tb, 1, "alpha", systemd);
+    let log = boot_81_with_systemd(&tb, 1).await;
+    assert!(
+        !log.contains("from its last known good files"),
+        "the new-node path: {log}"
+    );
+
+    // The same from disk: node 0's membership record and its store agree, but the escrow
+    // marker names another cluster (a second init's); ready only after that check.
+    let marker = |c: &str| format!("vault-bootstrap/{c}/cluster-initialized.json");
+    let read = |c: &'static str| {
+        let key = marker(c);
+        let tb = &tb;
+        async move { serde_json::from_slice::<serde_json::Value>(&tb.get_object(&key).await).unwrap() }
+    };
+    let beta_id = read("beta").await["cluster_id"].clone();
+    let mut alpha = read("alpha").await;
+    assert_ne!(alpha["cluster_id"], beta_id);
+    alpha["cluster_id"] = beta_id;
+    tb.put_object(&marker("alpha"), alpha.to_string().as_bytes())
+        .await;
+    solo_config(&tb, 0, "alpha", systemd);
+    let log = boot_81_with_systemd(&tb, 0).await;
+    assert!(
+        log.contains("from its last known good files"),
+        "the from-disk path: {log}"
+    );
+}
+
+/// Boots node `i` under the systemd launcher (through [`SystemdStub`]), expecting exit 81:
+/// systemd was asked to start the server and to stop it again, nothing answers `sys/health`
+/// after the agent exits, and it never said ready. Returns the agent's log.
+async fn boot_81_with_systemd(tb: &Testbed, i: usize) -> String {
+    let stub = SystemdStub::new(tb, i);
     let path = stub.path();
     let (code, _, log) =
-        tb.run_agent_env(1, &["boot"], &[("PATH", &path)], Duration::from_secs(120));
+        tb.run_agent_env(i, &["boot"], &[("PATH", &path)], Duration::from_secs(120));
     let calls = stub.calls();
-    let answers = tb.api(1).health().await;
+    let answers = tb.api(i).health().await;
     stub.kill_server();
     assert_eq!(code, 81, "{log}");
     assert!(
@@ -557,56 +589,10 @@ async fn a_node_serving_another_cluster_is_never_ready() {
     );
     assert!(
         answers.is_none(),
-        "node 1 still answers sys/health after exit 81: {answers:?}"
+        "node {i} still answers sys/health after exit 81: {answers:?}"
     );
     assert!(!log.contains("node ready"), "{log}");
-
-    // The same from disk: node 0's membership record and its store agree, but the escrow
-    // marker names another cluster (a second init's); ready only after that check.
-    let s3 = aws_sdk_s3::Client::new(&tb.sdk().await);
-    let marker = |c: &str| format!("vault-bootstrap/{c}/cluster-initialized.json");
-    let read = |key: String| {
-        let s3 = s3.clone();
-        async move {
-            let o = s3
-                .get_object()
-                .bucket("vault-resources")
-                .key(key)
-                .send()
-                .await
-                .unwrap();
-            let b = o.body.collect().await.unwrap().into_bytes();
-            serde_json::from_slice::<serde_json::Value>(&b).unwrap()
-        }
-    };
-    let beta_id = read(marker("beta")).await["cluster_id"].clone();
-    let mut alpha = read(marker("alpha")).await;
-    assert_ne!(alpha["cluster_id"], beta_id);
-    alpha["cluster_id"] = beta_id;
-    tb.put_object(&marker("alpha"), alpha.to_string().as_bytes())
-        .await;
-    let stub = SystemdStub::new(&tb, 0);
-    solo_config(&tb, 0, "alpha", systemd);
-    let path = stub.path();
-    let (code, _, log) =
-        tb.run_agent_env(0, &["boot"], &[("PATH", &path)], Duration::from_secs(120));
-    let calls = stub.calls();
-    let answers = tb.api(0).health().await;
-    stub.kill_server();
-    assert_eq!(code, 81, "{log}");
-    assert!(
-        log.contains("from its last known good files"),
-        "the from-disk path: {log}"
-    );
-    assert!(
-        calls.iter().any(|c| c == "stop vault.service"),
-        "{calls:?}\n{log}"
-    );
-    assert!(
-        answers.is_none(),
-        "node 0 still answers sys/health after exit 81: {answers:?}"
-    );
-    assert!(!log.contains("node ready"), "{log}");
+    log
 }
 
 /// A stub `systemctl`, first on the agent's PATH, that runs node `i`'s real server as

@@ -991,6 +991,19 @@ join_timeout_secs = 120
             .expect("PutObject");
     }
 
+    /// The bytes of `s3://vault-resources/<key>`.
+    pub async fn get_object(&self, key: &str) -> Vec<u8> {
+        let s3 = aws_sdk_s3::Client::new(&self.sdk().await);
+        let o = s3
+            .get_object()
+            .bucket("vault-resources")
+            .key(key)
+            .send()
+            .await
+            .expect("GetObject");
+        o.body.collect().await.unwrap().into_bytes().to_vec()
+    }
+
     /// A Vault API client for instance `i` (the seeded CA is the only root).
     pub fn api(&self, i: usize) -> Api {
         Api::new(&self.seed_dir().join("ca.pem"), &self.instances[i].ip)
