@@ -1933,7 +1933,24 @@ async fn two_leavers_at_once_remove_one_at_a_time() {
         .into_iter()
         .filter(|k| logs[*k].contains("another removal (of"))
         .collect();
-    let voters = wait_voters(&tb, leader, &root, 3).await;
+    // Both hooks are over: the configuration is what it will stay. Read it once (bounded
+    // only for an answer), so a wrong count fails now, not after a poll's bound.
+    let servers = poll(
+        "the raft configuration",
+        Duration::from_secs(20),
+        || async { raft_servers(&tb, leader, &root).await },
+    )
+    .await;
+    assert!(
+        servers.iter().all(|(_, voter)| *voter),
+        "every server left is a voter: {servers:?}"
+    );
+    let voters: Vec<String> = servers.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        voters.len(),
+        3,
+        "3 voters left (one leaver stayed): {voters:?}"
+    );
     let samples = load.samples();
     let fts: Vec<i64> = samples
         .iter()
