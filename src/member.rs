@@ -1,8 +1,9 @@
 //! The node's last known good membership, on its own disk: what lets a member that was
 //! healthy come back without the AWS control plane (static stability).
 //!
-//! `boot` writes `<state_dir>/member.json` each time the node settles as an unsealed member
-//! of the cluster the escrow marker names. It holds no secret: the instance it was written
+//! `boot` writes `<state_dir>/member.json` as soon as the node's server is an unsealed
+//! member (before any S3 read), and again once the cluster is checked against the escrow
+//! marker; a record of a node found serving another cluster is removed. It holds no secret: the instance it was written
 //! on, the cluster tag value, the cluster id, the peers last seen and whether post-init was
 //! done. On the next boot, a record written by this same instance, with `vault.hcl`, the TLS
 //! files and raft data still on disk, lets the server start before any EC2, S3 or KMS call
@@ -120,6 +121,13 @@ pub fn forget(state_dir: &Path) -> Result<()> {
 /// less boots the way a new node does (and says why at info level).
 pub fn last_known_good(cfg: &Config, facts: &InstanceFacts) -> Result<Option<Member>> {
     let Some(m) = read(&cfg.agent.state_dir)? else {
+        // Said because a node with raft data on disk and no record is not obviously new:
+        // its boot then needs EC2 and S3.
+        tracing::info!(
+            record = %path(&cfg.agent.state_dir).display(),
+            raft_data = crate::raft_store::present(&cfg.vault.data_dir),
+            "not starting from the last known good files (no membership record: this instance never settled as an unsealed member): booting as a new node"
+        );
         return Ok(None);
     };
     let (cert, key, ca) = crate::tls::paths(&cfg.vault.tls_dir);

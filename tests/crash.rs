@@ -3,8 +3,10 @@
 //! In each trial n agents boot together. One to three times, an agent and the server it
 //! started are SIGKILLed together (a power loss) at a random moment: either a random node at
 //! a random time, or the init lock's winner a random time after it won (the KMS data key,
-//! the attempt record, `sys/init` and the escrow are all in that window). Every agent that
-//! dies or exits non-zero is started again after a short random pause, as systemd's
+//! the attempt record, `sys/init` and the escrow are all in that window), or the first node
+//! to open a window named by a log line: a joiner's raft join before the leader's data
+//! reached it, or a node's membership record before its check against the escrow marker.
+//! Every agent that dies or exits non-zero is started again after a short random pause, as systemd's
 //! `Restart=` does. Each trial must end with:
 //! - every node an unsealed member reporting ready, all with one `cluster_id`, the one the
 //!   escrow marker records (one cluster, nothing stranded);
@@ -54,19 +56,57 @@ enum Kill {
     Node { k: usize, ms: u64 },
     /// Whoever logged "won the init lock", `ms` after it did.
     LockWinner { ms: u64 },
+    /// The first node to log `Window`'s line after this kill's turn came, `ms` after it.
+    Window { window: Window, ms: u64 },
+}
+
+/// Moments a kill is aimed at, each named by the log line that opens it.
+#[derive(Debug, Clone, Copy)]
+enum Window {
+    /// A joiner's server wrote the leader's raft configuration and waits for its data.
+    RaftJoined,
+    /// A node's server is an unsealed member and its record is on disk; its check against
+    /// the escrow marker and post-init are under way.
+    Recorded,
+}
+
+impl Window {
+    fn line(self) -> &'static str {
+        match self {
+            Window::RaftJoined => "successfully joined the raft cluster",
+            Window::Recorded => "membership recorded",
+        }
+    }
+
+    /// How far into the window a kill may come.
+    fn max_ms(self) -> u64 {
+        match self {
+            // The leader's data follows within milliseconds.
+            Window::RaftJoined => 10,
+            Window::Recorded => 1000,
+        }
+    }
 }
 
 fn plan(rng: &mut fastrand::Rng, n: usize) -> Vec<Kill> {
     (0..rng.usize(1..=3))
-        .map(|_| {
-            if rng.bool() {
-                Kill::LockWinner {
-                    ms: rng.u64(0..3000),
-                }
-            } else {
-                Kill::Node {
-                    k: rng.usize(0..n),
-                    ms: rng.u64(0..8000),
+        .map(|_| match rng.usize(0..4) {
+            0 => Kill::LockWinner {
+                ms: rng.u64(0..3000),
+            },
+            1 => Kill::Node {
+                k: rng.usize(0..n),
+                ms: rng.u64(0..8000),
+            },
+            w => {
+                let window = if w == 2 {
+                    Window::RaftJoined
+                } else {
+                    Window::Recorded
+                };
+                Kill::Window {
+                    window,
+                    ms: rng.u64(0..=window.max_ms()),
                 }
             }
         })
@@ -105,6 +145,40 @@ impl Trial<'_> {
         self.kills += 1;
         std::thread::sleep(Duration::from_millis(rng.u64(100..MAX_RESTART_PAUSE_MS)));
         self.boot(k);
+    }
+
+    /// The first node whose current run logs `needle` from now on (polled every
+    /// millisecond, restarting what exits meanwhile); `None` if none does within `bound`.
+    fn first_to_log(
+        &mut self,
+        needle: &str,
+        bound: Duration,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let count = |a: &Agent| a.stderr().matches(needle).count();
+        let mut seen: Vec<usize> = self.agents.iter().map(count).collect();
+        let end = Instant::now() + bound;
+        let mut polls = 0u32;
+        while Instant::now() < end {
+            for (k, a) in self.agents.iter().enumerate() {
+                if count(a) > seen[k] {
+                    return Some(k);
+                }
+            }
+            polls += 1;
+            if polls.is_multiple_of(20) {
+                let before: Vec<u32> = self.agents.iter().map(Agent::pid).collect();
+                self.supervise(rng);
+                // A restarted agent's log starts empty.
+                for (k, a) in self.agents.iter().enumerate() {
+                    if a.pid() != before[k] {
+                        seen[k] = 0;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
     }
 
     /// The node that won the init lock, in this run of its agent or an earlier one.
@@ -186,6 +260,15 @@ async fn run_trial(tb: &Testbed, t: usize, nodes: Vec<usize>, rng: &mut fastrand
                     trial.supervise(rng);
                     std::thread::sleep(Duration::from_millis(10));
                 }
+                trial.kill(k, rng);
+            }
+            Kill::Window { window, ms } => {
+                // A window that no node opens any more (the cluster formed) is passed by.
+                let bound = Duration::from_secs(60);
+                let Some(k) = trial.first_to_log(window.line(), bound, rng) else {
+                    continue;
+                };
+                std::thread::sleep(Duration::from_millis(ms));
                 trial.kill(k, rng);
             }
         }
@@ -278,12 +361,15 @@ async fn check(tb: &Testbed, trial: &Trial<'_>, t: usize) -> String {
     })
     .await;
     assert_eq!(servers.len(), n, "raft servers {servers:?}\n{}", ctx());
-    let moved = trial
-        .logs()
-        .matches("was moved aside (kept, not deleted)")
+    let logs = trial.logs();
+    let moved = logs
+        .matches("which nobody holds a key or token for, was moved aside")
         .count();
-    let inits = trial.logs().matches("sys/init succeeded").count();
-    format!("one cluster ({n} servers), escrow verified, root token generated; {inits} init(s), {moved} stranded store(s) moved aside")
+    let stale = logs
+        .matches("joined the cluster but never received its data")
+        .count();
+    let inits = logs.matches("sys/init succeeded").count();
+    format!("one cluster ({n} servers), escrow verified, root token generated; {inits} init(s), {moved} stranded store(s) and {stale} store(s) joined without data moved aside")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,4 +401,68 @@ async fn power_losses_at_random_moments_never_strand_a_cluster_or_its_keys() {
 fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A joiner loses power a few milliseconds after its server logged "successfully joined the
+/// raft cluster", before the leader's data reached it: its store then holds the leader's
+/// raft configuration and nothing else, and its server answers "not initialized" on every
+/// later start while `retry_join` fails with "cluster already has state". Restarted as
+/// systemd would, it must become a member again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_killed_right_after_its_raft_join_joins_again() {
+    const JOINED: &str = "successfully joined the raft cluster";
+    let tb = Testbed::start(93, 3);
+    let extra = "[init]\nrevoke_root_token = false\n";
+    let mut agents = boot_all(&tb, 2, extra);
+    tb.write_config(
+        2,
+        &NodeOpts {
+            extra_toml: extra.into(),
+            ..Default::default()
+        },
+    );
+    let mut joiner = tb.spawn_agent(2, &["boot"]);
+    let after = joiner.power_off_on_log(JOINED, Duration::from_millis(2), Duration::from_secs(120));
+    say(&format!(
+        "joiner killed {after:?} after its server's join line"
+    ));
+    let mut restarts = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    joiner = tb.respawn_agent(2, &["boot"], &[]);
+    loop {
+        if joiner.stderr().contains("node ready") {
+            break;
+        }
+        if joiner.exited().is_some() {
+            // systemd's Restart=on-failure.
+            joiner.kill_servers();
+            restarts += 1;
+            joiner = tb.respawn_agent(2, &["boot"], &[]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed joiner never became a member again ({restarts} restarts):\n{}",
+            tail(&joiner.stderr(), 60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    let voters = wait_voters(&tb, 0, &root, 3).await;
+    say(&format!(
+        "the joiner is a member again after {restarts} restart(s); voters {voters:?}"
+    ));
+    let log: String = tree(&tb.node_dir(2))
+        .into_iter()
+        .filter(|f| f.starts_with("agent-boot.log"))
+        .map(|f| std::fs::read_to_string(tb.node_dir(2).join(f)).unwrap_or_default())
+        .collect();
+    assert!(
+        log.contains("joined the cluster but never received its data"),
+        "the agent said why it moved the store aside:\n{}",
+        tail(&log, 60)
+    );
+    joiner.stop();
+    for a in agents.iter_mut() {
+        a.stop();
+    }
 }

@@ -129,3 +129,83 @@ async fn members_come_back_without_ec2_or_s3() {
         a.stop();
     }
 }
+
+/// A node records its membership as soon as its server is an unsealed member, before any S3
+/// read: here every read of the escrow marker takes 10 s, so the joiners lose power while
+/// their check against the marker is still under way, within a second of recording. The
+/// whole cluster then comes back with EC2 and S3 unreachable, from disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rebooted_right_after_it_formed_comes_back_without_ec2_or_s3() {
+    let mut tb = Testbed::start(94, 3);
+    tb.start_proxy();
+    let extra = "[init]\nrevoke_root_token = false\n[agent]\naws_timeout_secs = 30\n";
+    let mut agents = boot_all(&tb, 1, extra);
+    tb.proxy_rules("GET cluster-initialized\\.json delay 10\n");
+    for i in 1..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra.into(),
+                ..Default::default()
+            },
+        );
+        agents.push(tb.spawn_agent(i, &["boot"]));
+    }
+    // Each joiner's record is on disk within a few seconds of its server reporting it an
+    // unsealed member (the agent polls sys/health at most 3 s apart), not after the 10 s
+    // marker read.
+    for (i, agent) in agents.iter().enumerate().skip(1) {
+        let api = tb.api(i);
+        poll(
+            "the joiner's server unsealed",
+            Duration::from_secs(120),
+            || async { matches!(api.health().await, Some((200 | 429, _))).then_some(()) },
+        )
+        .await;
+        let record = tb.node_dir(i).join("state/member.json");
+        poll(
+            "the joiner's membership record",
+            Duration::from_secs(5),
+            || async { record.exists().then_some(()) },
+        )
+        .await;
+        let log = agent.stderr();
+        assert!(
+            log.contains("no membership record: this instance never settled"),
+            "a new node's first boot says why it does not start from disk:\n{log}"
+        );
+    }
+    let recorded = Instant::now();
+    for a in agents.iter_mut() {
+        a.power_off();
+    }
+    let window = recorded.elapsed();
+    for a in agents.iter().skip(1) {
+        assert!(
+            !a.stderr().contains("node ready"),
+            "the joiners lost power before their marker check finished:\n{}",
+            a.stderr()
+        );
+    }
+    println!("power lost {window:?} after the last joiner's membership record appeared");
+
+    tb.proxy_rules("* .* drop\n");
+    let since = Instant::now();
+    agents = (0..3)
+        .map(|i| tb.respawn_agent(i, &["boot"], &[]))
+        .collect();
+    let took = serving(&tb, &[0, 1, 2], since, SERVE_BOUND).await;
+    println!("cluster rebooted right after it formed, without EC2/S3: serving after {took:?}");
+    for a in agents.iter_mut() {
+        // "node ready" waits for the refresh, which waits out the AWS timeout.
+        a.wait_log(
+            "serving from the last known good files",
+            Duration::from_secs(30),
+        );
+    }
+    let root = tb.escrowed("test-vault", "root-token").await;
+    assert_eq!(wait_voters(&tb, 0, &root, 3).await.len(), 3);
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+}

@@ -11,8 +11,8 @@
 //! a changed `config.toml` takes effect on this start too.
 
 use super::{
-    answer_the_group, fetch_tls, initialize_or_join, lifecycle_ctx, render_config, report, settle,
-    start, write_config, Joined, Launched, Ready,
+    answer_the_group, fetch_tls, initialize_or_join, launch, lifecycle_ctx, render_config, report,
+    settle, write_config, Joined, Ready,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -42,7 +42,7 @@ pub async fn run(
     let hcl = render_config(cfg, &node, flavor);
     let lock = node_lock::acquire(&cfg.agent.state_dir, "boot", node_lock::DEFAULT_WAIT).await?;
     let changed = write_config(cfg, &hcl, owner)?;
-    let running = start(cfg, &node, changed).await?;
+    let launched = launch(cfg, &node, changed, Some(lock)).await?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: server started (from disk)"
@@ -52,11 +52,7 @@ pub async fn run(
         message: format!("cannot read the cluster CA {}: {e}", ca_path.display()),
     })?;
     let local = api_clients::local_any_source(cfg, &node.facts, &ca_pem)?;
-    let reloader = launcher::Reloader::of(&running);
-    let launched = Launched {
-        running,
-        lock: Some(lock),
-    };
+    let reloader = launcher::Reloader::of(&launched.running);
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let ready = Ready {
         node: &node,
@@ -65,6 +61,7 @@ pub async fn run(
         owner,
         reloader,
         flavor,
+        store_predates_start: launched.store_predates_start,
     };
     // The lifecycle steps run whether the refresh worked or not: they need the recorded
     // peers, the CA on disk and their own credential (an S3 read and a KMS decrypt), not
@@ -140,7 +137,9 @@ async fn serving(cfg: &Config, local: &VaultClient, record: &Member) -> Result<(
         &member::path(&cfg.agent.state_dir).display().to_string(),
     )?;
     if !record.post_init_done {
-        tracing::warn!("POST-INIT UNFINISHED when this node last settled; checked again below");
+        tracing::warn!(
+            "post-init was not recorded done when this node last settled; checked again below"
+        );
     }
     Ok(())
 }
@@ -184,6 +183,7 @@ async fn refresh(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<Joined
         owner: r.owner,
         reloader: r.reloader.clone(),
         flavor: r.flavor,
+        store_predates_start: r.store_predates_start,
     };
     initialize_or_join(cfg, &ready, started).await
 }

@@ -83,15 +83,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: render"
     );
-    let running = start(cfg, &node, config_changed || tls_changed).await?;
+    let launched = launch(cfg, &node, config_changed || tls_changed, Some(lock)).await?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        store_predates_start = launched.store_predates_start,
         "phase done: server started"
     );
-    let launched = Launched {
-        running,
-        lock: Some(lock),
-    };
     serve(cfg, &node, &material, owner, flavor, launched, started).await
 }
 
@@ -99,6 +96,8 @@ pub async fn run(cfg: &Config) -> Result<i32> {
 pub(crate) struct Launched {
     pub running: Running,
     pub lock: Option<NodeLock>,
+    /// The raft store was on disk before the server started (see `init::stale_join`).
+    pub store_predates_start: bool,
 }
 
 /// Step 3: fetch the TLS objects and check them for the node at `ip`; nothing is written
@@ -182,8 +181,25 @@ pub(crate) fn write_config(cfg: &Config, hcl: &str, owner: Owner) -> Result<bool
     Ok(config_changed)
 }
 
+/// Step 5 with what settling needs: whether the raft store predates this start, the
+/// started server, and the node lock held until it settles.
+pub(crate) async fn launch(
+    cfg: &Config,
+    node: &node::Node,
+    changed: bool,
+    lock: Option<NodeLock>,
+) -> Result<Launched> {
+    let store_predates_start = crate::raft_store::present(&cfg.vault.data_dir);
+    let running = start(cfg, node, changed).await?;
+    Ok(Launched {
+        running,
+        lock,
+        store_predates_start,
+    })
+}
+
 /// Step 5: start the server (recording its PID for the exec launcher).
-pub(crate) async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Result<Running> {
+async fn start(cfg: &Config, node: &node::Node, changed: bool) -> Result<Running> {
     let bind = render::bind_ip(cfg, &node.facts);
     let running = launcher::start(&cfg.vault, bind, changed).await?;
     if let Running::Child(child) = &running {
@@ -218,6 +234,7 @@ pub(crate) async fn serve(
         owner,
         reloader: launcher::Reloader::of(&launched.running),
         flavor,
+        store_predates_start: launched.store_predates_start,
     };
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let group = lifecycle_ctx(cfg, node, &material.ca_pem);
@@ -292,7 +309,7 @@ where
     A: FnOnce(T) -> AFut,
     AFut: std::future::Future<Output = Result<()>>,
 {
-    let Launched { running, lock } = launched;
+    let Launched { running, lock, .. } = launched;
     match running {
         Running::Unit { unit, untouched } => {
             let health = vault_api::wait_answering(client, deadline, None).await?;
@@ -359,6 +376,7 @@ pub(crate) struct Ready<'a> {
     pub owner: Owner,
     pub reloader: launcher::Reloader,
     pub flavor: crate::config::Flavor,
+    pub store_predates_start: bool,
 }
 
 /// What a settled node tells the lifecycle steps ([`answer_the_group`]).
@@ -369,7 +387,9 @@ pub(crate) struct Joined {
 }
 
 /// Step 6: init on exactly one node of a new cluster (with escrow), join everywhere else;
-/// then record the membership.
+/// then record the membership: first as soon as the server is an unsealed member, before
+/// any S3 read (a reboot from then on comes back from disk), then again once the cluster is
+/// checked against the escrow marker.
 pub(crate) async fn initialize_or_join(
     cfg: &Config,
     r: &Ready<'_>,
@@ -385,50 +405,73 @@ pub(crate) async fn initialize_or_join(
     let s3 = SdkS3::new(&node.sdk);
     let kms = SdkKms::new(&node.sdk);
     let ec2 = SdkEc2::new(&node.sdk);
-    let settled = init::run(
-        cfg,
-        &init::Me {
-            instance_id: &node.facts.instance_id,
-            facts: &node.facts,
-            cluster: &node.tag_value,
-            vault_owner: r.owner,
-            flavor: r.flavor,
-        },
-        &init::Deps {
-            s3: &s3,
-            kms: &kms,
-            ec2: &ec2,
-            local: r.local,
-            peers: &peers,
-            reloader: &r.reloader,
-        },
-    )
-    .instrument(tracing::info_span!("init"))
-    .await?;
+    let me = init::Me {
+        instance_id: &node.facts.instance_id,
+        facts: &node.facts,
+        cluster: &node.tag_value,
+        vault_owner: r.owner,
+        flavor: r.flavor,
+        store_predates_start: r.store_predates_start,
+    };
+    let deps = init::Deps {
+        s3: &s3,
+        kms: &kms,
+        ec2: &ec2,
+        local: r.local,
+        peers: &peers,
+        reloader: &r.reloader,
+    };
+    let unsealed = init::become_member(cfg, &me, &deps)
+        .instrument(tracing::info_span!("init"))
+        .await?;
     // Read before the record is written again below.
-    let vanished: Vec<String> = member::read(&cfg.agent.state_dir)
-        .ok()
-        .flatten()
-        .map(|before| {
-            before
-                .peers
-                .into_iter()
-                .map(|p| p.instance_id)
+    let before = member::read(&cfg.agent.state_dir).ok().flatten();
+    let vanished: Vec<String> = before
+        .as_ref()
+        .map(|b| {
+            b.peers
+                .iter()
+                .map(|p| p.instance_id.clone())
                 .filter(|id| !node.peers.iter().any(|p| &p.instance_id == id))
                 .collect()
         })
         .unwrap_or_default();
-    // What the next boot needs to come back without EC2 or S3.
-    member::write(
-        &cfg.agent.state_dir,
-        &member::Member::new(
-            &node.facts,
-            &node.tag_value,
-            settled.cluster_id.clone(),
-            &node.peers,
-            settled.post_init_done,
-        ),
-    )?;
+    let record = |cluster_id: Option<String>, post_init_done: bool| {
+        member::write(
+            &cfg.agent.state_dir,
+            &member::Member::new(
+                &node.facts,
+                &node.tag_value,
+                cluster_id,
+                &node.peers,
+                post_init_done,
+            ),
+        )
+    };
+    // What the next boot needs to come back without EC2 or S3, before anything else can
+    // fail. Post-init is not known yet: what this node's init knows, or the last record's.
+    let known_done = before
+        .as_ref()
+        .is_some_and(|b| b.post_init_done && b.cluster_id == unsealed.cluster_id);
+    record(unsealed.cluster_id.clone(), known_done)?;
+    tracing::info!(
+        cluster_id = unsealed.cluster_id.as_deref().unwrap_or("?"),
+        record = %member::path(&cfg.agent.state_dir).display(),
+        "unsealed cluster member: membership recorded; checking it against the escrow marker"
+    );
+    let settled = match init::confirm(cfg, &me, &deps, unsealed)
+        .instrument(tracing::info_span!("init"))
+        .await
+    {
+        Ok(s) => s,
+        Err(e @ Error::ForeignCluster { .. }) => {
+            // Another cluster's data must not come back from disk on the next boot.
+            member::forget(&cfg.agent.state_dir)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    record(settled.cluster_id.clone(), settled.post_init_done)?;
     tracing::info!(
         outcome = ?settled.outcome,
         cluster_id = settled.cluster_id.as_deref().unwrap_or("?"),

@@ -232,7 +232,7 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         ));
     }
     let _ = boot::write_files(cfg, &material, &hcl, owner)?;
-    let running = boot::start(cfg, &node, true).await?;
+    let launched = boot::launch(cfg, &node, true, lock).await?;
     say("server started");
 
     let ready = &Ready {
@@ -240,12 +240,12 @@ pub async fn run(cfg: &Config, dry_run: bool) -> Result<i32> {
         local: &local,
         ca_pem: &ca,
         owner,
-        reloader: Reloader::of(&running),
+        reloader: Reloader::of(&launched.running),
         flavor,
+        store_predates_start: launched.store_predates_start,
     };
     let deadline = Duration::from_secs(cfg.vault.health_timeout_secs);
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
-    let launched = boot::Launched { running, lock };
     let group = boot::lifecycle_ctx(cfg, &node, &ca);
     boot::settle(
         &local,

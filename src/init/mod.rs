@@ -4,6 +4,9 @@
 //! 0. A pending init response left by a crashed run is escrowed first: keys are at stake.
 //! 1. The local server is initialized -> nothing to init; wait until unsealed.
 //! 2. A peer answers initialized, or the escrow marker exists -> join via `retry_join`.
+//!    A store that was on disk before the server started and still reports not
+//!    initialized joined once and never received its data: it is moved aside
+//!    ([`stale_join`]) and the next start joins afresh.
 //! 3. Otherwise take the init lock (see [`lock`]); losers wait to join. A lock whose holder
 //!    EC2 shows `terminated` (or does not list on two looks, [`SECOND_LOOK`] apart), with
 //!    no initialized cluster, is taken over. A stopped holder is not gone: its volume still holds what it initialized.
@@ -11,11 +14,17 @@
 //!    `sys/init`, seals the response to the pending file at once, escrows (see `escrow`),
 //!    removes the pending file, then post-init: audit device, autopilot, root token revoked
 //!    unless configured otherwise. The keys never exist only in memory when it can exit.
-//! 5. Every node then checks that it serves the cluster the escrow marker names.
+//!
+//! [`become_member`] returns here, once the local server is unsealed: the boot records the
+//! membership on disk before any further AWS call.
+//!
+//! 5. Every node then checks that it serves the cluster the escrow marker names
+//!    ([`confirm`]).
 
 pub mod attempt;
 pub mod lock;
 pub mod pgp;
+pub mod stale_join;
 
 use crate::aws::ec2::Ec2Api;
 use crate::aws::kms::Kms;
@@ -72,13 +81,31 @@ pub struct Me<'a> {
     /// Owner of the audit log's directory (the Vault user).
     pub vault_owner: Owner,
     pub flavor: Flavor,
+    /// The raft store was on disk before this boot started the server: a store that
+    /// reports not initialized is then one that joined and never received data (see
+    /// [`stale_join`]), never one the server made just now.
+    pub store_predates_start: bool,
 }
 
-pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
+/// A node that is an unsealed member of a cluster, before any check against the escrow:
+/// what the boot records on disk at once, so that a reboot from here on comes back from
+/// disk ([`crate::member`]).
+pub struct Unsealed {
+    pub outcome: Outcome,
+    /// The cluster id the local server reports.
+    pub cluster_id: Option<String>,
+    /// Post-init done, as far as this node's own init or resume knows.
+    finished: bool,
+    layout: Layout,
+}
+
+/// Steps 0-4: init on the one node that wins the lock, join everywhere else; returns once
+/// the local server is an unsealed member (no S3 read after that point).
+pub async fn become_member<S: ObjectStore, K: Kms, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
-) -> Result<Settled> {
+) -> Result<Unsealed> {
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     // Only a node that writes under the escrow prefix needs the key's ARN: one resuming a
     // pending init (now), or one about to take the init lock (`init_or_join` resolves it
@@ -89,13 +116,30 @@ pub async fn run<S: ObjectStore, K: Kms, E: Ec2Api>(
         layout.resolve_key_arn(d.kms, aws).await;
     }
     let (outcome, finished) = init_or_join(cfg, me, d, &mut layout).await?;
-    let cluster_id = confirm_cluster(d, &layout, aws).await?;
-    let post_init_done = match outcome {
-        Outcome::Initialized | Outcome::Resumed => finished,
-        Outcome::Joined => resume_post_init(cfg, me, d, &layout).await?,
+    Ok(Unsealed {
+        outcome,
+        cluster_id: d.local.cluster_id().await,
+        finished,
+        layout,
+    })
+}
+
+/// Step 5, and post-init on a joiner that initialized earlier: the cluster checked against
+/// the escrow marker.
+pub async fn confirm<S: ObjectStore, K: Kms, E: Ec2Api>(
+    cfg: &Config,
+    me: &Me<'_>,
+    d: &Deps<'_, S, K, E>,
+    u: Unsealed,
+) -> Result<Settled> {
+    let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
+    let cluster_id = confirm_cluster(d, &u.layout, aws).await?;
+    let post_init_done = match u.outcome {
+        Outcome::Initialized | Outcome::Resumed => u.finished,
+        Outcome::Joined => resume_post_init(cfg, me, d, &u.layout).await?,
     };
     Ok(Settled {
-        outcome,
+        outcome: u.outcome,
         cluster_id,
         post_init_done,
     })
@@ -159,8 +203,13 @@ async fn init_or_join<S: ObjectStore, K: Kms, E: Ec2Api>(
     // Once seen initialized, a cluster stays so: stop asking peers and S3 every round.
     let mut initialized_elsewhere = false;
     let mut key_resolved = false;
+    let mut stale = stale_join::Watch::new(me.store_predates_start);
     loop {
-        match d.local.health().await {
+        let health = d.local.health().await;
+        if stale.stuck(health.as_ref().ok(), initialized_elsewhere) {
+            return Err(stale_join::set_aside(cfg).await?);
+        }
+        match health {
             Ok(Health::Active | Health::Standby | Health::PerfStandby) => {
                 tracing::info!("this node is unsealed and part of an initialized cluster");
                 return Ok((Outcome::Joined, false));

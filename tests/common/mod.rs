@@ -226,6 +226,43 @@ impl Agent {
         }
     }
 
+    /// Power loss aimed at a log line: polls the agent's log every millisecond and, as soon
+    /// as `needle` appears, waits `delay` and SIGKILLs the agent and its server together.
+    /// Returns how long after the line the kill came; panics if the agent exits or `bound`
+    /// passes first.
+    pub fn power_off_on_log(&mut self, needle: &str, delay: Duration, bound: Duration) -> Duration {
+        let start = Instant::now();
+        let mut seen = 0usize;
+        let mut buf = Vec::new();
+        loop {
+            let bytes = std::fs::read(&self.stderr_path).unwrap_or_default();
+            if bytes.len() > seen {
+                buf.extend_from_slice(&bytes[seen..]);
+                seen = bytes.len();
+                if contains(&buf, needle.as_bytes()) {
+                    let at = Instant::now();
+                    std::thread::sleep(delay);
+                    self.power_off();
+                    return at.elapsed();
+                }
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "agent {} exited ({s}) before logging {needle:?}:\n{}",
+                    self.index,
+                    self.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < bound,
+                "agent {}: no {needle:?} within {bound:?}:\n{}",
+                self.index,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Remembers the server child's PID so it can be killed even if the agent is gone.
     /// Short-lived children (`<bao> version`, a stub `systemctl`) do not name the node
     /// directory and are not recorded; `kill_recorded` checks again before signalling.
