@@ -364,8 +364,10 @@ pub struct InitConfig {
     pub expected_size: u8,
     /// Autopilot removes a server silent this long (`1m` or more).
     pub dead_server_last_contact_threshold: String,
-    /// HTTP timeout of `sys/init`: a short one loses the only copy of the keys.
-    pub init_timeout_secs: u64,
+    /// No longer used: `sys/init` has no client timeout, since a timed-out call loses the
+    /// only copy of the keys while the server goes on to commit them. Still accepted so
+    /// that older files load; the boot warns when it is set.
+    pub init_timeout_secs: Option<u64>,
     /// Bound on waiting for this node to be unsealed and a raft member.
     pub join_timeout_secs: u64,
 }
@@ -384,9 +386,7 @@ impl Default for InitConfig {
             audit_file_path: "/var/log/vault/audit.log".into(),
             expected_size: 3,
             dead_server_last_contact_threshold: "10m".into(),
-            // Measured: init takes 7-10 s with default raft timing on a small machine;
-            // a 5 s timeout lost the keys. Two minutes leaves a wide margin.
-            init_timeout_secs: 120,
+            init_timeout_secs: None,
             join_timeout_secs: 300,
         }
     }
@@ -833,15 +833,6 @@ impl Config {
                     ),
                 )
             }
-        }
-        if i.init_timeout_secs < 60 {
-            return bad(
-                "init.init_timeout_secs",
-                format!(
-                    "{} is below 60: a timed-out sys/init loses the only copy of the recovery keys",
-                    i.init_timeout_secs
-                ),
-            );
         }
         if i.join_timeout_secs == 0 {
             return bad(

@@ -12,6 +12,52 @@ pub fn present(data_dir: &Path) -> bool {
     data_dir.join("raft/raft.db").is_file() && data_dir.join("vault.db").is_file()
 }
 
+/// Which of `ids` the store names as raft servers. The agent cannot open the server's log
+/// store, but needs no more than this: hashicorp/raft keeps every configuration change as
+/// a log entry whose server IDs are plain bytes in `raft/raft.db` (msgpack, not
+/// compressed), and a snapshot's `meta.json` lists its configuration. An ID found there
+/// was, at some point, in this store's raft configuration: positive evidence that the
+/// server joined this store's cluster. Node IDs are instance ids, so a match by accident is
+/// not a concern. Read in chunks: a store that served a while can be large.
+pub fn names_servers(data_dir: &Path, ids: &[String]) -> std::io::Result<Vec<String>> {
+    use std::io::Read;
+    let ids: Vec<&String> = ids.iter().filter(|i| !i.is_empty()).collect();
+    let mut found = vec![false; ids.len()];
+    let mut files = vec![data_dir.join("raft/raft.db")];
+    if let Ok(snaps) = std::fs::read_dir(data_dir.join("raft/snapshots")) {
+        files.extend(snaps.flatten().map(|e| e.path().join("meta.json")));
+    }
+    let overlap = ids.iter().map(|i| i.len()).max().unwrap_or(0);
+    for f in files {
+        let mut file = match std::fs::File::open(&f) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut window: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            window.extend_from_slice(&chunk[..n]);
+            for (k, id) in ids.iter().enumerate() {
+                found[k] = found[k] || window.windows(id.len()).any(|w| w == id.as_bytes());
+            }
+            // Keep the tail, so an ID across two chunks is still seen.
+            let keep = window.len().saturating_sub(overlap);
+            window.drain(..keep);
+        }
+    }
+    Ok(ids
+        .into_iter()
+        .zip(found)
+        .filter(|(_, f)| *f)
+        .map(|(i, _)| i.clone())
+        .collect())
+}
+
 /// `<data_dir>.removed-<UTC time>` beside the data directory.
 pub fn aside_path(data_dir: &Path) -> PathBuf {
     let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now());
@@ -128,6 +174,32 @@ fn move_entries_into(data_dir: &Path, stamp: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_servers_a_store_names_are_found_in_its_log_and_snapshots() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir_all(data.join("raft/snapshots/2-10-1")).unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let want = ids(&["i-0aaa", "i-0bbb", "i-0ccc"]);
+        assert!(names_servers(&data, &want).unwrap().is_empty());
+        // Bytes around it as msgpack would have them; one ID across the 1 MiB chunk border.
+        let mut log = vec![0u8; (1 << 20) - 3];
+        log.extend_from_slice(b"i-0aaa\xa4");
+        std::fs::write(data.join("raft/raft.db"), &log).unwrap();
+        assert_eq!(names_servers(&data, &want).unwrap(), ids(&["i-0aaa"]));
+        std::fs::write(
+            data.join("raft/snapshots/2-10-1/meta.json"),
+            r#"{"Configuration":{"Servers":[{"ID":"i-0ccc"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            names_servers(&data, &want).unwrap(),
+            ids(&["i-0aaa", "i-0ccc"])
+        );
+        // An ID that only begins like one found is not found.
+        assert!(names_servers(&data, &ids(&["i-0aaab"])).unwrap().is_empty());
+    }
 
     #[test]
     fn moving_aside_keeps_the_store_and_never_collides() {

@@ -56,6 +56,8 @@ impl std::fmt::Display for Health {
 #[derive(Clone)]
 pub struct VaultClient {
     http: reqwest::Client,
+    /// The same client without a total timeout, for `sys/init` alone.
+    unbounded: reqwest::Client,
     base: String,
     /// The node's address (what the URL resolves to, also behind a server name).
     ip: IpAddr,
@@ -100,24 +102,28 @@ impl VaultClient {
     ) -> Result<Self> {
         let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
             .map_err(|e| Error::Internal(format!("CA bundle for the Vault API: {e}")))?;
-        let mut b = reqwest::Client::builder()
-            .tls_certs_only(certs)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(QUICK_TIMEOUT)
-            .local_address(source)
-            .no_proxy();
-        let base = match server_name {
-            Some(name) => {
-                b = b.resolve(name, SocketAddr::new(ip, port));
-                format!("https://{name}:{port}")
+        let client = |timeout: Option<Duration>| {
+            let mut b = reqwest::Client::builder()
+                .tls_certs_only(certs.clone())
+                .connect_timeout(CONNECT_TIMEOUT)
+                .local_address(source)
+                .no_proxy();
+            if let Some(t) = timeout {
+                b = b.timeout(t);
             }
+            if let Some(name) = server_name {
+                b = b.resolve(name, SocketAddr::new(ip, port));
+            }
+            b.build()
+                .map_err(|e| Error::Internal(format!("HTTP client for the Vault API: {e}")))
+        };
+        let base = match server_name {
+            Some(name) => format!("https://{name}:{port}"),
             None => crate::render::api_url(ip, port),
         };
-        let http = b
-            .build()
-            .map_err(|e| Error::Internal(format!("HTTP client for the Vault API: {e}")))?;
         Ok(VaultClient {
-            http,
+            http: client(Some(QUICK_TIMEOUT))?,
+            unbounded: client(None)?,
             base,
             ip,
             source,
@@ -250,14 +256,14 @@ impl VaultClient {
     }
 
     /// `PUT sys/init` with recovery shares (auto-unseal). The response holds the only copy
-    /// of the keys: the timeout is long, the call is never retried, and neither the body
-    /// nor any part of it reaches an error message.
+    /// of the keys. The server commits the cluster whether or not anyone reads the answer,
+    /// so the call has no client timeout (systemd's `TimeoutStartSec=` bounds the boot), is
+    /// never retried, and neither the body nor any part of it reaches an error message.
     pub async fn init(
         &self,
         shares: u8,
         threshold: u8,
         pgp_keys: &[String],
-        timeout: Duration,
     ) -> Result<InitSecrets> {
         let url = format!("{}/v1/sys/init", self.base);
         let mut body = serde_json::json!({
@@ -273,10 +279,9 @@ impl VaultClient {
             message,
         };
         let resp = self
-            .http
+            .unbounded
             .put(&url)
             .json(&body)
-            .timeout(timeout)
             .send()
             .await
             .map_err(|e| fail(error_chain(&e)))?;

@@ -5,14 +5,19 @@
 //! a random time, or the init lock's winner a random time after it won (the KMS data key,
 //! the attempt record, `sys/init` and the escrow are all in that window), or the first node
 //! to open a window named by a log line: a joiner's raft join before the leader's data
-//! reached it, or a node's membership record before its check against the escrow marker.
+//! reached it, a node's membership record before its check against the escrow marker, or
+//! the winner's `sys/init` call (its answer lost, perhaps after peers joined).
 //! Every agent that dies or exits non-zero is started again after a short random pause, as systemd's
 //! `Restart=` does. Each trial must end with:
 //! - every node an unsealed member reporting ready, all with one `cluster_id`, the one the
 //!   escrow marker records (one cluster, nothing stranded);
 //! - `escrow verify` passing;
 //! - the escrowed recovery keys generating a root token (`break-glass --from-escrow`), with
-//!   which the raft configuration lists exactly the n nodes.
+//!   which the raft configuration lists exactly the n nodes;
+//!
+//! or, the one other right end, a `sys/init` answer lost after peers joined what it made:
+//! the winner exits 80 naming them, one `sys/init` call, no store moved aside, at most one
+//! `cluster_id` served.
 //!
 //! The seed is printed; replay with `VB_CRASH_SEED=<seed>`. `VB_CRASH_TRIALS=<a>,<b>` sets
 //! the number of 3-node and 5-node trials (default 4,2 here; `tests/run-full-matrix.sh`
@@ -68,6 +73,9 @@ enum Window {
     /// A node's server is an unsealed member and its record is on disk; its check against
     /// the escrow marker and post-init are under way.
     Recorded,
+    /// The winner called `sys/init`: the server commits, peers may join, and the answer
+    /// may not have reached the agent yet.
+    InitCalled,
 }
 
 impl Window {
@@ -75,6 +83,7 @@ impl Window {
         match self {
             Window::RaftJoined => "successfully joined the raft cluster",
             Window::Recorded => "membership recorded",
+            Window::InitCalled => "calling sys/init",
         }
     }
 
@@ -84,13 +93,14 @@ impl Window {
             // The leader's data follows within milliseconds.
             Window::RaftJoined => 10,
             Window::Recorded => 1000,
+            Window::InitCalled => 3000,
         }
     }
 }
 
 fn plan(rng: &mut fastrand::Rng, n: usize) -> Vec<Kill> {
     (0..rng.usize(1..=3))
-        .map(|_| match rng.usize(0..4) {
+        .map(|_| match rng.usize(0..5) {
             0 => Kill::LockWinner {
                 ms: rng.u64(0..3000),
             },
@@ -99,10 +109,10 @@ fn plan(rng: &mut fastrand::Rng, n: usize) -> Vec<Kill> {
                 ms: rng.u64(0..8000),
             },
             w => {
-                let window = if w == 2 {
-                    Window::RaftJoined
-                } else {
-                    Window::Recorded
+                let window = match w {
+                    2 => Window::RaftJoined,
+                    3 => Window::Recorded,
+                    _ => Window::InitCalled,
                 };
                 Kill::Window {
                     window,
@@ -148,7 +158,8 @@ impl Trial<'_> {
     }
 
     /// The first node whose current run logs `needle` from now on (polled every
-    /// millisecond, restarting what exits meanwhile); `None` if none does within `bound`.
+    /// millisecond, restarting what exits meanwhile); `None` if none does within `bound`,
+    /// or once every node is ready.
     fn first_to_log(
         &mut self,
         needle: &str,
@@ -156,23 +167,39 @@ impl Trial<'_> {
         rng: &mut fastrand::Rng,
     ) -> Option<usize> {
         let count = |a: &Agent| a.stderr().matches(needle).count();
+        let len = |a: &Agent| std::fs::metadata(&a.stderr_path).map_or(0, |m| m.len());
         let mut seen: Vec<usize> = self.agents.iter().map(count).collect();
+        let mut lens: Vec<u64> = self.agents.iter().map(len).collect();
         let end = Instant::now() + bound;
         let mut polls = 0u32;
         while Instant::now() < end {
+            // Read a log only when it grew: cheap enough to poll every millisecond.
             for (k, a) in self.agents.iter().enumerate() {
-                if count(a) > seen[k] {
-                    return Some(k);
+                let l = len(a);
+                if l != lens[k] {
+                    lens[k] = l;
+                    if count(a) > seen[k] {
+                        return Some(k);
+                    }
                 }
             }
             polls += 1;
             if polls.is_multiple_of(20) {
+                // Formed: no window of a cold boot opens any more.
+                if self
+                    .agents
+                    .iter()
+                    .all(|a| a.stderr().contains("node ready"))
+                {
+                    return None;
+                }
                 let before: Vec<u32> = self.agents.iter().map(Agent::pid).collect();
                 self.supervise(rng);
                 // A restarted agent's log starts empty.
                 for (k, a) in self.agents.iter().enumerate() {
                     if a.pid() != before[k] {
                         seen[k] = 0;
+                        lens[k] = 0;
                     }
                 }
             }
@@ -285,6 +312,16 @@ async fn run_trial(tb: &Testbed, t: usize, nodes: Vec<usize>, rng: &mut fastrand
         if ready == n {
             break;
         }
+        if trial.logs().contains(LOST_ANSWER_JOINED) {
+            // The one end that is not a formed cluster, and is right: sys/init committed,
+            // peers joined, the answer was lost. Nobody holds keys, and a second init would
+            // make a second cluster; an operator starts over.
+            let summary = lost_answer(tb, &trial, t).await;
+            for a in trial.agents.iter_mut() {
+                a.stop();
+            }
+            return format!("trial {t}: {n} nodes, kills {kills:?}: {summary}");
+        }
         assert!(
             Instant::now() < deadline,
             "trial {t} ({cluster}, kills {kills:?}): only {ready}/{n} nodes ready after {SETTLE_BOUND:?} (restarts {}); logs:{}",
@@ -303,6 +340,34 @@ async fn run_trial(tb: &Testbed, t: usize, nodes: Vec<usize>, rng: &mut fastrand
         trial.restarts,
         settled.as_secs_f64()
     )
+}
+
+/// What the initializer says when its `sys/init` answer was lost after peers joined.
+const LOST_ANSWER_JOINED: &str = "other nodes joined the cluster it made";
+
+/// A lost answer that peers joined: no second init, no store moved aside, one cluster id
+/// among the nodes that serve.
+async fn lost_answer(tb: &Testbed, trial: &Trial<'_>, t: usize) -> String {
+    let logs = trial.logs();
+    let ctx = || format!("trial {t} ({}); logs:{logs}", trial.cluster);
+    assert_eq!(logs.matches("calling sys/init").count(), 1, "{}", ctx());
+    assert!(
+        !logs.contains("which nobody holds a key or token for, was moved aside"),
+        "{}",
+        ctx()
+    );
+    let mut ids = Vec::new();
+    for &i in &trial.nodes {
+        if let Some((_, b)) = tb.api(i).health().await {
+            if let Some(id) = b["cluster_id"].as_str() {
+                ids.push(id.to_owned());
+            }
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert!(ids.len() <= 1, "one cluster at most: {ids:?}\n{}", ctx());
+    "the sys/init answer was lost after peers joined: refused with exit 80, no second init, no store moved (the operator's runbook)".into()
 }
 
 /// The trial's end state: one cluster, escrow verified, keys that make a root token.

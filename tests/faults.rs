@@ -215,7 +215,6 @@ const VALIDATIONS: &[(&str, &str)] = &[
         "[init]\ndead_server_last_contact_threshold = \"30s\"\n",
         "init.dead_server_last_contact_threshold",
     ),
-    ("[init]\ninit_timeout_secs = 30\n", "init.init_timeout_secs"),
     ("[init]\njoin_timeout_secs = 0\n", "init.join_timeout_secs"),
     ("[init]\nescrow_prefix = \"/\"\n", "init.escrow_prefix"),
     ("[init]\naudit_file_path = \"audit.log\"\n", "init.audit_file_path"),

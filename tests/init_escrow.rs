@@ -603,6 +603,7 @@ struct SystemdStub {
     bin: PathBuf,
     calls: PathBuf,
     pidfile: PathBuf,
+    hcl: PathBuf,
 }
 
 impl SystemdStub {
@@ -652,6 +653,7 @@ esac
             bin,
             calls,
             pidfile,
+            hcl: d.join("etc/vault.hcl"),
         }
     }
 
@@ -672,14 +674,26 @@ esac
             .collect()
     }
 
-    /// SIGKILLs the server this stub started, if it still runs (by its recorded PID).
+    /// SIGKILLs the server this stub started, if it still runs (by its recorded PID, and
+    /// only while that PID is still a server of this node's configuration).
     fn kill_server(&self) {
         if let Some(pid) = std::fs::read_to_string(&self.pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
         {
-            signal(pid, 9);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let hcl = self.hcl.as_os_str().as_encoded_bytes();
+            if cmdline.windows(hcl.len()).any(|w| w == hcl) {
+                signal(pid, 9);
+            }
         }
+    }
+}
+
+/// A test that fails leaves no server behind.
+impl Drop for SystemdStub {
+    fn drop(&mut self) {
+        self.kill_server();
     }
 }
 
@@ -775,5 +789,249 @@ async fn unfinished_post_init_is_reported_and_a_standby_initializer_settles() {
     again.stop();
     for a in agents.iter_mut() {
         a.stop();
+    }
+}
+
+/// `sys/init` committed, the two other nodes joined what it made, and the answer never
+/// reached the agent (here a test hook kills the agent 15 s after the answer, before it
+/// seals it anywhere). Nobody holds that cluster's keys, and its members would come back
+/// from their own disks serving it. The initializer's next boot must not move its store
+/// aside and init a second cluster: it stops with exit 80, both while the peers answer and
+/// once they are down (an AZ power event), when only its own raft store says they joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_init_answer_that_peers_joined_is_never_initialized_again() {
+    let tb = Testbed::start(95, 3);
+    for i in 0..3 {
+        tb.write_config(i, &NodeOpts::default());
+    }
+    let hooks = [
+        ("VAULT_BOOTSTRAP_PAUSE_AT", "init-answered:15000"),
+        ("VAULT_BOOTSTRAP_CRASH_AT", "init-answered"),
+    ];
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| tb.spawn_agent_env(i, &["boot"], &hooks))
+        .collect();
+    let w = poll("the lock winner", Duration::from_secs(120), || async {
+        (0..3).find(|&i| agents[i].stderr().contains("won the init lock"))
+    })
+    .await;
+    let peers: Vec<usize> = (0..3).filter(|&i| i != w).collect();
+    for &i in &peers {
+        // A joiner settles on the marker only, which never comes: its server joining is
+        // what counts here.
+        agents[i].wait_log(
+            "this node is unsealed and part of an initialized cluster",
+            Duration::from_secs(60),
+        );
+    }
+    let status = agents[w].wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "the hook killed the initializer");
+    agents[w].kill_servers();
+    assert!(!agents[w].stderr().contains("sys/init succeeded"));
+    assert!(tb.node_dir(w).join("state/init-attempt.json").exists());
+
+    let boot_again = |why: &str| {
+        let mut a = tb.respawn_agent(w, &["boot"], &[]);
+        let code = a.wait_exit(Duration::from_secs(120)).code();
+        a.kill_servers();
+        let log = a.stderr();
+        assert_eq!(code, Some(80), "{why}: exit 80:\n{}", tail(&log, 40));
+        assert!(
+            log.contains("other nodes joined the cluster it made"),
+            "{why}:\n{}",
+            tail(&log, 40)
+        );
+        assert!(
+            !log.contains("calling sys/init"),
+            "{why}: no second init:\n{log}"
+        );
+        assert!(
+            !tree(&tb.node_dir(w))
+                .iter()
+                .any(|f| f.starts_with("data.removed-")),
+            "{why}: the store stays where it is"
+        );
+        assert!(tb.node_dir(w).join("state/init-attempt.json").exists());
+        log
+    };
+    let log = boot_again("peers up");
+    assert!(log.contains("answers sys/health initialized"), "{log}");
+    for &i in &peers {
+        agents[i].power_off();
+    }
+    let log = boot_again("peers down");
+    assert!(
+        log.contains("is in this node's raft configuration"),
+        "{log}"
+    );
+    assert!(!log.contains("answers sys/health initialized"), "{log}");
+}
+
+/// The escrow keeps failing (KMS refuses `Encrypt`) for longer than the launch hook's
+/// heartbeat timeout: the hook is heartbeated while the keys are pending, so the group
+/// never abandons the initializer. Then the initializer is terminated anyway, its volume
+/// gone. Every member's boot then fails loudly (exit 80, `status` says why), and an operator
+/// finishes the escrow from the copy of the init response in S3: the keys make a root token.
+/// Every node runs under the systemd launcher (a stub `systemctl`), whose server outlives
+/// a failed boot as `vault.service` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initializer_gone_before_its_escrow_finished_is_finished_from_s3() {
+    const HOOK_TIMEOUT_SECS: u64 = 15;
+    let mut tb = Testbed::start(96, 3);
+    tb.start_lifecycle(
+        &[Hook {
+            name: "vb-launch",
+            transition: "launching",
+            heartbeat_timeout_secs: HOOK_TIMEOUT_SECS,
+            default_result: "ABANDON",
+        }],
+        &[],
+    );
+    let id0 = tb.instances[0].id.clone();
+    assert_eq!(
+        tb.lifecycle_cmd(&["launch", "--instance", &id0]),
+        "Pending:Wait"
+    );
+    tb.proxy_rules("POST TrentService\\.Encrypt$ status 500 KMSInternalException\n");
+    let base = "[vault]\nlauncher = \"systemd\"\n[init]\nrevoke_root_token = false\n[agent]\naws_timeout_secs = 5\n";
+    let hooked = format!("{base}[lifecycle]\nlaunch_hook = \"vb-launch\"\nheartbeat_secs = 3\nbound_cidrs = [\"127.0.0.0/8\"]\n");
+    for i in 0..3 {
+        let extra = if i == 0 {
+            hooked.clone()
+        } else {
+            base.to_string()
+        };
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: extra,
+                ..Default::default()
+            },
+        );
+    }
+    let stubs: Vec<SystemdStub> = (0..3).map(|i| SystemdStub::new(&tb, i)).collect();
+    let paths: Vec<String> = stubs.iter().map(SystemdStub::path).collect();
+    let boot = |i: usize| tb.respawn_agent(i, &["boot"], &[("PATH", &paths[i])]);
+
+    // The initializer: init succeeds, the copy reaches S3, the escrow fails.
+    let mut a0 = boot(0);
+    a0.wait_log("is copied to S3", Duration::from_secs(120));
+    let copy = tb
+        .get_object(&format!(
+            "vault-bootstrap/test-vault/pending-init/{id0}.json"
+        ))
+        .await;
+    assert!(String::from_utf8_lossy(&copy).contains("encrypted_data_key"));
+    for i in 1..3 {
+        let mut a = boot(i);
+        assert!(
+            a.wait_exit(Duration::from_secs(180)).success(),
+            "{}",
+            a.stderr()
+        );
+    }
+    // Past twice the hook's timeout, restarting the initializer's boot as systemd would.
+    let since = std::time::Instant::now();
+    let mut failures = 0;
+    while since.elapsed() < Duration::from_secs(2 * HOOK_TIMEOUT_SECS + 10) {
+        if let Some(s) = a0.exited() {
+            assert_eq!(s.code(), Some(80), "{}", tail(&a0.stderr(), 30));
+            failures += 1;
+            std::thread::sleep(Duration::from_secs(1));
+            a0 = boot(0);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let state = tb.lifecycle_cmd(&["state", "--instance", &id0]);
+    assert_eq!(
+        state, "Pending:Wait",
+        "the group kept the initializer while its keys were pending"
+    );
+    let beats = tb
+        .lifecycle_events(&id0)
+        .iter()
+        .filter(|e| e["action"] == "heartbeat")
+        .count();
+    assert!(beats >= 5, "{beats} heartbeats");
+    println!("escrow failing: {failures} failed boots, {beats} heartbeats, the hook still waits after {:?}", since.elapsed());
+
+    // Terminated with its volume: no pending file survives anywhere but in S3.
+    a0.power_off();
+    stubs[0].kill_server();
+    tb.terminate_instance(&id0);
+    std::fs::remove_dir_all(tb.node_dir(0).join("state")).unwrap();
+    std::fs::remove_dir_all(tb.node_dir(0).join("data")).unwrap();
+
+    // A member's boot now fails loudly, and says what to do.
+    let member = poll("an active member", Duration::from_secs(60), || async {
+        for i in 1..3 {
+            if let Some((200, _)) = tb.api(i).health().await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let other = 3 - member;
+    let mut a = boot(other);
+    let code = a.wait_exit(Duration::from_secs(120)).code();
+    let log = a.stderr();
+    assert_eq!(code, Some(80), "{}", tail(&log, 30));
+    assert!(
+        log.contains("is terminated or gone") && log.contains("escrow finish"),
+        "{log}"
+    );
+    assert!(
+        tb.api(other).health().await.is_some(),
+        "its server keeps serving"
+    );
+    let (code, out, err) = tb.run_agent_env(
+        other,
+        &["status"],
+        &[("PATH", &paths[other])],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("never finished the escrow") && out.contains("escrow finish"),
+        "{out}"
+    );
+
+    // The operator finishes it, on the active member; its keys make a root token.
+    tb.proxy_rules("");
+    let (code, out, err) = tb.run_agent_env(
+        member,
+        &["escrow", "finish"],
+        &[("PATH", &paths[member])],
+        Duration::from_secs(180),
+    );
+    assert_eq!(code, 0, "escrow finish: {out}\n{err}");
+    assert!(
+        out.contains(&format!("escrow of {id0}'s init finished")),
+        "{out}"
+    );
+    assert!(out.contains("post-init: done"), "{out}");
+    let (code, out) = tb.escrow_verify(member);
+    assert_eq!(code, 0, "{out}");
+    let (code, token, err) = tb.run_agent(
+        member,
+        &["break-glass", "--from-escrow", "--yes"],
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, 0, "break-glass: {err}");
+    let servers = raft_servers(&tb, member, token.trim()).await;
+    assert!(
+        servers.is_some_and(|s| !s.is_empty()),
+        "the new root token reads the raft configuration"
+    );
+    // And the member that failed boots again, ready.
+    let mut a = boot(other);
+    assert!(
+        a.wait_exit(Duration::from_secs(120)).success(),
+        "{}",
+        tail(&a.stderr(), 30)
+    );
+    for s in &stubs {
+        s.kill_server();
     }
 }

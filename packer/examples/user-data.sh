@@ -79,7 +79,6 @@ revoke_root_token = true
 audit_file_path = "/var/log/vault/audit.log"
 expected_size = 3
 dead_server_last_contact_threshold = "10m"
-init_timeout_secs = 120
 join_timeout_secs = 600
 
 [snapshot]

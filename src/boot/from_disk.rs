@@ -39,6 +39,12 @@ pub async fn run(
     let node = instance
         .known_as(&record.cluster)
         .with_peers(record.peers());
+    crate::lifecycle::launch::keep_alive_while_keys_pending(
+        cfg,
+        &node.tag_value,
+        &node.facts.instance_id,
+        &node.sdk,
+    );
     let hcl = render_config(cfg, &node, flavor);
     let lock = node_lock::acquire(&cfg.agent.state_dir, "boot", node_lock::DEFAULT_WAIT).await?;
     let changed = write_config(cfg, &hcl, owner)?;
@@ -97,14 +103,16 @@ pub async fn run(
                     );
                     Ok(Some(joined))
                 }
-                Err(e @ Error::ForeignCluster { .. }) => Err(e),
+                // Another cluster's data, or keys nobody will escrow: loud, not a warning
+                // (under systemd the server keeps serving; the boot unit retries).
+                Err(e @ (Error::ForeignCluster { .. } | Error::Escrow { .. })) => Err(e),
                 Err(e) => {
                     tracing::warn!("serving from the last known good files; refreshing peers, TLS and the escrow records failed ({e}): the refresh-tls timer and the next boot retry it");
                     tracing::info!(
                         from_disk = true,
                         marker_checked = false,
                         elapsed_ms = started.elapsed().as_millis() as u64,
-                        "node ready: unsealed cluster member, started from its last known good files; its cluster id matches the membership record, not checked against the escrow marker (S3 not reached)"
+                        "node ready: unsealed cluster member, started from its last known good files; its cluster id matches the membership record, not checked against the escrow marker (the refresh failed)"
                     );
                     Ok(Some(Joined {
                         vanished: Vec::new(),

@@ -46,6 +46,9 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     // Preflight: what the operator can fix locally fails before any network call or write.
     launcher::check_binary(&cfg.vault.binary)?;
     let owner = vault_owner(cfg)?;
+    if cfg.init.init_timeout_secs.is_some() {
+        tracing::warn!("init.init_timeout_secs is no longer used and can be removed from config.toml: sys/init has no client timeout (a timed-out call would lose the keys the server goes on to commit)");
+    }
 
     let instance = node::instance(cfg).await?;
     // Static stability: a member comes back from what is on its disk, not from the control
@@ -54,6 +57,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         return from_disk::run(cfg, instance, record, owner, started).await;
     }
     let node = node::identify_instance(cfg, instance).await?;
+    lifecycle::launch::keep_alive_while_keys_pending(
+        cfg,
+        &node.tag_value,
+        &node.facts.instance_id,
+        &node.sdk,
+    );
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "phase done: imds+discovery"
@@ -72,7 +81,18 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         // Before the server starts on it: a store from this node's own interrupted init,
         // which nobody holds keys for, is moved aside here.
         let layout = crate::escrow::Layout::new(cfg, &node.tag_value);
-        init::attempt::recover(cfg, &SdkS3::new(&node.sdk), &layout).await?;
+        let peers = node
+            .peers
+            .iter()
+            .filter(|p| !p.is_self)
+            .map(|p| {
+                Ok(init::attempt::Peer {
+                    instance_id: p.instance_id.clone(),
+                    api: api_clients::peer(cfg, &material.ca_pem, p.ip)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        init::attempt::recover(cfg, &SdkS3::new(&node.sdk), &layout, &peers).await?;
     }
     let (tls_changed, config_changed) = write_files(cfg, &material, &hcl, owner)?;
     tracing::info!(

@@ -82,6 +82,14 @@ pub enum Command {
 pub enum EscrowCommand {
     /// Check that every share and the marker are present and decrypt (prints counts only).
     Verify,
+    /// Finish an escrow whose initializer is gone, from the copy of its init response in
+    /// S3, then post-init when this node is the active one (operator role; run it on the
+    /// active node).
+    Finish {
+        /// The initializer's instance id (default: the init lock's holder).
+        #[arg(long, value_name = "INSTANCE_ID")]
+        instance: Option<String>,
+    },
     /// Print one recovery share (counting from 1) for its key holder.
     Reveal {
         #[arg(long, value_name = "N")]
@@ -142,6 +150,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::RefreshTls => refresh_tls::run(&cfg).await,
         Command::BreakGlass { from_escrow, yes } => break_glass::run(&cfg, from_escrow, yes).await,
         Command::Escrow(EscrowCommand::Verify) => escrow::verify(&cfg).await,
+        Command::Escrow(EscrowCommand::Finish { instance }) => escrow::finish(&cfg, instance).await,
         Command::Escrow(EscrowCommand::Reveal { share, yes }) => {
             escrow::reveal(&cfg, share, yes).await
         }

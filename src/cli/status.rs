@@ -2,6 +2,7 @@
 //! its cluster: instance facts, peers seen, local health, raft role and voters (with
 //! `VAULT_TOKEN`), escrow state. Reads only; prints no secret.
 
+use crate::aws::ec2::Ec2Api;
 use crate::aws::s3::SdkS3;
 use crate::config::Config;
 use crate::error::{exit, Error, Result};
@@ -84,11 +85,38 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         }
     };
     let pending = init::has_pending(&cfg.agent.state_dir);
+    // Without a marker, who holds the init lock and what EC2 says of it: a holder that is
+    // gone never finishes the escrow.
+    let holder = match &marker {
+        Some(_) => None,
+        None => init::lock::holder(&s3, &layout, deadline)
+            .await
+            .ok()
+            .flatten(),
+    };
+    let holder_state = match &holder {
+        Some(h) => Some(
+            crate::aws::ec2::SdkEc2::new(&n.sdk)
+                .instance_state(&h.instance_id)
+                .await
+                .map(|s| s.unwrap_or_else(|| "not listed".into()))
+                .unwrap_or_else(|e| format!("unknown: {e}")),
+        ),
+        None => None,
+    };
+    let holder_gone = matches!(holder_state.as_deref(), Some("terminated" | "not listed"));
     // An initialized cluster with no marker and no pending file here: on the lock holder,
-    // keys that were never escrowed (boot exits 80 then); elsewhere, maybe still in flight.
+    // keys that were never escrowed (boot exits 80 then); elsewhere, maybe still in flight,
+    // unless the holder is gone.
     let keys = match (&marker, initialized, pending) {
         (Some(_), _, _) => json!("escrowed"),
         (None, _, true) => json!("in the local pending file: boot resumes the escrow"),
+        (None, Some(_), false) if holder_gone => json!(format!(
+            "NOT ESCROWED: the initializer {} is {} and never finished the escrow; finish it from {} with `vault-bootstrap escrow finish` (operator role, on the active node)",
+            holder.as_ref().map(|h| h.instance_id.as_str()).unwrap_or("?"),
+            holder_state.as_deref().unwrap_or("?"),
+            holder.as_ref().map(|h| layout.url(&escrow::pending::copy_key(&layout, &h.instance_id))).unwrap_or_default()
+        )),
         (None, Some(_), false) => json!("NOT ESCROWED: the cluster is initialized and no marker exists (see the lock holder's boot log; exit 80 there means the keys are lost)"),
         (None, None, false) => json!("none yet"),
     };
@@ -110,6 +138,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             "local_pending_init": pending,
             "local_init_attempt": init::attempt::path(&cfg.agent.state_dir).exists(),
             "keys": keys,
+            "init_lock_holder": holder.as_ref().map(|h| json!({"instance_id": h.instance_id, "ec2_state": holder_state})),
             "marker_cluster_id": marker.as_ref().and_then(|m| m.cluster_id.clone()),
         },
         "post_init": post_init,

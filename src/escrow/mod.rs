@@ -9,6 +9,7 @@
 //! `init-lock/<generation>.json` (see `init::lock`).
 //! An operator can decrypt an item with plain `aws kms decrypt` and the context below.
 
+pub mod finish;
 pub mod pending;
 
 use crate::aws::kms::{Context, Kms};

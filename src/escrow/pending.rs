@@ -202,20 +202,31 @@ pub async fn read<K: Kms>(
             })
         }
     };
+    open(kms, layout, &text, &p.display().to_string())
+        .await
+        .map(Some)
+}
+
+/// Decrypts a pending file's bytes (from this node's disk, or its copy in S3 with the
+/// operator role); `source` names where they came from in errors.
+pub async fn open<K: Kms>(
+    kms: &K,
+    layout: &Layout,
+    text: &[u8],
+    source: &str,
+) -> Result<(PendingInfo, InitSecrets)> {
     let bad = |what: &str| {
         Error::Escrow {
         message: format!(
-            "{} is damaged ({what}); keep it and decrypt it by hand (docs/internals.md \"Init and escrow\")",
-            p.display()
+            "{source} is damaged ({what}); keep it and decrypt it by hand (docs/internals.md \"Init and escrow\")"
         ),
     }
     };
-    let f: PendingFile = serde_json::from_slice(&text).map_err(|_| bad("not JSON"))?;
+    let f: PendingFile = serde_json::from_slice(text).map_err(|_| bad("not JSON"))?;
     if f.cluster != layout.cluster {
         return Err(Error::Escrow {
             message: format!(
-                "{} belongs to cluster {:?}, this node is in {:?}; move it aside after escrowing it by hand",
-                p.display(),
+                "{source} belongs to cluster {:?}, this node is in {:?}; move it aside after escrowing it by hand",
                 f.cluster,
                 layout.cluster
             ),
@@ -224,8 +235,7 @@ pub async fn read<K: Kms>(
     if f.version != VERSION {
         return Err(Error::Escrow {
             message: format!(
-                "{} is format version {} and this agent reads {VERSION}: its data key is not bound to this instance, so the node role cannot decrypt it. Keep it: with the operator role, escrow its items and finish post-init by hand, then move it out of the state directory for boot to go on (docs/internals.md \"Init and escrow\")",
-                p.display(),
+                "{source} is format version {} and this agent reads {VERSION}: its data key is not bound to this instance, so the node role cannot decrypt it. Keep it: with the operator role, escrow its items and finish post-init by hand, then move it out of the state directory for boot to go on (docs/internals.md \"Init and escrow\")",
                 f.version
             ),
         });
@@ -272,14 +282,59 @@ pub async fn read<K: Kms>(
                 .collect::<Result<super::Sealed>>()?,
         )
     };
-    Ok(Some((
+    Ok((
         PendingInfo {
             cluster: f.cluster.clone(),
             instance_id: f.instance_id.clone(),
             sealed,
         },
         secrets,
-    )))
+    ))
+}
+
+/// Where the copy of a node's pending file goes: `<escrow prefix>pending-init/<instance>.json`.
+pub fn copy_key(layout: &Layout, instance_id: &str) -> String {
+    format!("{}pending-init/{instance_id}.json", layout.prefix)
+}
+
+/// Puts a copy of this node's pending file in S3, write-once and SSE-KMS under the escrow
+/// key, as the file is when first written (the KMS-encrypted data key and the AES-GCM
+/// ciphertext; no escrow item yet). The instance's volume may go with the instance (the
+/// group abandons it, an operator terminates it); the copy then lets an operator finish
+/// the escrow (`vault-bootstrap escrow finish`): only this instance and the operator role
+/// can decrypt its data key (class `pending`, bound to this instance's ARN). A copy that
+/// exists already (a resumed run) is left as it is.
+pub async fn upload_copy<S: crate::aws::s3::ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    state_dir: &Path,
+    instance_id: &str,
+    deadline: std::time::Duration,
+) -> Result<String> {
+    let p = path(state_dir);
+    let text = std::fs::read(&p).map_err(|e| Error::Escrow {
+        message: format!("cannot read {}: {e}", p.display()),
+    })?;
+    let mut file: PendingFile = serde_json::from_slice(&text).map_err(|e| Error::Escrow {
+        message: format!("{} is damaged ({e})", p.display()),
+    })?;
+    // The copy is the response alone: item ciphertexts, once recorded, are in S3 as items.
+    file.items.clear();
+    let body = serde_json::to_vec_pretty(&file).map_err(|e| Error::Internal(e.to_string()))?;
+    let key = copy_key(layout, instance_id);
+    if super::fault_point("pending-copy") {
+        return Err(Error::Escrow {
+            message: format!(
+                "{}: injected failure (VAULT_BOOTSTRAP_FAIL_AT)",
+                layout.url(&key)
+            ),
+        });
+    }
+    crate::retry::retry("copy the pending init file to S3", deadline, || {
+        s3.put_if_absent(&layout.bucket, &key, body.clone(), Some(&layout.kms_key_id))
+    })
+    .await?;
+    Ok(layout.url(&key))
 }
 
 /// Removes the pending file (only once post-init is done) and makes the removal durable.

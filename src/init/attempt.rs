@@ -12,6 +12,13 @@
 //! moves it aside (never deletes it) and the node, still the lock holder, inits again.
 //! If any escrow item exists, some key did reach S3: then nothing is moved and the error
 //! stays loud (exit 80) until an operator decides.
+//!
+//! Nor is anything moved when another node joined that store's cluster (a lost answer, not
+//! a crash: `sys/init` committed and peers joined within seconds): such a peer answers
+//! `sys/health` initialized, or the store's raft log names it ([`crate::raft_store::names_servers`]).
+//! Its members come back from their own disks serving that cluster, so a second init here
+//! would make two. The boot stops with exit 80 and the operator starts the cluster over
+//! (docs/operations.md).
 
 use crate::aws::s3::ObjectStore;
 use crate::config::Config;
@@ -19,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::escrow::{self, pending, Layout};
 use crate::fsutil;
 use crate::retry;
+use crate::vault_api::{Health, VaultClient};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -122,9 +130,44 @@ pub async fn assess<S: ObjectStore>(
     }
 }
 
+/// Another node of the cluster, as discovery saw it.
+pub struct Peer {
+    pub instance_id: String,
+    pub api: VaultClient,
+}
+
+/// What says that another node joined the cluster this store holds (empty: nothing does).
+pub async fn joined_by(data_dir: &Path, peers: &[Peer]) -> Result<Vec<String>> {
+    let mut evidence = Vec::new();
+    for p in peers {
+        if let Ok(h) = p.api.health().await {
+            if h.is_known() && h != Health::Uninitialized {
+                evidence.push(format!(
+                    "{} answers sys/health initialized ({h})",
+                    p.instance_id
+                ));
+            }
+        }
+    }
+    let ids: Vec<String> = peers.iter().map(|p| p.instance_id.clone()).collect();
+    let named = crate::raft_store::names_servers(data_dir, &ids)
+        .map_err(|e| Error::write(data_dir, format!("read the raft store: {e}")))?;
+    evidence.extend(
+        named
+            .into_iter()
+            .map(|id| format!("{id} is in this node's raft configuration")),
+    );
+    Ok(evidence)
+}
+
 /// Acts on [`assess`]: before the boot writes files or starts the server, so that a store
 /// nobody holds keys for is moved aside while the server is stopped.
-pub async fn recover<S: ObjectStore>(cfg: &Config, s3: &S, layout: &Layout) -> Result<()> {
+pub async fn recover<S: ObjectStore>(
+    cfg: &Config,
+    s3: &S,
+    layout: &Layout,
+    peers: &[Peer],
+) -> Result<()> {
     let state_dir = &cfg.agent.state_dir;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     match assess(s3, layout, state_dir, aws).await? {
@@ -144,6 +187,16 @@ pub async fn recover<S: ObjectStore>(cfg: &Config, s3: &S, layout: &Layout) -> R
             ),
         }),
         Left::Stranded(a) => {
+            let joined = joined_by(&cfg.vault.data_dir, peers).await?;
+            if !joined.is_empty() {
+                return Err(Error::Escrow {
+                    message: format!(
+                        "this node began a sys/init (record {}) whose answer was lost, and other nodes joined the cluster it made: {}. Nobody holds that cluster's recovery keys or root token, and its members come back from their own disks serving it, so this node neither moves its store aside nor initializes again (that would make a second cluster). Start the cluster over by hand: docs/operations.md \"A lost init answer that peers joined\"",
+                        path(state_dir).display(),
+                        joined.join("; ")
+                    ),
+                });
+            }
             crate::launcher::stop_server(&cfg.vault, state_dir).await?;
             let moved = if crate::raft_store::present(&cfg.vault.data_dir)
                 || cfg.vault.data_dir.exists()

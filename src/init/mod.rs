@@ -391,9 +391,11 @@ async fn winner<S: ObjectStore, K: Kms, E: Ec2Api>(
             cfg.init.recovery_shares,
             cfg.init.recovery_threshold,
             &pgp_keys,
-            Duration::from_secs(cfg.init.init_timeout_secs),
         )
         .await?;
+    // Test hooks: an answer lost after peers had time to join what it made.
+    escrow::pause_point("init-answered").await;
+    crash_point("init-answered");
     tracing::info!(
         recovery_shares = secrets.shares.len(),
         recovery_threshold = secrets.threshold,
@@ -503,6 +505,15 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
             message: format!("recovery keys not escrowed ({e}); {where_}"),
         }
     };
+    // Before anything else can fail: the instance's volume may not outlive it, and an
+    // operator can finish the escrow from this copy.
+    if has_pending(state_dir) {
+        let url = pending::upload_copy(d.s3, layout, state_dir, me.instance_id, aws)
+            .await
+            .map_err(not_escrowed)?;
+        tracing::info!(copy = %url, "the encrypted init response is copied to S3 (write-once; this instance and the operator role can decrypt it)");
+    }
+    crash_point("pending-copied");
     // The marker records the cluster this init made; the node that made it is unsealed by
     // now (it just initialized, or its pending file says it did).
     let cluster_id =
@@ -600,7 +611,7 @@ const POST_INIT_GRACE_SECS: u64 = 600;
 /// An initialized cluster with no escrow marker. On the lock holder with no pending file,
 /// its keys are lost: that is an escrow failure (exit 80) on every boot, never "ready".
 /// Elsewhere the holder may still be escrowing: say so and go on.
-async fn unescrowed<S: ObjectStore, K, E>(
+async fn unescrowed<S: ObjectStore, K, E: Ec2Api>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
@@ -619,6 +630,20 @@ async fn unescrowed<S: ObjectStore, K, E>(
                 cfg.vault.data_dir.display()
             ),
         });
+    }
+    if let Some(h) = holder.as_ref().filter(|h| h.instance_id != me.instance_id) {
+        // Only the holder writes the marker. Gone, it never will: its volume, and on it the
+        // pending file, went with it. The copy it put in S3 lets an operator finish.
+        if holder_gone(d.ec2, h, aws, SECOND_LOOK).await? {
+            return Err(Error::Escrow {
+                message: format!(
+                    "NOT ESCROWED: this cluster is initialized, no escrow marker exists ({}), and the node that initialized it, {}, is terminated or gone: it will never finish the escrow. An operator finishes it from the copy of its init response ({}): run `vault-bootstrap escrow finish` with the operator role on the active node (docs/operations.md \"An initialiser gone before its escrow finished\")",
+                    layout.url(&layout.marker()),
+                    h.instance_id,
+                    layout.url(&pending::copy_key(layout, &h.instance_id))
+                ),
+            });
+        }
     }
     tracing::info!(holder = ?holder.map(|h| h.instance_id), "the cluster is initialized; its escrow marker is not written yet");
     Ok(false)
@@ -757,6 +782,29 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
     };
     mark_post_init_done(d.s3, layout, &record).await?;
     Ok(true)
+}
+
+/// Post-init by an operator who holds the root token (an escrow finished by hand, its
+/// initializer gone): the same steps, on this node when it is the active one; false, with
+/// a warning, on a standby.
+pub async fn post_init_by_operator<S: ObjectStore, K: Kms, E>(
+    cfg: &Config,
+    me: &Me<'_>,
+    d: &Deps<'_, S, K, E>,
+    layout: &Layout,
+    root: &Secret,
+) -> Result<bool> {
+    if post_init_record(
+        d.s3,
+        layout,
+        Duration::from_secs(cfg.agent.aws_timeout_secs),
+    )
+    .await?
+    .is_some()
+    {
+        return Ok(true);
+    }
+    post_init(cfg, me, d, layout, root, false).await
 }
 
 /// What post-init left behind (no secret): read on every boot to keep warning while the

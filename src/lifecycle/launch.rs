@@ -205,6 +205,74 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<()> {
 const LEAVE_ON_ABANDON: Duration = Duration::from_secs(60);
 
 /// Whether this instance's launch hook ended in an earlier boot ([`DONE_FILE`] naming it).
+/// Whether this node's init keys are on its disk alone: a `sys/init` call in flight (its
+/// attempt record) or its sealed response (the pending file).
+fn keys_pending(state_dir: &std::path::Path) -> bool {
+    crate::init::attempt::path(state_dir).exists()
+        || crate::escrow::pending::path(state_dir).exists()
+}
+
+/// Heartbeats the launch hook every `every` for as long as [`keys_pending`], from the start
+/// of the boot: the hook's timeout would otherwise end it while an escrow keeps failing (an
+/// S3 or KMS outage, `kms:Encrypt` denied), and a default result of ABANDON terminates the
+/// instance, and its volume with the pending file. Returns once the group holds no action
+/// for this instance (completed, or over).
+pub async fn beat_while_keys_pending<L: Lifecycle>(
+    lc: &L,
+    action: Action<'_>,
+    state_dir: &std::path::Path,
+    every: Duration,
+) {
+    let mut said = false;
+    loop {
+        if keys_pending(state_dir) {
+            match lc.heartbeat(action).await {
+                Ok(Completed::Done) if !said => {
+                    tracing::info!(%action, "launch hook heartbeated while this node's init keys are not escrowed yet");
+                    said = true;
+                }
+                Ok(Completed::Done) => {}
+                Ok(Completed::NoAction) => return,
+                Err(e) => {
+                    tracing::warn!(%action, "heartbeat while the init keys are pending failed ({e}); retrying")
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Starts [`beat_while_keys_pending`] in the background for this boot, when a launch hook
+/// is configured and not completed earlier.
+pub fn keep_alive_while_keys_pending(
+    cfg: &crate::config::Config,
+    tag_value: &str,
+    instance_id: &str,
+    sdk: &aws_config::SdkConfig,
+) {
+    let state_dir = cfg.agent.state_dir.clone();
+    let (Some(hook), Some(group)) = (
+        cfg.lifecycle.launch_hook.clone(),
+        super::group(cfg, tag_value).map(str::to_owned),
+    ) else {
+        return;
+    };
+    if completed_for(&state_dir, instance_id) {
+        return;
+    }
+    let every = Duration::from_secs(cfg.lifecycle.heartbeat_secs);
+    let instance_id = instance_id.to_owned();
+    let lc = SdkAutoscaling::new(sdk);
+    tokio::spawn(async move {
+        let action = Action {
+            group: &group,
+            hook: &hook,
+            instance_id: &instance_id,
+        };
+        beat_while_keys_pending(&lc, action, &state_dir, every).await;
+    });
+}
+
 fn completed_earlier(ctx: &Ctx<'_>) -> bool {
     completed_for(&ctx.cfg.agent.state_dir, ctx.me())
 }
@@ -292,6 +360,41 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[tokio::test]
+    async fn the_hook_is_heartbeated_while_init_keys_are_pending_and_only_then() {
+        let d = tempfile::tempdir().unwrap();
+        let lc = FakeLc::default();
+        async fn beat(lc: &FakeLc, dir: &std::path::Path) {
+            let _ = tokio::time::timeout(ms(60), beat_while_keys_pending(lc, A, dir, ms(10))).await;
+        }
+        beat(&lc, d.path()).await;
+        assert_eq!(
+            lc.beats.load(Ordering::SeqCst),
+            0,
+            "no keys on disk: no beat"
+        );
+        std::fs::write(crate::init::attempt::path(d.path()), "{}").unwrap();
+        beat(&lc, d.path()).await;
+        assert!(lc.beats.load(Ordering::SeqCst) >= 3, "an init in flight");
+        std::fs::remove_file(crate::init::attempt::path(d.path())).unwrap();
+        std::fs::write(crate::escrow::pending::path(d.path()), "{}").unwrap();
+        let before = lc.beats.load(Ordering::SeqCst);
+        beat(&lc, d.path()).await;
+        assert!(
+            lc.beats.load(Ordering::SeqCst) >= before + 3,
+            "a pending file"
+        );
+        // The hook is over: the beating ends by itself.
+        let over = FakeLc {
+            gone: true,
+            ..Default::default()
+        };
+        tokio::time::timeout(ms(500), beat_while_keys_pending(&over, A, d.path(), ms(10)))
+            .await
+            .expect("returns once the group holds no action");
+        assert_eq!(over.beats.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -99,7 +99,13 @@ const CASES = [
   ['operator decrypts a recovery item of its cluster', OPERATOR, 'kms:Decrypt', ESCROW_KEY, ec('recovery'), ALLOWED],
   ['operator cannot decrypt a recovery item of another cluster', OPERATOR, 'kms:Decrypt', ESCROW_KEY,
     { ...ec('recovery'), 'kms:EncryptionContext:vault-bootstrap:cluster': 'other-vault' }, DENIED],
-  ['operator cannot encrypt (it never writes the escrow)', OPERATOR, 'kms:Encrypt', ESCROW_KEY, ec('recovery'), DENIED],
+  ['operator decrypts a pending init copy of any instance of its cluster', OPERATOR, 'kms:Decrypt', ESCROW_KEY,
+    ec('pending', { 'kms:EncryptionContext:vault-bootstrap:instance': instanceArn(OTHER) }), ALLOWED],
+  // Finishing an escrow whose initializer is gone (`escrow finish`) encrypts its items.
+  ['operator encrypts an escrow item for its cluster', OPERATOR, 'kms:Encrypt', ESCROW_KEY, ec('recovery'), ALLOWED],
+  ['operator cannot encrypt for another cluster', OPERATOR, 'kms:Encrypt', ESCROW_KEY,
+    { ...ec('recovery'), 'kms:EncryptionContext:vault-bootstrap:cluster': 'other-vault' }, DENIED],
+  ['operator cannot encrypt without an encryption context', OPERATOR, 'kms:Encrypt', ESCROW_KEY, {}, DENIED],
 
   // --- S3, escrow objects: write-once, TLS, SSE-KMS under the escrow key.
   ['node writes an escrow item once, under the escrow key', NODE, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`, goodPut, ALLOWED],
@@ -125,7 +131,18 @@ const CASES = [
   ['node cannot delete an escrow item', NODE, 's3:DeleteObject', `${ESCROW}/recovery-key-1.enc`, {}, DENIED],
   ['node cannot delete an escrow item version', NODE, 's3:DeleteObjectVersion', `${ESCROW}/recovery-key-1.enc`, {}, DENIED],
   ['operator cannot delete an escrow item', OPERATOR, 's3:DeleteObject', `${ESCROW}/recovery-key-1.enc`, {}, DENIED],
-  ['operator cannot write the escrow', OPERATOR, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`, goodPut, DENIED],
+  ['operator writes a missing escrow item once, under the escrow key', OPERATOR, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`, goodPut, ALLOWED],
+  ['operator cannot overwrite an escrow item (no If-None-Match)', OPERATOR, 's3:PutObject', `${ESCROW}/recovery-key-1.enc`,
+    withoutKey('s3:if-none-match'), EXPLICIT],
+  ['operator cannot write the escrow of another cluster', OPERATOR, 's3:PutObject',
+    `arn:aws:s3:::${BUCKET}/vault-bootstrap/other-vault/recovery-key-1.enc`, goodPut, DENIED],
+  // The initializer's copy of its init response: written once by it, read by the operator
+  // alone, so node credentials taken off an instance cannot fetch it.
+  ['node writes its pending init copy once, under the escrow key', NODE, 's3:PutObject', `${ESCROW}/pending-init/${ME}.json`, goodPut, ALLOWED],
+  ['node cannot overwrite a pending init copy', NODE, 's3:PutObject', `${ESCROW}/pending-init/${ME}.json`,
+    withoutKey('s3:if-none-match'), EXPLICIT],
+  ['node cannot read a pending init copy, even its own', NODE, 's3:GetObject', `${ESCROW}/pending-init/${ME}.json`, {}, EXPLICIT],
+  ['operator reads a pending init copy', OPERATOR, 's3:GetObject', `${ESCROW}/pending-init/${OTHER}.json`, {}, ALLOWED],
   ['operator reads an escrow item', OPERATOR, 's3:GetObject', `${ESCROW}/recovery-key-1.enc`, {}, ALLOWED],
 
   // --- S3, snapshots: a node writes and prunes them; only the operator reads them back
