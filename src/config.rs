@@ -69,7 +69,7 @@ pub struct LifecycleConfig {
     /// How often `watch` reaps raft peers whose instances EC2 reports terminated or absent.
     pub watch_interval_secs: u64,
     /// Whether `watch` (and `boot`) reap such peers at all; autopilot's
-    /// `dead_server_last_contact_threshold` stays the backstop either way.
+    /// `cleanup_dead_servers`, when turned on, is a backstop either way.
     pub reap: bool,
     /// CIDR blocks the lifecycle AppRole may log in from and use tokens from. Default:
     /// `snapshot.bound_cidrs`, else the addresses known at init. A rolling upgrade brings
@@ -362,7 +362,14 @@ pub struct InitConfig {
     pub audit_file_path: PathBuf,
     /// Voters the cluster should have; autopilot's `min_quorum`.
     pub expected_size: u8,
-    /// Autopilot removes a server silent this long (`1m` or more).
+    /// Whether autopilot removes voters it has not heard from for
+    /// `dead_server_last_contact_threshold`, whatever their instance's state. Off by
+    /// default: a voter that is only partitioned or stopped would be removed while it lives
+    /// and, back, serve from a store the cluster no longer counts. The agent removes only
+    /// peers whose instances EC2 reports terminated or absent (a leave, a reaping).
+    pub cleanup_dead_servers: bool,
+    /// With `cleanup_dead_servers`, autopilot removes a server silent this long (`1m` or
+    /// more).
     pub dead_server_last_contact_threshold: String,
     /// No longer used: `sys/init` has no client timeout, since a timed-out call loses the
     /// only copy of the keys while the server goes on to commit them. Still accepted so
@@ -385,6 +392,7 @@ impl Default for InitConfig {
             revoke_root_token: true,
             audit_file_path: "/var/log/vault/audit.log".into(),
             expected_size: 3,
+            cleanup_dead_servers: false,
             dead_server_last_contact_threshold: "10m".into(),
             init_timeout_secs: None,
             join_timeout_secs: 300,

@@ -231,7 +231,8 @@ async fn without_an_operator_login_path_root_is_kept_and_the_log_says_why() {
         code, 200,
         "root must still work: no operator login path exists"
     );
-    assert_eq!(body["data"]["cleanup_dead_servers"], true, "{body}");
+    // Off by default: only peers whose instances are gone are removed, by the agent.
+    assert_eq!(body["data"]["cleanup_dead_servers"], false, "{body}");
     assert_eq!(body["data"]["min_quorum"], 3, "{body}");
     let winner = agents
         .iter()

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_then_replaced_by_a_new_instance() {
-    let extra = "[init]\nrevoke_root_token = false\ndead_server_last_contact_threshold = \"1m\"\n";
+    // Autopilot's dead-server cleanup, at its minimum threshold, removes the dead voter.
+    let extra = "[init]\nrevoke_root_token = false\ncleanup_dead_servers = true\ndead_server_last_contact_threshold = \"1m\"\n";
     let (mut tb, mut agents) = form(38, 3, extra);
     let root = tb.escrowed("test-vault", "root-token").await;
     // A healthy cluster first: joiners are promoted to voters by autopilot (~20 s).

@@ -1,10 +1,11 @@
 //! `refresh-tls`: a rotated certificate is served after a reload, by the same server
 //! process (no restart); a bad new certificate is refused and the old one keeps serving; a
-//! rotated CA goes through every node in turn, each restarted, the cluster keeping quorum.
+//! rotated CA goes through every node in turn, each restarted, the cluster keeping quorum;
+//! three nodes whose timers fire together restart one at a time.
 
 mod common;
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The serial of the certificate the server presents on a TLS handshake.
 async fn served_serial(tb: &Testbed) -> String {
@@ -192,11 +193,12 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
                 ..Default::default()
             },
         );
+        // The node before holds the restart ticket for 30 s: a later one waits that long.
         let (code, _, log) = tb.run_agent_env(
             i,
             &["refresh-tls"],
             &[("PATH", path.as_str())],
-            Duration::from_secs(60),
+            Duration::from_secs(180),
         );
         assert_eq!(code, 0, "node {i}'s refresh-tls:\n{log}");
         assert!(log.contains("new CA installed; server restarted"), "{log}");
@@ -249,4 +251,129 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("unchanged"), "{log}");
     drop(restarted);
+}
+
+/// A stub `systemctl` for node `i` that records each call with its time (seconds since the
+/// epoch) and does nothing: the test plays the restart.
+fn recording_systemctl(tb: &Testbed, i: usize) -> (String, std::path::PathBuf) {
+    let bin = tb.node_dir(i).join("stub-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = tb.node_dir(i).join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!(
+            "#!/bin/sh\necho \"$(date +%s.%N) $*\" >> {}\nexit 0\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (path, calls)
+}
+
+/// After a fleet reboot every node's refresh-tls timer fires at once (`Persistent=true`).
+/// With a new CA in the bucket, three `refresh-tls` start together: they restart their
+/// servers one at a time, each once the raft configuration and autopilot say the others
+/// are healthy, so at every sample (0.25 s) at least two of the three nodes serve. (Before,
+/// each counted its EC2 peers healthy at the same instant and all three restarted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_restarts_of_nodes_whose_timers_fire_together_go_one_at_a_time() {
+    let extra = "[init]\nrevoke_root_token = false\n";
+    let (tb, mut agents) = form(98, 3, extra);
+    let root = tb.escrowed("test-vault", "root-token").await;
+    wait_voters(&tb, 0, &root, 3).await;
+    tb.tls_variant("new-ca");
+    let both = tb.path().join("both-cas.pem");
+    std::fs::write(
+        &both,
+        [
+            std::fs::read(tb.seed_dir().join("ca.pem")).unwrap(),
+            std::fs::read(tb.seed_dir().join("ca-old.pem")).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let stubs: Vec<(String, std::path::PathBuf)> =
+        (0..3).map(|i| recording_systemctl(&tb, i)).collect();
+    for i in 0..3 {
+        tb.write_config(
+            i,
+            &NodeOpts {
+                extra_toml: format!("{extra}[vault]\nlauncher = \"systemd\"\n"),
+                ..Default::default()
+            },
+        );
+    }
+    let mut refreshers: Vec<Agent> = (0..3)
+        .map(|i| tb.spawn_agent_env(i, &["refresh-tls"], &[("PATH", stubs[i].0.as_str())]))
+        .collect();
+    let start = Instant::now();
+    let mut restarted_at: Vec<Option<f64>> = vec![None; 3];
+    let mut servers = Vec::new();
+    let mut fewest = 3;
+    loop {
+        // Read before the calls files, so a refresher's last call is seen before the loop ends.
+        let done = refreshers.iter_mut().all(|r| r.exited().is_some());
+        for i in 0..3 {
+            let calls = std::fs::read_to_string(&stubs[i].1).unwrap_or_default();
+            if restarted_at[i].is_none() {
+                if let Some(line) = calls.lines().find(|l| l.ends_with("restart vault.service")) {
+                    restarted_at[i] = line.split(' ').next().and_then(|t| t.parse().ok());
+                    // What systemd does on that call: the server stops and starts again.
+                    agents[i].stop();
+                    servers.push(start_server(&tb, i));
+                }
+            }
+        }
+        let mut serving = 0;
+        for inst in &tb.instances {
+            if matches!(
+                Api::new(&both, &inst.ip).health().await,
+                Some((200 | 429, _))
+            ) {
+                serving += 1;
+            }
+        }
+        fewest = fewest.min(serving);
+        assert!(
+            serving >= 2,
+            "only {serving} of 3 nodes serve {:?} in (restarts at {restarted_at:?}): two restarted together",
+            start.elapsed()
+        );
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(420),
+            "refresh-tls still running"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut times: Vec<f64> = Vec::new();
+    for (i, r) in refreshers.iter_mut().enumerate() {
+        let status = r.wait_exit(Duration::from_secs(5));
+        assert!(status.success(), "node {i}'s refresh-tls:\n{}", r.stderr());
+        times.push(restarted_at[i].unwrap_or_else(|| panic!("node {i} never asked for a restart")));
+    }
+    times.sort_by(f64::total_cmp);
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("restarts {gaps:?} s apart; at least {fewest} of 3 nodes served at every sample");
+    assert!(gaps.iter().all(|g| *g >= 5.0), "restarts {gaps:?} s apart");
+    assert!(
+        refreshers
+            .iter()
+            .any(|r| r.stderr().contains("not restarting the server yet")),
+        "a node waited its turn"
+    );
+    wait_voters(&tb, 0, &root, 3).await;
+    drop(servers);
 }

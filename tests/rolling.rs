@@ -1220,7 +1220,7 @@ async fn naive_roll_terminate_first() {
         false,
         30,
         false,
-        "dead_server_last_contact_threshold = \"1m\"\n",
+        "cleanup_dead_servers = true\ndead_server_last_contact_threshold = \"1m\"\n",
     );
     let (mut tb, mut nodes, root, new_ips) = form_cluster(47, n, false, false, &toml).await;
     let ips: Ips = Arc::new(Mutex::new(
@@ -2002,5 +2002,57 @@ async fn two_leavers_at_once_remove_one_at_a_time() {
             w.stop();
         }
         nd.boot.stop();
+    }
+}
+
+/// Four voters with `expected_size = 3` (a roll's extra voter), autopilot's dead-server
+/// threshold at its 1-minute minimum, the default `cleanup_dead_servers`: a standby whose
+/// server is stopped (SIGSTOP: alive, silent, its instance running) for well past the
+/// threshold is never removed, and serves again once it runs. Only peers whose instances
+/// are gone are removed, by the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_voter_whose_instance_runs_is_never_removed() {
+    let extra = "[init]\nrevoke_root_token = false\nexpected_size = 3\ndead_server_last_contact_threshold = \"1m\"\n";
+    let (tb, mut agents) = form(97, 4, extra);
+    let root = tb.escrowed("test-vault", "root-token").await;
+    let all = wait_voters(&tb, 0, &root, 4).await;
+    let leader = active(&tb, 4).await;
+    let quiet = (0..4).find(|&i| i != leader).unwrap();
+    let server = children_of(agents[quiet].pid());
+    assert!(!server.is_empty());
+    for p in &server {
+        signal(*p, 19);
+    }
+    let since = Instant::now();
+    // Autopilot would remove it about a minute after its last contact; watch for twice that.
+    while since.elapsed() < Duration::from_secs(130) {
+        if let Some(servers) = raft_servers(&tb, leader, &root).await {
+            let ids: Vec<String> = servers.iter().map(|(id, _)| id.clone()).collect();
+            assert_eq!(
+                ids.len(),
+                4,
+                "{:?} after {:?}: the silent voter was removed while its instance runs",
+                ids,
+                since.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    for p in &server {
+        signal(*p, 18);
+    }
+    assert_eq!(wait_voters(&tb, leader, &root, 4).await, all);
+    poll(
+        "the silent voter serves again",
+        Duration::from_secs(60),
+        || async { matches!(tb.api(quiet).health().await, Some((200 | 429, _))).then_some(()) },
+    )
+    .await;
+    println!(
+        "a voter silent {:?} stayed in the raft configuration and serves again",
+        since.elapsed()
+    );
+    for a in agents.iter_mut() {
+        a.stop();
     }
 }

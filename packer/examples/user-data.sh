@@ -78,6 +78,7 @@ recovery_pgp_keys = [
 revoke_root_token = true
 audit_file_path = "/var/log/vault/audit.log"
 expected_size = 3
+cleanup_dead_servers = false
 dead_server_last_contact_threshold = "10m"
 join_timeout_secs = 600
 

@@ -171,7 +171,7 @@ async fn refresh(cfg: &Config, r: &Ready<'_>, started: Instant) -> Result<Joined
     let changes = tls::changes(&material, &cfg.vault.tls_dir);
     if changes.ca {
         // A CA change needs a restart that peers must survive: refresh-tls's job.
-        tracing::info!("the CA in the resources bucket differs from the one on disk: left to the refresh-tls timer, which restarts the server only when every peer is healthy");
+        tracing::info!("the CA in the resources bucket differs from the one on disk: left to the refresh-tls timer, which restarts the server only when that keeps the failure tolerance, one node at a time");
     } else if changes.any {
         tls::write(&material, &cfg.vault.tls_dir, r.owner)?;
         r.reloader.reload().await?;

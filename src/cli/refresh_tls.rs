@@ -2,17 +2,22 @@
 //! restart. The objects are fetched and checked exactly as `boot` does; a refused set changes
 //! nothing and the old certificate keeps serving. A changed certificate/key is swapped
 //! atomically and the server reloaded (SIGHUP re-reads the listener's files). A changed CA
-//! needs a restart (peers verify each other with it), done only when every peer is healthy,
-//! so that this restart can never cost the cluster its quorum. Peers are checked against the
+//! needs a restart (peers verify each other with it), done only when it keeps the cluster's
+//! failure tolerance and one node at a time ([`crate::lifecycle::restart`]). Peers are checked against the
 //! old and the new CA together: during a rotation both are served (see
 //! [`tls::trust_anchors`]).
 
 use crate::boot::vault_owner;
 use crate::config::{Config, LauncherKind};
 use crate::error::{exit, Error, Result};
-use crate::vault_api::Health;
+use crate::lifecycle::restart::when_it_keeps_quorum;
 use crate::{launcher, node, tls};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// How long a CA restart waits for a moment it keeps the cluster's failure tolerance: long
+/// enough for the peers whose timers fired at the same time to restart one by one (each holds
+/// the restart ticket until it is stale), short of the next daily run.
+const RESTART_WAIT: Duration = Duration::from_secs(15 * 60);
 
 pub async fn run(cfg: &Config) -> Result<i32> {
     let owner = vault_owner(cfg)?;
@@ -33,7 +38,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     }
 
     if changes.ca {
-        // Restart: only when every other node is up, and never with the exec launcher
+        // Restart: only one node at a time with every other voter healthy, and never with the exec launcher
         // (its server belongs to the `boot` process).
         if cfg.vault.launcher == LauncherKind::Exec {
             return Err(Error::Command {
@@ -47,26 +52,12 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         // certificates, the others still the old one's. Trust both, or every node after the
         // first would count the first as down and never restart (exit 75 every day).
         let ca = tls::trust_anchors(&cfg.vault.tls_dir, &m.ca_pem);
-        let mut down = Vec::new();
-        for p in n.peers.iter().filter(|p| !p.is_self) {
-            let c = crate::api_clients::peer(cfg, &ca, p.ip)?;
-            if !matches!(
-                c.health().await,
-                Ok(Health::Active | Health::Standby | Health::PerfStandby)
-            ) {
-                down.push(p.instance_id.clone());
-            }
-        }
-        if !down.is_empty() {
-            return Err(Error::Init {
-                message: format!(
-                    "the CA changed and needs a restart, but peers {down:?} are not healthy: restarting now could cost the cluster its quorum; will retry on the next run"
-                ),
-                retriable: true,
-            });
-        }
-        tls::write(&m, &cfg.vault.tls_dir, owner)?;
-        launcher::systemctl(&["restart", &cfg.vault.unit]).await?;
+        let ctx = crate::boot::lifecycle_ctx(cfg, &n, &ca);
+        when_it_keeps_quorum(&ctx, RESTART_WAIT, || async {
+            tls::write(&m, &cfg.vault.tls_dir, owner)?;
+            launcher::systemctl(&["restart", &cfg.vault.unit]).await
+        })
+        .await?;
         tracing::info!(serial = %checked.serial_hex, "new CA installed; server restarted");
         return Ok(exit::OK);
     }

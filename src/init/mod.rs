@@ -719,7 +719,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
             "sys/storage/raft/autopilot/configuration",
             Some(root),
             Some(serde_json::json!({
-                "cleanup_dead_servers": true,
+                "cleanup_dead_servers": cfg.init.cleanup_dead_servers,
                 "dead_server_last_contact_threshold": format!("{threshold}s"),
                 "min_quorum": cfg.init.expected_size,
             })),
@@ -739,6 +739,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
     }
     tracing::info!(
         min_quorum = cfg.init.expected_size,
+        cleanup_dead_servers = cfg.init.cleanup_dead_servers,
         dead_server_last_contact_threshold_secs = threshold,
         "autopilot configured"
     );

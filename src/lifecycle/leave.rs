@@ -122,7 +122,7 @@ async fn wait_to_leave<L: Lifecycle>(
             last_why = why;
         }
         if start.elapsed() >= bound {
-            tracing::error!(instance_id = %me, "leaving without removing this node from raft after {} s: {last_why}. It stays a voter until reaping sees its instance terminated, or autopilot's dead-server cleanup", bound.as_secs());
+            tracing::error!(instance_id = %me, "leaving without removing this node from raft after {} s: {last_why}. It stays a voter until reaping sees its instance terminated (or autopilot's dead-server cleanup, when init.cleanup_dead_servers is on)", bound.as_secs());
             return Left::TimedOut;
         }
         if let Some(a) = action {

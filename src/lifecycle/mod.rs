@@ -10,7 +10,7 @@
 //!   server and completes the terminate hook.
 //! - [`reap`]: the active node removes raft peers whose instances EC2 reports terminated
 //!   (or no longer knows, twice in a row), while what remains keeps quorum. Autopilot's
-//!   `dead_server_last_contact_threshold` stays the backstop.
+//!   dead-server cleanup is off unless `init.cleanup_dead_servers` turns it on.
 //! - [`ticket`]: every removal (a leave, a reaping) first takes a write-once ticket named by
 //!   the raft configuration it was decided on, so two removals are never decided on the
 //!   same configuration.
@@ -23,6 +23,7 @@ pub mod autopilot;
 pub mod launch;
 pub mod leave;
 pub mod reap;
+pub mod restart;
 pub mod session;
 pub mod ticket;
 pub mod watch;

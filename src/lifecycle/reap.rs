@@ -9,7 +9,8 @@
 //! instance id, this node itself. And only while what remains keeps quorum
 //! ([`super::autopilot::State::removal_keeps_quorum`]), and each removal first takes the
 //! [`super::ticket`] of the configuration it was decided on, as leaves do. Autopilot's
-//! `dead_server_last_contact_threshold` stays the backstop for what EC2 cannot tell.
+//! dead-server cleanup, which removes live voters too, is off unless
+//! `init.cleanup_dead_servers` turns it on.
 //!
 //! The watch unit's [`Reaper`] logs in only when EC2's list of the group's instances no
 //! longer matches the members it last read (or every 10 minutes); the boot's [`pass`] runs

@@ -18,7 +18,8 @@
 //! What this needs: S3 reachable while a node leaves (a leave is a change, not a recovery;
 //! one that cannot take its ticket waits with its hook heartbeated, up to
 //! `lifecycle.leave_timeout_secs`, and is reaped later). What it does not cover: autopilot's
-//! own dead-server cleanup and an operator's `remove-peer`, which take no ticket.
+//! own dead-server cleanup (off unless `init.cleanup_dead_servers`) and an operator's
+//! `remove-peer`, which take no ticket.
 
 use super::session::Ctx;
 use crate::aws::kms::SdkKms;
@@ -48,10 +49,19 @@ pub struct TicketBody {
     pub generation: u32,
     /// The instance whose agent decided the removal.
     pub decided_by: String,
-    /// The raft server it removes.
+    /// The raft server it removes (or restarts).
     pub server_id: String,
     pub decided_unix: u64,
+    /// How long it holds its configuration when not [`STALE`]: a restart's ticket
+    /// ([`RESTART_HOLD`]) holds it only while the restart itself runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_secs: Option<u64>,
 }
+
+/// How long a restart's ticket holds its configuration. A server restarts in seconds; from
+/// then on autopilot calls it unhealthy until it is back, and every other decider waits on
+/// that, not on the ticket.
+pub const RESTART_HOLD: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ticket {
@@ -75,6 +85,20 @@ fn key(layout: &Layout, configuration: &str, generation: u32) -> String {
 /// key's ARN comes from the marker, which recorded it at init: an S3 read, so a leave makes
 /// no KMS call (only a marker without an ARN is resolved with `DescribeKey`).
 pub async fn take_here(ctx: &Ctx<'_>, members: &Membership, server_id: &str) -> Result<Ticket> {
+    take_here_holding(ctx, members, server_id, None).await
+}
+
+/// [`take_here`] for a restart of this node ([`RESTART_HOLD`]).
+pub async fn take_restart_here(ctx: &Ctx<'_>, members: &Membership) -> Result<Ticket> {
+    take_here_holding(ctx, members, ctx.me(), Some(RESTART_HOLD)).await
+}
+
+async fn take_here_holding(
+    ctx: &Ctx<'_>,
+    members: &Membership,
+    server_id: &str,
+    hold: Option<Duration>,
+) -> Result<Ticket> {
     let aws = Duration::from_secs(ctx.cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::new(ctx.sdk);
     let mut layout = Layout::new(ctx.cfg, ctx.tag_value);
@@ -83,7 +107,7 @@ pub async fn take_here(ctx: &Ctx<'_>, members: &Membership, server_id: &str) -> 
         _ => layout.resolve_key_arn(&SdkKms::new(ctx.sdk), aws).await,
     }
     let now = crate::clock::now_unix();
-    take(&s3, &layout, members, ctx.me(), server_id, now, aws).await
+    take_holding(&s3, &layout, members, ctx.me(), server_id, now, aws, hold).await
 }
 
 /// Takes the ticket for removing `server_id`, decided by `decided_by` on `members` (see
@@ -98,6 +122,24 @@ pub async fn take<S: ObjectStore>(
     now_unix: u64,
     aws: Duration,
 ) -> Result<Ticket> {
+    take_holding(
+        s3, layout, members, decided_by, server_id, now_unix, aws, None,
+    )
+    .await
+}
+
+/// [`take`], the ticket holding its configuration for `hold` (default [`STALE`]).
+#[allow(clippy::too_many_arguments)]
+async fn take_holding<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    members: &Membership,
+    decided_by: &str,
+    server_id: &str,
+    now_unix: u64,
+    aws: Duration,
+    hold: Option<Duration>,
+) -> Result<Ticket> {
     let configuration = members.id();
     for generation in 0..MAX_GENERATIONS {
         let body = TicketBody {
@@ -106,6 +148,7 @@ pub async fn take<S: ObjectStore>(
             decided_by: decided_by.to_owned(),
             server_id: server_id.to_owned(),
             decided_unix: now_unix,
+            hold_secs: hold.map(|h| h.as_secs()),
         };
         let bytes = serde_json::to_vec_pretty(&body).map_err(|e| Error::Internal(e.to_string()))?;
         let k = key(layout, &configuration, generation);
@@ -127,20 +170,26 @@ pub async fn take<S: ObjectStore>(
             ),
             exit: exit::DATAERR,
         })?;
-        // The same decision again (a retry after a failed remove-peer, or a put whose
-        // first answer was lost): still this decider's.
-        if held.decided_by == decided_by && held.server_id == server_id {
-            return Ok(Ticket::Mine);
-        }
-        if now_unix.saturating_sub(held.decided_unix) < STALE.as_secs() {
+        let holds = held
+            .hold_secs
+            .unwrap_or(STALE.as_secs())
+            .min(STALE.as_secs());
+        if now_unix.saturating_sub(held.decided_unix) < holds {
+            // The same decision again (a retry after a failed remove-peer, or a put whose
+            // first answer was lost): still this decider's. Only while it holds: a stale
+            // one of its own (a restart long ago on a configuration that has not changed
+            // since) is passed over like any other, or two nodes that each find their own
+            // old ticket would both go ahead.
+            if held.decided_by == decided_by && held.server_id == server_id {
+                return Ok(Ticket::Mine);
+            }
             return Ok(Ticket::Held(held));
         }
         tracing::warn!(
             ticket = %layout.url(&k),
             decided_by = %held.decided_by,
             server_id = %held.server_id,
-            "a removal ticket older than {} s on a configuration that has not changed: its removal never landed; taking the next generation",
-            STALE.as_secs()
+            "a ticket older than {holds} s on a configuration that has not changed (a restart's, or a removal that never landed): taking the next generation"
         );
     }
     Err(Error::Lifecycle {
@@ -232,6 +281,46 @@ mod tests {
         assert!(matches!(
             take(&s3, &l, &c, "d", "d", later + 1, D).await.unwrap(),
             Ticket::Held(TicketBody { generation: 1, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_restart_ticket_holds_briefly_and_an_old_own_ticket_is_no_pass() {
+        let (s3, l) = (FakeS3::default(), layout());
+        let c = config(7);
+        let hold = Some(RESTART_HOLD);
+        let t = |who: &'static str, now: u64| {
+            let (s3, l, c) = (&s3, &l, &c);
+            async move {
+                take_holding(s3, l, c, who, who, now, D, hold)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(t("b", 100).await, Ticket::Mine);
+        assert!(matches!(t("c", 101).await, Ticket::Held(_)));
+        // A removal decided meanwhile waits for the restart too.
+        assert!(matches!(
+            take(&s3, &l, &c, "d", "d", 102, D).await.unwrap(),
+            Ticket::Held(_)
+        ));
+        let after = 100 + RESTART_HOLD.as_secs();
+        assert_eq!(
+            t("c", after).await,
+            Ticket::Mine,
+            "held only as long as a restart"
+        );
+        // Much later, on the same configuration: b's own old ticket is no pass while c's
+        // newer one holds, and once both are old, the next generation is b's alone.
+        assert!(matches!(
+            t("b", after + 1).await,
+            Ticket::Held(TicketBody { generation: 1, .. })
+        ));
+        let much_later = after + 10 * RESTART_HOLD.as_secs();
+        assert_eq!(t("b", much_later).await, Ticket::Mine);
+        assert!(matches!(
+            t("c", much_later + 1).await,
+            Ticket::Held(TicketBody { generation: 2, .. })
         ));
     }
 
