@@ -17,6 +17,10 @@
 //! - `two_leavers_at_once_remove_one_at_a_time` (CI): two standbys of 4 voters terminated
 //!   together, a third voter stopped, both held between decision and removal so they decide
 //!   on one raft configuration: the removal ticket lets one remove itself, and quorum holds.
+//! - `two_of_five_leave_together_beside_a_sick_voter`, `three_of_five_leave_together` (CI),
+//!   `two_of_five_leave_together`, `three_of_five_leave_together_beside_a_sick_voter` (full
+//!   matrix): nodes of a 5-voter cluster terminated by one scale-in activity remove
+//!   themselves one at a time at their leave deadline, as far as a quorum allows.
 //!
 //! How the numbers are read: a tolerance sample that no active node answered is
 //! "unreadable", one from a leader elected moments ago that has no raft stats of some voter
@@ -83,7 +87,16 @@ fn hooks() -> Vec<Hook> {
 /// The replacement order, shuffled by a seed (`VB_ROLL_SEED`, else the clock): an instance
 /// refresh knows nothing of raft leadership, so the leader may go first, last or between.
 fn order(n: usize) -> (u64, Vec<usize>) {
-    let seed = std::env::var("VB_ROLL_SEED")
+    let seed = seed_from("VB_ROLL_SEED");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut v);
+    (seed, v)
+}
+
+/// A seed from `var`, else from the clock (printed by each test that uses one).
+fn seed_from(var: &str) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -92,11 +105,7 @@ fn order(n: usize) -> (u64, Vec<usize>) {
                 .unwrap()
                 .as_nanos() as u64
                 % 1_000_000
-        });
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut v: Vec<usize> = (0..n).collect();
-    rng.shuffle(&mut v);
-    (seed, v)
+        })
 }
 
 // ----------------------------------------------------------------------------- load
@@ -1806,8 +1815,10 @@ async fn launch_abandoned_past_its_bound_leaves_raft() {
 /// `remove-peer` (`VAULT_BOOTSTRAP_PAUSE_AT`), so both decide on the same raft
 /// configuration: without the removal ticket both removed themselves. With it exactly one
 /// does, the other logs that another removal was decided on that configuration, decides
-/// again on the next one, finds it unsafe and leaves without removing itself; failure
-/// tolerance, sampled every 0.5 s, never goes below 0, and writes go on at the end.
+/// again on the next one and finds it unsafe. The stopped voter runs again after the first
+/// removal; at its `leave_timeout_secs` the second leaver, whose instance goes away anyway,
+/// removes itself under the quorum rule (2 healthy of 2 remain). Failure tolerance, sampled
+/// every 0.5 s, never goes below 0, and writes go on at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_leavers_at_once_remove_one_at_a_time() {
     const HOLD_MS: u64 = 8_000;
@@ -1925,10 +1936,21 @@ async fn two_leavers_at_once_remove_one_at_a_time() {
     let t_ok = load.wait_write_after(t_left, Duration::from_secs(30)).await;
     load.finish(tasks).await;
 
-    let removed: Vec<usize> = [0, 1]
-        .into_iter()
-        .filter(|k| logs[*k].contains("removed this node from the raft configuration"))
-        .collect();
+    // Removed while the leave could wait (the failure tolerance rule), and at its deadline
+    // (the quorum rule: the instance goes away whatever the node does).
+    let removed_by = |rule: &str| -> Vec<usize> {
+        [0, 1]
+            .into_iter()
+            .filter(|k| {
+                logs[*k].lines().any(|l| {
+                    l.contains("removed this node from the raft configuration")
+                        && l.contains(&format!("rule={rule}"))
+                })
+            })
+            .collect()
+    };
+    let removed = removed_by("Tolerance");
+    let at_deadline = removed_by("QuorumOnly");
     let waited: Vec<usize> = [0, 1]
         .into_iter()
         .filter(|k| logs[*k].contains("another removal (of"))
@@ -1948,8 +1970,8 @@ async fn two_leavers_at_once_remove_one_at_a_time() {
     let voters: Vec<String> = servers.into_iter().map(|(id, _)| id).collect();
     assert_eq!(
         voters.len(),
-        3,
-        "3 voters left (one leaver stayed): {voters:?}"
+        2,
+        "2 voters left (the second leaver removed itself at its deadline): {voters:?}"
     );
     let samples = load.samples();
     let fts: Vec<i64> = samples
@@ -1981,11 +2003,21 @@ async fn two_leavers_at_once_remove_one_at_a_time() {
         tail(&logs[0], 30),
         tail(&logs[1], 30)
     );
-    assert_eq!(removed.len(), 1, "exactly one leaver removed itself");
-    assert_ne!(removed, waited, "the one that waited did not remove itself");
-    let stayed = [a, b][waited[0]];
+    assert_eq!(
+        removed.len(),
+        1,
+        "exactly one leaver removed itself while it could wait"
+    );
+    assert_ne!(
+        removed, waited,
+        "the one that waited did not remove itself then"
+    );
+    assert_eq!(
+        at_deadline, waited,
+        "the one that waited removed itself at its deadline, once the stopped voter ran again"
+    );
     assert!(
-        voters.contains(&id(stayed)) && voters.contains(&id(sick)) && voters.contains(&id(leader)),
+        voters.contains(&id(sick)) && voters.contains(&id(leader)),
         "the voters left: {voters:?}"
     );
     assert!(
@@ -2055,4 +2087,231 @@ async fn a_silent_voter_whose_instance_runs_is_never_removed() {
     for a in agents.iter_mut() {
         a.stop();
     }
+}
+
+// ----------------------------------------------------------------------------- several at once
+
+/// How many of `leaving` healthy leavers can remove themselves one at a time under the
+/// quorum rule, from `voters` voters of which `healthy` are healthy: each removal needs the
+/// healthy voters left to be a quorum of the voters left.
+fn removable(voters: usize, healthy: usize, leaving: usize) -> usize {
+    let (mut v, mut h) = (voters, healthy);
+    let mut k = 0;
+    while k < leaving && h >= (v - 1) / 2 + 2 {
+        v -= 1;
+        h -= 1;
+        k += 1;
+    }
+    k
+}
+
+/// `leaving` nodes of a 5-voter cluster (`expected_size` 5, so the tolerance rule never lets
+/// a healthy voter leave) are terminated by one scale-in activity, at the same instant;
+/// with `sick`, one other voter's server is SIGSTOPped first (unhealthy, its instance
+/// running). Which nodes leave (the leader among them or not) and which one is sick come
+/// from a seed (`VB_LEAVE_SEED`, printed). Each leaver waits its `leave_timeout_secs` (20 s),
+/// finds the tolerance rule unmet, and at its deadline removes itself under the quorum rule,
+/// one per raft configuration (the ticket): as many as [`removable`] says, the rest stop as
+/// voters. Failure tolerance sampled every 0.5 s never goes below 0 and the sampler is never
+/// blind longer than a leadership change takes, until the last removal that keeps a quorum;
+/// where no order of removals could keep one (three healthy leavers of four) the test says
+/// so and checks that writes come back once the sick voter runs again. Before, every leaver
+/// stopped as a voter at its deadline: two leavers beside a sick voter, or three of five,
+/// took the quorum with them.
+async fn leave_together(block: u8, leaving: usize, sick: bool) {
+    let test_start = Instant::now();
+    let n = 5;
+    let seed = seed_from("VB_LEAVE_SEED");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let toml = format!(
+        "{}leave_timeout_secs = 20\n",
+        node_toml(n, true, 30, false, "")
+    );
+    let (tb, mut nodes, root, _) = form_cluster(block, n, true, true, &toml).await;
+    let ips: Ips = Arc::new(Mutex::new(
+        tb.instances.iter().map(|i| i.ip.clone()).collect(),
+    ));
+    let load = Load::new(&tb, test_start, ips.clone(), &root);
+    ap_until(&load, "5 healthy voters", Duration::from_secs(90), |ap| {
+        ap.voters.len() == n && ap.unhealthy_voters.is_empty()
+    })
+    .await;
+    kv_and_canary(&tb, n, &root, "leave-together").await;
+    let (leader, mut standbys) = roles(&tb, n).await;
+    let leader = leader.expect("an active node");
+    rng.shuffle(&mut standbys);
+    let id = |i: usize| tb.instances[i].id.clone();
+    // The sick voter is a standby (stopping the leader first would only add an election);
+    // the leavers are drawn from all the others, the leader included.
+    let sick_node = sick.then(|| standbys.remove(0));
+    let mut others: Vec<usize> = standbys.clone();
+    others.push(leader);
+    rng.shuffle(&mut others);
+    let leavers: Vec<usize> = others[..leaving].to_vec();
+    eprintln!(
+        "seed {seed} (VB_LEAVE_SEED): leader {leader}; leaving {leavers:?}; sick {sick_node:?}"
+    );
+    let mut sick_pids = Vec::new();
+    if let Some(sn) = sick_node {
+        let needle = format!("{}/etc/vault.hcl", tb.node_dir(sn).display());
+        sick_pids = procs_naming(&needle);
+        assert!(!sick_pids.is_empty(), "node {sn}'s server process");
+        for p in &sick_pids {
+            signal(*p, 19); // SIGSTOP
+        }
+        ap_until(
+            &load,
+            "the stopped voter unhealthy",
+            Duration::from_secs(60),
+            |ap| ap.unhealthy_voters == vec![id(sn)],
+        )
+        .await;
+    }
+    let tasks = load.start();
+    let healthy = n - usize::from(sick);
+    let expect_removed = removable(n, healthy, leaving);
+    // The leavers that cannot be removed die as voters: what stays keeps a quorum only if
+    // the healthy voters that stay are a quorum of the voters left.
+    let keeps_quorum = expect_removed == leaving || healthy - leaving > (n - expect_removed) / 2;
+    let t_term = load.now();
+    let mut args = vec!["terminate".to_string()];
+    for i in &leavers {
+        args.push("--instance".into());
+        args.push(id(*i));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.lifecycle_cmd(&argv);
+    let watch_log = |i: usize| nodes[i].watch.as_ref().unwrap().stderr();
+    let removed_now = || -> Vec<usize> {
+        leavers
+            .iter()
+            .copied()
+            .filter(|i| watch_log(*i).contains("removed this node from the raft configuration"))
+            .collect()
+    };
+    poll(
+        "the removals that keep a quorum",
+        Duration::from_secs(150),
+        || async { (removed_now().len() >= expect_removed).then_some(()) },
+    )
+    .await;
+    let t_removed = load.now();
+    for i in &leavers {
+        let got = tb.try_lifecycle_cmd(&[
+            "wait",
+            "--instance",
+            &id(*i),
+            "--for",
+            "Terminating:Proceed",
+            "--timeout",
+            "150",
+        ]);
+        assert!(
+            got.is_ok(),
+            "{}'s terminate hook: {got:?}\nits watch log:\n{}",
+            id(*i),
+            tail(&watch_log(*i), 40)
+        );
+    }
+    let t_left = load.now();
+    for p in &sick_pids {
+        signal(*p, 18); // SIGCONT
+    }
+    let t_ok = load.wait_write_after(t_left, Duration::from_secs(60)).await;
+    load.finish(tasks).await;
+
+    let logs: Vec<(usize, String)> = leavers.iter().map(|i| (*i, watch_log(*i))).collect();
+    let removed = removed_now();
+    let early: Vec<usize> = logs
+        .iter()
+        .filter(|(_, l)| l.contains("rule=Tolerance"))
+        .map(|(i, _)| *i)
+        .collect();
+    let servers = poll(
+        "the raft configuration",
+        Duration::from_secs(30),
+        || async { raft_servers(&tb, active(&tb, n).await, &root).await },
+    )
+    .await;
+    let voters: Vec<String> = servers.into_iter().map(|(v, _)| v).collect();
+    // Quorum is judged until the leavers are gone where it can be kept throughout, else
+    // until the last removal that keeps it.
+    let upto = if keeps_quorum { t_left } else { t_removed };
+    let samples = load.samples();
+    let (min_ft, nsamples, unreadable, uninformed) = ft_stats(&samples, t_term, upto);
+    let blind = blind_stretches(&samples, t_term, upto);
+    eprintln!(
+        "---- seed {seed}: {leaving} leave{}; removed {removed:?} (expected {expect_removed}), \
+         voters after {voters:?}; failure tolerance min {min_ft:?} over {nsamples} samples \
+         ({unreadable} unreadable, {uninformed} uninformed) in [{t_term:.1}, {upto:.1}] s; \
+         blind {blind:.1?}; first write after the leaves {:.1} s; test took {:.1} s",
+        if sick { " beside a sick voter" } else { "" },
+        t_ok - t_left,
+        test_start.elapsed().as_secs_f64()
+    );
+    for (i, l) in &logs {
+        eprintln!("---- leaver {} ({}):\n{}", i, id(*i), tail(l, 8));
+    }
+    assert!(
+        early.is_empty(),
+        "no healthy voter of 5 left under the tolerance rule (expected_size 5): {early:?}"
+    );
+    assert_eq!(
+        removed.len(),
+        expect_removed,
+        "removals under the quorum rule, one at a time"
+    );
+    assert_eq!(voters.len(), n - expect_removed, "voters after: {voters:?}");
+    assert!(
+        nsamples >= 20,
+        "failure tolerance sampled ({nsamples} samples)"
+    );
+    assert!(
+        min_ft.is_some_and(|f| f >= 0),
+        "failure tolerance went below 0: min {min_ft:?}"
+    );
+    let too_long: Vec<&(f64, f64)> = blind.iter().filter(|(_, len)| *len > BLIND_MAX).collect();
+    assert!(
+        too_long.is_empty(),
+        "the sampler was blind longer than {BLIND_MAX:.0} s (no quorum?): {too_long:.1?}"
+    );
+    if !keeps_quorum {
+        eprintln!(
+            "no order of removals keeps a quorum here: {} healthy voters stay of {}",
+            healthy - leaving,
+            n - expect_removed
+        );
+    }
+    for nd in nodes.iter_mut() {
+        if let Some(w) = nd.watch.as_mut() {
+            w.stop();
+        }
+        nd.boot.stop();
+    }
+}
+
+/// See [`leave_together`]. Before the last look, both stopped as voters: 2 healthy of 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_five_leave_together_beside_a_sick_voter() {
+    leave_together(99, 2, true).await;
+}
+
+/// See [`leave_together`]. Before the last look, all three stopped as voters: 2 of 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_of_five_leave_together() {
+    leave_together(100, 3, false).await;
+}
+
+/// See [`leave_together`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "5 nodes, about 3 minutes: tests/run-full-matrix.sh"]
+async fn two_of_five_leave_together() {
+    leave_together(101, 2, false).await;
+}
+
+/// See [`leave_together`]: the last leaver cannot leave a quorum (1 healthy voter stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "5 nodes, about 3 minutes: tests/run-full-matrix.sh"]
+async fn three_of_five_leave_together_beside_a_sick_voter() {
+    leave_together(102, 3, true).await;
 }

@@ -259,6 +259,15 @@ mod tests {
         ]);
         assert!(s.removal_keeps_quorum("dead", &m(&s), 2).is_ok());
         assert!(s.removal_keeps_quorum("d", &m(&s), 2).is_err());
+        // A leave's last look (target 0): what remains is 3 healthy of 4, a quorum.
+        assert!(s.removal_keeps_quorum("d", &m(&s), 0).is_ok());
+        // ... but never below a quorum: 1 healthy of 2 would remain.
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("sick", "voter", false),
+        ]);
+        assert!(s.removal_keeps_quorum("b", &m(&s), 0).is_err());
         assert_eq!(target_tolerance(3), 1);
         assert_eq!(target_tolerance(5), 2);
         assert_eq!(target_tolerance(4), 1);

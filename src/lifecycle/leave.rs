@@ -4,8 +4,12 @@
 //!
 //! A node that leaves this way is never a dead voter: the cluster's voter count drops with
 //! it, and quorum with it. One that cannot leave yet (removing it would leave fewer healthy
-//! voters than a quorum of the rest) waits, with heartbeats and the reason in the log, up to
-//! `lifecycle.leave_timeout_secs`; past that it stops without removing itself, and reaping
+//! voters than a quorum of the rest, with the cluster's failure tolerance to spare) waits,
+//! with heartbeats and the reason in the log, up to `lifecycle.leave_timeout_secs` or the
+//! end of its hook. Then the instance goes away whatever the node does, so it takes a last
+//! look under a weaker rule: it removes itself if the healthy voters that remain are a
+//! quorum of the rest (dying as a voter would leave the same healthy voters and a larger
+//! quorum to reach). Only when not even that holds does it stop as a voter, and reaping
 //! removes it once EC2 reports the instance terminated. A node whose own server is down or
 //! sealed still removes itself, through the leader a peer names.
 //!
@@ -112,7 +116,11 @@ async fn wait_to_leave<L: Lifecycle>(
     let mut last_why = String::new();
     loop {
         let settling = start.elapsed() < ALL_HEALTHY_FIRST;
-        let why = match step(ctx, logins, &mut stepped_down, settling).await {
+        let rule = Rule::Tolerance {
+            target: target_tolerance(ctx.cfg.init.expected_size),
+            settling,
+        };
+        let why = match step(ctx, logins, &mut stepped_down, rule).await {
             Ok(Some(left)) => return left,
             Ok(None) => String::new(),
             Err(why) => why,
@@ -122,7 +130,11 @@ async fn wait_to_leave<L: Lifecycle>(
             last_why = why;
         }
         if start.elapsed() >= bound {
-            tracing::error!(instance_id = %me, "leaving without removing this node from raft after {} s: {last_why}. It stays a voter until reaping sees its instance terminated (or autopilot's dead-server cleanup, when init.cleanup_dead_servers is on)", bound.as_secs());
+            tracing::warn!(instance_id = %me, "waited {} s for a removal that keeps the failure tolerance: {last_why}. The instance goes away now whatever this node does", bound.as_secs());
+            if let Some(left) = last_look(ctx, logins, &mut stepped_down).await {
+                return left;
+            }
+            tracing::error!(instance_id = %me, "leaving without removing this node from raft: {last_why}. It stays a voter until reaping sees its instance terminated (or autopilot's dead-server cleanup, when init.cleanup_dead_servers is on)");
             return Left::TimedOut;
         }
         if let Some(a) = action {
@@ -131,7 +143,10 @@ async fn wait_to_leave<L: Lifecycle>(
                     Ok(Completed::Done) => last_beat = Instant::now(),
                     Ok(Completed::NoAction) => {
                         tracing::error!(action = %a, "the terminate hook ended while this node waited (its heartbeat timeout passed): the instance is going away now. {last_why}");
-                        return Left::HookEnded;
+                        return match last_look(ctx, logins, &mut stepped_down).await {
+                            Some(left) => left,
+                            None => Left::HookEnded,
+                        };
                     }
                     Err(e) => tracing::warn!(action = %a, "heartbeat failed ({e}); retrying"),
                 }
@@ -139,6 +154,46 @@ async fn wait_to_leave<L: Lifecycle>(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// How long the last look may take: a removal decided by another leaver on the same
+/// configuration lands in seconds, and the instance may be gone any moment.
+const LAST_LOOK: Duration = Duration::from_secs(60);
+
+/// Which removals a look allows.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    /// While the leave may still wait: the removal keeps the failure tolerance
+    /// ([`super::autopilot::State::removal_keeps_quorum`] with this target); while
+    /// `settling`, every other voter must also be healthy.
+    Tolerance { target: usize, settling: bool },
+    /// Once the instance goes away whatever this node does: the healthy voters that remain
+    /// are a quorum of the configuration without it. Dying as a voter never leaves a better
+    /// cluster than that (the same healthy voters, a quorum at least as large), and several
+    /// nodes terminated together that all die as voters can take the quorum with them.
+    QuorumOnly,
+}
+
+/// The leave's wait is over and the instance goes away: one last series of looks, under the
+/// [`Rule::QuorumOnly`] rule and the removal ticket (so leavers at their deadlines together
+/// still remove one at a time, each deciding on the configuration after the previous).
+async fn last_look(ctx: &Ctx<'_>, logins: &Logins, stepped_down: &mut bool) -> Option<Left> {
+    let me = ctx.me();
+    let start = Instant::now();
+    let mut last_why = String::new();
+    while start.elapsed() < LAST_LOOK {
+        match step(ctx, logins, stepped_down, Rule::QuorumOnly).await {
+            Ok(Some(left)) => return Some(left),
+            Ok(None) => continue,
+            Err(why) if why != last_why => {
+                tracing::warn!(instance_id = %me, "last look, removal under the quorum rule not possible yet: {why}");
+                last_why = why;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    None
 }
 
 /// How long a leave first waits for every other voter to be healthy before the removal
@@ -171,7 +226,7 @@ async fn step(
     ctx: &Ctx<'_>,
     logins: &Logins,
     stepped_down: &mut bool,
-    settling: bool,
+    rule: Rule,
 ) -> std::result::Result<Option<Left>, String> {
     let me = ctx.me();
     let s = match logins.session(ctx).await {
@@ -219,7 +274,11 @@ async fn step(
             return Err(e.to_string());
         }
     };
-    match state.removal_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))? {
+    let (target, settling) = match rule {
+        Rule::Tolerance { target, settling } => (target, settling),
+        Rule::QuorumOnly => (0, false),
+    };
+    match state.removal_keeps_quorum(me, &members, target)? {
         Removal::NotAMember => Ok(Some(Left::NotAMember)),
         Removal::Safe { remaining, .. } if settling && !all_healthy(&state, &members, me) => {
             Err(format!(
@@ -240,7 +299,7 @@ async fn step(
             }
             crate::escrow::pause_point("remove-peer").await;
             s.remove_peer(me).await.map_err(|e| e.to_string())?;
-            tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, "removed this node from the raft configuration");
+            tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, rule = ?rule, "removed this node from the raft configuration");
             Ok(Some(Left::Removed {
                 stepped_down: *stepped_down,
             }))

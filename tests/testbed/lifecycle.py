@@ -46,7 +46,7 @@ usage errors):
   lifecycle.py --state F hook --name N --transition launching|terminating
                               --heartbeat-timeout S --default-result CONTINUE|ABANDON
   lifecycle.py --state F launch --instance ID        # prints the state entered
-  lifecycle.py --state F terminate --instance ID     # prints the state entered
+  lifecycle.py --state F terminate --instance ID [--instance ID ...]  # one activity; prints each state entered
   lifecycle.py --state F terminated --instance ID    # prints Terminated
   lifecycle.py --state F state --instance ID         # prints the state
   lifecycle.py --state F wait --instance ID --for STATE[,STATE...] --timeout SECS
@@ -243,19 +243,23 @@ class LifecycleState:
             _event(doc, now, iid, "launch", hook[0] if hook else None, None)
             return doc["instances"][iid]["state"]
 
-    def terminate(self, iid: str) -> str:
+    def terminate(self, *iids: str) -> list[str]:
+        """Starts terminating the instances in one write (all or none): what one scale-in
+        activity does to several instances."""
         with self._txn() as (doc, now):
-            cur = doc["instances"].get(iid)
-            if cur is not None and cur["state"] != "InService":
-                raise LifecycleError(f"instance {iid} is {cur['state']}, not InService: cannot terminate it")
             hook = self._hook_for(doc, TERMINATING)
-            if hook:
-                _set(doc, now, iid, "Terminating:Wait", hook=hook[0],
-                     deadline=now + hook[1]["heartbeat_timeout"], token=str(uuid.uuid4()))
-            else:
-                _set(doc, now, iid, "Terminating:Proceed")
-            _event(doc, now, iid, "terminate", hook[0] if hook else None, None)
-            return doc["instances"][iid]["state"]
+            for iid in iids:
+                cur = doc["instances"].get(iid)
+                if cur is not None and cur["state"] != "InService":
+                    raise LifecycleError(f"instance {iid} is {cur['state']}, not InService: cannot terminate it")
+            for iid in iids:
+                if hook:
+                    _set(doc, now, iid, "Terminating:Wait", hook=hook[0],
+                         deadline=now + hook[1]["heartbeat_timeout"], token=str(uuid.uuid4()))
+                else:
+                    _set(doc, now, iid, "Terminating:Proceed")
+                _event(doc, now, iid, "terminate", hook[0] if hook else None, None)
+            return [doc["instances"][iid]["state"] for iid in iids]
 
     def terminated(self, iid: str) -> str:
         with self._txn() as (doc, now):
@@ -404,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--transition", required=True, choices=sorted(TRANSITIONS))
     s.add_argument("--heartbeat-timeout", type=float, required=True, metavar="SECS")
     s.add_argument("--default-result", required=True, choices=RESULTS)
+    s = sub.add_parser("terminate", help="the ASG starts terminating the instances (one scale-in"
+                       " activity: every one at the same instant)")
+    s.add_argument("--instance", required=True, action="append")
     for name, text in (("launch", "the ASG launches the instance"),
-                       ("terminate", "the ASG starts terminating the instance"),
                        ("terminated", "the driver terminated the instance (after Terminating:Proceed)"),
                        ("state", "print the instance's state")):
         s = sub.add_parser(name, help=text)
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "launch":
             print(st.launch(a.instance))
         elif a.cmd == "terminate":
-            print(st.terminate(a.instance))
+            print("\n".join(st.terminate(*a.instance)))
         elif a.cmd == "terminated":
             print(st.terminated(a.instance))
         elif a.cmd == "state":
