@@ -64,6 +64,50 @@ impl State {
             .is_some_and(|s| s.is_voter() && s.healthy)
     }
 
+    /// The voters of `m` other than `id` that autopilot does not call healthy (one it does
+    /// not list counts as unhealthy).
+    pub fn unhealthy_others<'m>(&self, id: &str, m: &'m Membership) -> Vec<&'m String> {
+        m.voters
+            .iter()
+            .filter(|v| {
+                v.as_str() != id && !self.servers.get(v.as_str()).is_some_and(|s| s.healthy)
+            })
+            .collect()
+    }
+
+    /// Whether restarting `id`'s server now keeps the cluster serving. A restarting voter
+    /// stays in the configuration (`m`, read at the leader just before), so every other
+    /// voter must be healthy (a second restart, or a node already down, waits) and the
+    /// others must be a quorum of all voters. A cluster built for no failure tolerance
+    /// (`target` 0: one or two nodes) never has such a moment and restarts once every other
+    /// voter is healthy, as it would have to some day. `Err` says why not.
+    pub fn restart_keeps_quorum(
+        &self,
+        id: &str,
+        m: &Membership,
+        target: usize,
+    ) -> Result<(), String> {
+        if !m.servers.contains(id) {
+            return Err(format!(
+                "{id} is not in the raft configuration: `vault-bootstrap rejoin` first"
+            ));
+        }
+        let unhealthy = self.unhealthy_others(id, m);
+        if !unhealthy.is_empty() {
+            return Err(format!(
+                "autopilot does not call voters {unhealthy:?} healthy (a peer restarted a moment ago is one)"
+            ));
+        }
+        let others = m.voters.iter().filter(|v| v.as_str() != id).count();
+        if target > 0 && others < quorum(m.voters.len()) {
+            return Err(format!(
+                "{others} other voter(s) are not a quorum of {}: the cluster would stop while this node restarts",
+                m.voters.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether removing `id` keeps the cluster's failure tolerance: after it, the healthy
     /// voters that remain are a quorum of the remaining configuration, with at least
     /// `min(tolerance now, target)` to spare, where `target` is the tolerance the cluster is
@@ -188,6 +232,34 @@ mod tests {
         assert!(s.healthy_voter("a"));
         assert!(!s.healthy_voter("b"));
         assert!(!s.healthy_voter("c"));
+    }
+
+    #[test]
+    fn a_restart_needs_every_other_voter_healthy_and_a_quorum_without_it() {
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("c", "voter", true),
+        ]);
+        assert_eq!(s.restart_keeps_quorum("b", &m(&s), 1), Ok(()));
+        let e = s.restart_keeps_quorum("zzz", &m(&s), 1).unwrap_err();
+        assert!(e.contains("not in the raft configuration"), "{e}");
+        // A peer restarting (unhealthy until it is back) holds the next one.
+        let s = state(&[
+            ("a", "leader", true),
+            ("b", "voter", true),
+            ("c", "voter", false),
+        ]);
+        let e = s.restart_keeps_quorum("b", &m(&s), 1).unwrap_err();
+        assert!(e.contains("\"c\""), "{e}");
+        // Two voters of a cluster built for three: the other alone is no quorum; wait.
+        let s = state(&[("a", "leader", true), ("b", "voter", true)]);
+        let e = s.restart_keeps_quorum("b", &m(&s), 1).unwrap_err();
+        assert!(e.contains("not a quorum of 2"), "{e}");
+        // A cluster built for no tolerance restarts once the others are healthy.
+        assert_eq!(s.restart_keeps_quorum("b", &m(&s), 0), Ok(()));
+        let one = state(&[("a", "leader", true)]);
+        assert_eq!(one.restart_keeps_quorum("a", &m(&one), 0), Ok(()));
     }
 
     #[test]

@@ -203,19 +203,6 @@ async fn last_look(ctx: &Ctx<'_>, logins: &Logins, stepped_down: &mut bool) -> O
 /// for longer is really down, and the rule (which still keeps quorum) decides.
 const ALL_HEALTHY_FIRST: Duration = Duration::from_secs(30);
 
-/// Whether autopilot calls every voter of the configuration but `me` healthy.
-fn all_healthy(
-    state: &super::autopilot::State,
-    members: &crate::raft_config::Membership,
-    me: &str,
-) -> bool {
-    members
-        .voters
-        .iter()
-        .filter(|v| v.as_str() != me)
-        .all(|v| state.servers.get(v).is_some_and(|s| s.healthy))
-}
-
 /// Spreads the last check of concurrent leaves apart (several old nodes of one refresh):
 /// each then reads a raft configuration that already holds the others' removals.
 const JITTER_MS: u64 = 2_000;
@@ -263,9 +250,7 @@ async fn step(
     // Decide on a fresh view: the raft configuration for who votes, autopilot for who is
     // healthy, both read after a random pause.
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
-    let view =
-        async { Ok::<_, crate::error::Error>((s.membership().await?, s.autopilot().await?)) }.await;
-    let (members, state) = match view {
+    let (members, state) = match s.view().await {
         Ok(v) => v,
         Err(e) => {
             drop(s);
@@ -280,7 +265,9 @@ async fn step(
     };
     match state.removal_keeps_quorum(me, &members, target)? {
         Removal::NotAMember => Ok(Some(Left::NotAMember)),
-        Removal::Safe { remaining, .. } if settling && !all_healthy(&state, &members, me) => {
+        Removal::Safe { remaining, .. }
+            if settling && !state.unhealthy_others(me, &members).is_empty() =>
+        {
             Err(format!(
                 "autopilot does not call every other voter healthy yet ({remaining} remain): waiting up to {} s for that (a leader elected moments ago has not heard from its followers yet)",
                 ALL_HEALTHY_FIRST.as_secs()

@@ -1,15 +1,17 @@
 //! A restart of this node's server that the cluster must survive: `refresh-tls` installing a
 //! new CA (peers verify each other with it, so a reload is not enough).
 //!
-//! While it restarts the node is out of the quorum, though still in the configuration: so
-//! every other voter must be healthy (who votes read from the raft configuration at the
-//! leader, who is healthy from autopilot) and a quorum of all voters, and the restart first
-//! takes the [`super::ticket`] of that configuration, like a removal. After a fleet reboot every node's daily timer
-//! fires at once (`Persistent=true`); with the ticket one of them restarts, and the others
-//! wait until that ticket is stale ([`super::ticket::STALE`]) and the restarted node is
-//! healthy again, then decide again, one at a time. A removal decided on the same
+//! While it restarts the node is out of the quorum, though still in the configuration: the
+//! rule is [`super::autopilot::State::restart_keeps_quorum`] (who votes read from the raft
+//! configuration at the leader, who is healthy from autopilot), and the restart first takes
+//! the [`super::ticket`] of that configuration, like a removal. After a fleet reboot every
+//! node's daily timer fires at once (`Persistent=true`); with the ticket one of them
+//! restarts, and the others wait until that ticket no longer holds
+//! ([`super::ticket::RESTART_HOLD`]) and the restarted node is healthy again, then decide
+//! again, one at a time. A removal decided on the same
 //! configuration waits the same way.
 
+use super::autopilot::target_tolerance;
 use super::session::{Ctx, Logins};
 use super::ticket::Ticket;
 use crate::error::{Error, Result};
@@ -62,8 +64,7 @@ where
 async fn decide(ctx: &Ctx<'_>, logins: &Logins) -> std::result::Result<(), String> {
     let me = ctx.me();
     let s = logins.session(ctx).await.map_err(|e| e.to_string())?;
-    let view = async { Ok::<_, Error>((s.membership().await?, s.autopilot().await?)) }.await;
-    let (members, state) = match view {
+    let (members, state) = match s.view().await {
         Ok(v) => v,
         Err(e) => {
             drop(s);
@@ -71,30 +72,7 @@ async fn decide(ctx: &Ctx<'_>, logins: &Logins) -> std::result::Result<(), Strin
             return Err(e.to_string());
         }
     };
-    if !members.servers.contains(me) {
-        return Err(format!(
-            "{me} is not in the raft configuration: `vault-bootstrap rejoin` first"
-        ));
-    }
-    // A restarting voter stays in the configuration: quorum is of all voters, and every
-    // other voter must be healthy (so a second restart, or a node already down, waits).
-    let unhealthy: Vec<&String> = members
-        .voters
-        .iter()
-        .filter(|v| v.as_str() != me && !state.healthy_voter(v))
-        .collect();
-    if !unhealthy.is_empty() {
-        return Err(format!(
-            "autopilot does not call voters {unhealthy:?} healthy (a peer restarted a moment ago is one)"
-        ));
-    }
-    let others = members.voters.iter().filter(|v| v.as_str() != me).count();
-    if others < crate::raft_config::quorum(members.voters.len()) {
-        return Err(format!(
-            "{others} other voter(s) are not a quorum of {}: the cluster would stop while this node restarts",
-            members.voters.len()
-        ));
-    }
+    state.restart_keeps_quorum(me, &members, target_tolerance(ctx.cfg.init.expected_size))?;
     match super::ticket::take_restart_here(ctx, &members).await {
         Ok(Ticket::Mine) => {}
         Ok(Ticket::Held(t)) => {

@@ -204,6 +204,12 @@ impl Session {
         Ok(resp)
     }
 
+    /// Who votes (the raft configuration) and who is healthy (autopilot), read together for
+    /// one decision.
+    pub async fn view(&self) -> Result<(Membership, State)> {
+        Ok((self.membership().await?, self.autopilot().await?))
+    }
+
     /// Autopilot's view of the servers, from the active node.
     pub async fn autopilot(&self) -> Result<State> {
         let body = self
