@@ -227,26 +227,6 @@ async fn step(
         }
         Err(e) => return Err(e.to_string()),
     };
-    if s.leader_is_me {
-        let r = s.step_down().await;
-        drop(s);
-        // The next look logs in at the new leader.
-        logins.end().await;
-        r.map_err(|e| format!("step-down refused: {e}"))?;
-        *stepped_down = true;
-        tracing::info!(instance_id = %me, "stepped down: waiting for another voter to take over");
-        let t = Instant::now();
-        while t.elapsed() < NEW_LEADER {
-            if let Ok(Some((_, false))) = ctx.leader().await {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        return Err(format!(
-            "no other leader within {} s of stepping down",
-            NEW_LEADER.as_secs()
-        ));
-    }
     // Decide on a fresh view: the raft configuration for who votes, autopilot for who is
     // healthy, both read after a random pause.
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..JITTER_MS))).await;
@@ -284,6 +264,14 @@ async fn step(
                 }
                 Err(e) => return Err(format!("cannot take the removal ticket: {e}")),
             }
+            // Leadership is handed over only now, by the one leaver whose removal is
+            // decided: a leader that stepped down while it still had to wait would do so
+            // again each time it was elected, and several leavers electing each other in
+            // turn left the cluster without an active node for a minute. Its ticket is
+            // still its own at the next look, at the new leader.
+            if s.leader_is_me {
+                return step_down(ctx, s, logins, stepped_down).await;
+            }
             crate::escrow::pause_point("remove-peer").await;
             s.remove_peer(me).await.map_err(|e| e.to_string())?;
             tracing::info!(instance_id = %me, remaining_voters = remaining, healthy_voters = healthy, leader = %state.leader, rule = ?rule, "removed this node from the raft configuration");
@@ -292,4 +280,33 @@ async fn step(
             }))
         }
     }
+}
+
+/// Steps this node down (it leads), then waits up to [`NEW_LEADER`] for another voter to
+/// take over: `Ok(None)` to look again at once, at the new leader.
+async fn step_down(
+    ctx: &Ctx<'_>,
+    s: tokio::sync::MappedMutexGuard<'_, super::session::Session>,
+    logins: &Logins,
+    stepped_down: &mut bool,
+) -> std::result::Result<Option<Left>, String> {
+    let me = ctx.me();
+    let r = s.step_down().await;
+    drop(s);
+    // The next look logs in at the new leader.
+    logins.end().await;
+    r.map_err(|e| format!("step-down refused: {e}"))?;
+    *stepped_down = true;
+    tracing::info!(instance_id = %me, "stepped down: waiting for another voter to take over");
+    let t = Instant::now();
+    while t.elapsed() < NEW_LEADER {
+        if let Ok(Some((_, false))) = ctx.leader().await {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!(
+        "no other leader within {} s of stepping down",
+        NEW_LEADER.as_secs()
+    ))
 }
