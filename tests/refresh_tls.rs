@@ -164,25 +164,9 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
     .concat();
     let rotated = |issuer: &str| issuer.contains("(rotated)");
 
-    // systemd, as far as refresh-tls sees it: a stub systemctl that records each call.
-    let bin = tb.path().join("stub-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let calls = tb.path().join("systemctl.calls");
-    std::fs::write(
-        bin.join("systemctl"),
-        format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", calls.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        bin.join("systemctl"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    // systemd, as far as refresh-tls sees it: a stub systemctl per node that records each call.
+    let stubs: Vec<(String, std::path::PathBuf)> =
+        (0..3).map(|i| recording_systemctl(&tb, i)).collect();
 
     let mut restarted = Vec::new();
     for (i, agent) in agents.iter_mut().enumerate() {
@@ -197,14 +181,18 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
         let (code, _, log) = tb.run_agent_env(
             i,
             &["refresh-tls"],
-            &[("PATH", path.as_str())],
+            &[("PATH", stubs[i].0.as_str())],
             Duration::from_secs(180),
         );
         assert_eq!(code, 0, "node {i}'s refresh-tls:\n{log}");
         assert!(log.contains("new CA installed; server restarted"), "{log}");
-        let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
+        let recorded = std::fs::read_to_string(&stubs[i].1).unwrap_or_default();
         assert_eq!(
-            recorded.lines().last(),
+            recorded
+                .lines()
+                .last()
+                .and_then(|l| l.split_once(' '))
+                .map(|(_, call)| call),
             Some("restart vault.service"),
             "{recorded}"
         );
@@ -245,7 +233,7 @@ async fn a_ca_rotation_goes_through_every_node_and_the_cluster_keeps_quorum() {
     let (code, _, log) = tb.run_agent_env(
         1,
         &["refresh-tls"],
-        &[("PATH", path.as_str())],
+        &[("PATH", stubs[1].0.as_str())],
         Duration::from_secs(60),
     );
     assert_eq!(code, 0, "{log}");

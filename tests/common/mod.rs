@@ -1710,6 +1710,16 @@ pub struct NodeProcs {
     pub watch: Option<Agent>,
 }
 
+impl NodeProcs {
+    /// Stops its `watch` (if any), then its `boot`.
+    pub fn stop(&mut self) {
+        if let Some(w) = self.watch.as_mut() {
+            w.stop();
+        }
+        self.boot.stop();
+    }
+}
+
 /// Writes instance `i`'s config and starts its `boot` and (with `watch`) its
 /// `vault-bootstrap watch`, as the image's units start them.
 pub fn start_node(tb: &Testbed, i: usize, opts: &NodeOpts, watch: bool) -> NodeProcs {
