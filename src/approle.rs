@@ -297,7 +297,11 @@ pub async fn login<S: ObjectStore, K: Kms>(
     layout: &Layout,
     aws: Duration,
 ) -> std::result::Result<Secret, LoginError> {
-    let item = escrow::decrypt_item(s3, kms, layout, role.item, aws)
+    // After a rotation the credentials in force are the current generation's.
+    let current = escrow::generation::current_layout(s3, layout, aws)
+        .await
+        .map_err(LoginError::Item)?;
+    let item = escrow::decrypt_item(s3, kms, &current, role.item, aws)
         .await
         .map_err(LoginError::Item)?;
     let creds: Creds =
@@ -350,6 +354,7 @@ mod tests {
             prefix: "vb/prod/".into(),
             kms_key_id: "k".into(),
             cluster: "prod".into(),
+            generation: crate::escrow::generation::FIRST,
         };
         let d = Duration::from_secs(1);
         let key = layout.object(ROLE.item);

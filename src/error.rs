@@ -186,6 +186,11 @@ pub enum Error {
     #[error("lifecycle: {message}")]
     Lifecycle { message: String, exit: i32 },
 
+    /// A rotation step failed; `exit` is the code of its root cause. What was done stays
+    /// done, and a second run resumes.
+    #[error("rotation: {message}; run `vault-bootstrap rotate` again to resume (docs/operations.md \"After a compromise\")")]
+    Rotation { message: String, exit: i32 },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -233,6 +238,7 @@ impl Error {
             Error::NodeBusy { .. } => exit::TEMPFAIL,
             Error::Snapshot { exit, .. } => *exit,
             Error::Lifecycle { exit, .. } => *exit,
+            Error::Rotation { exit, .. } => *exit,
             Error::Internal(_) => exit::SOFTWARE,
         }
     }

@@ -28,6 +28,7 @@ pub mod raft_config;
 pub mod raft_store;
 pub mod render;
 pub mod retry;
+pub mod rotation;
 pub mod secret;
 pub mod snapshot;
 pub mod tls;

@@ -23,7 +23,7 @@ use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
 use crate::retry;
 use crate::secret::Secret;
-use crate::vault_api::{Health, VaultClient};
+use crate::vault_api::VaultClient;
 use aws_lc_rs::digest;
 use std::io::Write;
 use std::path::Path;
@@ -155,21 +155,15 @@ pub fn to_prune(keys: &[String], prefix: &str, cluster: &str, keep: usize) -> Ve
 
 /// The first node answering `sys/health` 200 (active). The error lists what each said.
 pub async fn find_active(nodes: &[VaultClient]) -> Result<&VaultClient> {
-    let mut seen = Vec::new();
-    for n in nodes {
-        match n.health().await {
-            Ok(Health::Active) => return Ok(n),
-            Ok(h) => seen.push(format!("{}: {h}", n.base())),
-            Err(e) => seen.push(format!("{}: {e}", n.base())),
-        }
-    }
-    Err(Error::Snapshot {
-        message: format!(
-            "no node answered sys/health 200 (active); {}. Nothing was taken; the next run retries",
-            seen.join("; ")
-        ),
-        exit: exit::TEMPFAIL,
-    })
+    crate::api_clients::find_active(nodes)
+        .await
+        .map_err(|seen| Error::Snapshot {
+            message: format!(
+                "no node answered sys/health 200 (active); {}. Nothing was taken; the next run retries",
+                seen.join("; ")
+            ),
+            exit: exit::TEMPFAIL,
+        })
 }
 
 /// Logs in with the escrowed AppRole; returns a 10-minute token, usable only from the

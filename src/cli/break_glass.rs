@@ -24,19 +24,25 @@ pub async fn run(cfg: &Config, from_escrow: bool, yes: bool) -> Result<i32> {
         let layout = Layout::new(cfg, &id.tag_value);
         let s3 = SdkS3::new(&id.sdk);
         let kms = SdkKms::new(&id.sdk);
-        let marker = escrow::require_marker(&s3, &layout, deadline).await?;
-        if marker.pgp {
+        // The shares in force are the current generation's (`rotate` makes new ones).
+        let current = escrow::generation::current(&s3, &layout, deadline).await?;
+        if current.pgp {
             // Then each escrowed share is a PGP message only its holder can open.
             return Err(Error::Usage {
                 message: "the escrowed recovery keys are PGP-encrypted to their holders: have threshold-many holders decrypt theirs (`escrow reveal` + gpg) and type them into `break-glass` without --from-escrow".into(),
             });
         }
         let mut v = Vec::new();
-        for n in 1..=marker.recovery_threshold as usize {
+        for n in 1..=current.threshold as usize {
             v.push(
-                escrow::decrypt_item(&s3, &kms, &layout, &Layout::share_item(n), deadline).await?,
+                escrow::decrypt_item(&s3, &kms, &current.layout, &Layout::share_item(n), deadline)
+                    .await?,
             );
         }
+        tracing::info!(
+            generation = current.layout.generation,
+            "recovery keys taken from the escrow"
+        );
         v
     } else {
         eprintln!("Type the recovery keys, one per line, then end with Ctrl-D:");

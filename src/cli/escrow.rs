@@ -30,6 +30,7 @@ pub async fn verify(cfg: &Config) -> Result<i32> {
         "marker: {}",
         if r.marker { "present" } else { "MISSING" }
     );
+    let _ = writeln!(out, "generation: {} (current)", r.generation);
     let _ = writeln!(
         out,
         "recovery keys: {}/{} present and decrypt",
@@ -139,24 +140,24 @@ pub async fn reveal(cfg: &Config, n: usize, yes: bool) -> Result<i32> {
     let layout = Layout::new(cfg, &id.tag_value);
     let deadline = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::new(&id.sdk);
-    let marker = escrow::require_marker(&s3, &layout, deadline).await?;
-    if n == 0 || n > marker.recovery_shares {
+    let current = escrow::generation::current(&s3, &layout, deadline).await?;
+    if n == 0 || n > current.shares {
         return Err(Error::Usage {
             message: format!(
-                "--share {n} is out of range: this escrow has shares 1..={}",
-                marker.recovery_shares
+                "--share {n} is out of range: generation {} of this escrow has shares 1..={}",
+                current.layout.generation, current.shares
             ),
         });
     }
     let share = escrow::decrypt_item(
         &s3,
         &SdkKms::new(&id.sdk),
-        &layout,
+        &current.layout,
         &Layout::share_item(n),
         deadline,
     )
     .await?;
-    tracing::info!(share = n, cluster = %layout.cluster, "recovery key revealed to a key holder");
+    tracing::info!(share = n, generation = current.layout.generation, cluster = %layout.cluster, "recovery key revealed to a key holder");
     let mut out = std::io::stdout();
     writeln!(out, "{}", share.expose()).map_err(|e| Error::Internal(format!("stdout: {e}")))?;
     Ok(exit::OK)

@@ -8,6 +8,7 @@ pub mod install;
 pub mod refresh_tls;
 pub mod rejoin;
 pub mod render;
+pub mod rotate;
 pub mod snapshot;
 pub mod status;
 pub mod watch;
@@ -71,6 +72,18 @@ pub enum Command {
     Escrow(EscrowCommand),
     /// Raft snapshot of the cluster to S3 (the hourly timer runs this); `snapshot restore`.
     Snapshot(SnapshotArgs),
+    /// After a compromise (operator role, VAULT_TOKEN): rekey the recovery key into a new
+    /// escrow generation, rotate the keyring and the root key, replace the node credentials.
+    /// Resumes an interrupted run.
+    Rotate {
+        /// Required: the old recovery keys stop working.
+        #[arg(long)]
+        yes: bool,
+        /// Rotate only away from this generation: when it is already replaced, only finish
+        /// what is unfinished (a repeat of the same request does not rotate twice).
+        #[arg(long, value_name = "N")]
+        from_generation: Option<u32>,
+    },
     /// Long-running (its own unit): leave the cluster gracefully when the group terminates
     /// this instance (terminate hook), and reap raft peers whose instances are gone.
     Watch,
@@ -175,6 +188,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             };
             snapshot::restore(&cfg, &from, how).await
         }
+        Command::Rotate {
+            yes,
+            from_generation,
+        } => rotate::run(&cfg, yes, from_generation).await,
         Command::Install(args) => install::run(&args),
     }
 }

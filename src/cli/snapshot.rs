@@ -9,7 +9,6 @@ use crate::config::Config;
 use crate::error::{exit, Error, Result};
 use crate::escrow::Layout;
 use crate::secret::Secret;
-use crate::vault_api::VaultClient;
 use crate::{api_clients, node, snapshot};
 use std::io::Write;
 use std::time::Duration;
@@ -20,23 +19,6 @@ fn cluster_ca(cfg: &Config) -> Result<Vec<u8>> {
         message: e.to_string(),
         exit: exit::NOINPUT,
     })
-}
-
-/// This node first, then its peers as EC2 lists them now: the clients
-/// [`snapshot::find_active`] tries.
-async fn nodes(
-    cfg: &Config,
-    id: node::Identity,
-    ca: &[u8],
-    local: VaultClient,
-) -> Result<(node::Node, Vec<VaultClient>)> {
-    let me = id.facts.local_ipv4;
-    let n = node::current(cfg, id).await?;
-    let mut clients = vec![local];
-    for p in n.peers.iter().filter(|p| !p.is_self) {
-        clients.push(api_clients::client(cfg, ca, p.ip, me)?);
-    }
-    Ok((n, clients))
 }
 
 /// Takes one snapshot and stores it (see [`snapshot::take`]); prints its URL, size, sha256.
@@ -51,7 +33,7 @@ pub async fn take(cfg: &Config, only_if_active: bool) -> Result<i32> {
         );
         return Ok(exit::OK);
     }
-    let (n, clients) = nodes(cfg, id, &ca, local).await?;
+    let (n, clients) = api_clients::with_peers(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
     let s3 = SdkS3::for_streams(&n.sdk);
@@ -130,7 +112,7 @@ pub async fn restore(cfg: &Config, from: &str, how: Restore) -> Result<i32> {
     }
     let ca = cluster_ca(cfg)?;
     let local = api_clients::local(cfg, &id.facts, &ca)?;
-    let (n, clients) = nodes(cfg, id, &ca, local).await?;
+    let (n, clients) = api_clients::with_peers(cfg, id, &ca, local).await?;
     let active = snapshot::find_active(&clients).await?;
     let size = snapshot::restore(
         cfg,

@@ -85,6 +85,19 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         }
     };
     let pending = init::has_pending(&cfg.agent.state_dir);
+    // Which generation of the recovery keys is in force, and any rotation left unfinished.
+    let generations = match &marker {
+        Some(_) => match escrow::generation::scan(&s3, &layout, deadline).await {
+            Ok(g) => json!({
+                "current": g.current(),
+                "unfinished_rotation": g.open_attempt(),
+                "superseded": g.superseded,
+                "abandoned": g.abandoned,
+            }),
+            Err(e) => json!(format!("unknown: {e}")),
+        },
+        None => Value::Null,
+    };
     // Without a marker, who holds the init lock and what EC2 says of it: a holder that is
     // gone never finishes the escrow.
     let holder = match &marker {
@@ -140,6 +153,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
             "keys": keys,
             "init_lock_holder": holder.as_ref().map(|h| json!({"instance_id": h.instance_id, "ec2_state": holder_state})),
             "marker_cluster_id": marker.as_ref().and_then(|m| m.cluster_id.clone()),
+            "generation": generations,
         },
         "post_init": post_init,
         "member_record": member.map(|m| json!({"cluster": m.cluster, "cluster_id": m.cluster_id, "post_init_done": m.post_init_done, "recorded_unix": m.recorded_unix})),

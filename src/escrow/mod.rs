@@ -6,10 +6,13 @@
 //! Layout under `s3://<escrow_bucket>/<escrow_prefix>/<cluster>/`:
 //! `recovery-key-<n>.enc` (n from 1), `root-token.enc`, `snapshot-approle.enc` (the
 //! snapshot credentials, see `crate::snapshot`), `cluster-initialized.json`,
-//! `init-lock/<generation>.json` (see `init::lock`).
+//! `init-lock/<generation>.json` (see `init::lock`). After a rotation (`crate::rotation`)
+//! the recovery keys and node credentials in force live under `generations/<n>/`
+//! ([`generation`]).
 //! An operator can decrypt an item with plain `aws kms decrypt` and the context below.
 
 pub mod finish;
+pub mod generation;
 pub mod pending;
 
 use crate::aws::kms::{Context, Kms};
@@ -58,6 +61,9 @@ pub struct Layout {
     pub prefix: String,
     pub kms_key_id: String,
     pub cluster: String,
+    /// Which generation of the recovery keys and node credentials [`Layout::object`] names:
+    /// [`generation::FIRST`] (init's, directly under `prefix`) until a rotation.
+    pub generation: u32,
 }
 
 impl Layout {
@@ -67,6 +73,15 @@ impl Layout {
             prefix: format!("{}/{}/", cfg.init.escrow_prefix.trim_matches('/'), cluster),
             kms_key_id: cfg.escrow_kms_key_id().to_owned(),
             cluster: cluster.to_owned(),
+            generation: generation::FIRST,
+        }
+    }
+
+    /// The same escrow, naming generation `n`'s items.
+    pub fn at(&self, n: u32) -> Layout {
+        Layout {
+            generation: n,
+            ..self.clone()
         }
     }
 
@@ -102,8 +117,18 @@ impl Layout {
     /// The lifecycle AppRole's role_id and secret_id (JSON), see `crate::lifecycle`.
     pub const LIFECYCLE_APPROLE_ITEM: &'static str = "lifecycle-approle";
 
+    /// Item `item` of this layout's generation: init's items sit directly under the prefix
+    /// (where they always were), a rotation's under its generation's directory.
     pub fn object(&self, item: &str) -> String {
-        format!("{}{item}.enc", self.prefix)
+        if self.generation <= generation::FIRST {
+            format!("{}{item}.enc", self.prefix)
+        } else {
+            format!("{}{item}.enc", self.generation_dir(self.generation))
+        }
+    }
+    /// `generations/<n>/`: a rotation's items and records.
+    pub fn generation_dir(&self, n: u32) -> String {
+        format!("{}generations/{n}/", self.prefix)
     }
     pub fn marker(&self) -> String {
         format!("{}cluster-initialized.json", self.prefix)
@@ -464,8 +489,11 @@ pub async fn require_marker<S: ObjectStore>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub marker: bool,
+    /// The generation in force ([`generation`]), whose shares were checked.
+    pub generation: u32,
     pub shares_expected: usize,
     pub shares_ok: usize,
+    /// Init's root token (generation 1 only: a rotation makes no root token).
     pub root_token_ok: bool,
     pub problems: Vec<String>,
 }
@@ -479,30 +507,39 @@ impl Report {
     }
 }
 
-/// Checks that the marker and every share are present and decrypt; never returns secrets.
+/// Checks that the marker and every share of the generation in force are present and
+/// decrypt; never returns secrets.
 pub async fn verify<S: ObjectStore, K: Kms>(
     s3: &S,
     kms: &K,
     layout: &Layout,
     deadline: Duration,
 ) -> Result<Report> {
-    let marker = read_marker(s3, layout, deadline).await?;
+    let current = match generation::current(s3, layout, deadline).await {
+        Ok(c) => Some(c),
+        Err(Error::Escrow { .. }) if read_marker(s3, layout, deadline).await?.is_none() => None,
+        Err(e) => return Err(e),
+    };
     let mut r = Report {
-        marker: marker.is_some(),
-        shares_expected: marker.as_ref().map(|m| m.recovery_shares).unwrap_or(0),
+        marker: current.is_some(),
+        generation: current
+            .as_ref()
+            .map_or(generation::FIRST, |c| c.layout.generation),
+        shares_expected: current.as_ref().map_or(0, |c| c.shares),
         shares_ok: 0,
         root_token_ok: false,
         problems: Vec::new(),
     };
-    if marker.is_none() {
+    if current.is_none() {
         r.problems.push(format!(
             "marker {} is missing",
             layout.url(&layout.marker())
         ));
     }
+    let at = layout.at(r.generation);
     for n in 1..=r.shares_expected {
         let name = Layout::share_item(n);
-        match decrypt_item(s3, kms, layout, &name, deadline).await {
+        match decrypt_item(s3, kms, &at, &name, deadline).await {
             Ok(_) => r.shares_ok += 1,
             // Denied is not a finding about the escrow: these credentials may not read it
             // (the node role), and the error says which role can.
@@ -515,9 +552,15 @@ pub async fn verify<S: ObjectStore, K: Kms>(
             Err(e) => r.problems.push(format!("{name}: {e}")),
         }
     }
-    r.root_token_ok = decrypt_item(s3, kms, layout, Layout::ROOT_ITEM, deadline)
-        .await
-        .is_ok();
+    r.root_token_ok = decrypt_item(
+        s3,
+        kms,
+        &layout.at(generation::FIRST),
+        Layout::ROOT_ITEM,
+        deadline,
+    )
+    .await
+    .is_ok();
     Ok(r)
 }
 
@@ -711,6 +754,7 @@ mod tests {
             prefix: "vault-bootstrap/prod/".into(),
             kms_key_id: "alias/escrow".into(),
             cluster: "prod".into(),
+            generation: generation::FIRST,
         }
     }
 

@@ -354,6 +354,7 @@ mod tests {
             prefix: "p/prod/".into(),
             kms_key_id: "alias/escrow".into(),
             cluster: "prod".into(),
+            generation: crate::escrow::generation::FIRST,
         }
     }
 

@@ -227,6 +227,7 @@ mod tests {
             prefix: "vb/prod/".into(),
             kms_key_id: "k".into(),
             cluster: "prod".into(),
+            generation: crate::escrow::generation::FIRST,
         }
     }
     const D: Duration = Duration::from_secs(1);

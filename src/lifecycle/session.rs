@@ -80,21 +80,15 @@ async fn leader_seen_by(
     if body["is_self"].as_bool() == Some(true) {
         return Ok(Some((node, mine)));
     }
-    let Some(ip) = body["leader_address"].as_str().and_then(host_ip) else {
+    let Some(ip) = body["leader_address"]
+        .as_str()
+        .and_then(api_clients::host_ip)
+    else {
         return Ok(None);
     };
     let is_me = ip == ctx.facts.local_ipv4;
     let client = api_clients::client(ctx.cfg, ctx.ca, ip, ctx.facts.local_ipv4)?;
     Ok(Some((client, is_me)))
-}
-
-/// The IP address in an `api_addr` URL (`https://10.0.1.7:8200`, `https://[fd00::1]:8200`).
-/// The agent renders `api_addr` from the instance's address, so a name here means a
-/// cluster not rendered by it: no address.
-pub fn host_ip(url: &str) -> Option<IpAddr> {
-    let url = reqwest::Url::parse(url).ok()?;
-    // An IPv6 host comes bracketed, as in the URL.
-    url.host_str()?.trim_matches(['[', ']']).parse().ok()
 }
 
 /// One login kept across the polls of one wait (a launch hook's, a leave's): a login costs an
@@ -255,28 +249,5 @@ impl Session {
     /// Ends the login now rather than at its TTL (best effort).
     pub async fn close(self) {
         approle::revoke_self(&self.leader, &self.token).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn api_addr_hosts_parse() {
-        assert_eq!(
-            host_ip("https://10.0.1.7:8200"),
-            Some("10.0.1.7".parse().unwrap())
-        );
-        assert_eq!(
-            host_ip("https://[fd00::1]:8200"),
-            Some("fd00::1".parse().unwrap())
-        );
-        assert_eq!(
-            host_ip("http://127.0.99.1:8200/"),
-            Some("127.0.99.1".parse().unwrap())
-        );
-        assert_eq!(host_ip("https://vault.example:8200"), None);
-        assert_eq!(host_ip(""), None);
     }
 }

@@ -214,6 +214,7 @@ mod tests {
             prefix: "vault-bootstrap/prod/".into(),
             kms_key_id: "arn:aws:kms:eu-west-1:1:key/k".into(),
             cluster: "prod".into(),
+            generation: crate::escrow::generation::FIRST,
         }
     }
 

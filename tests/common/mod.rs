@@ -1120,16 +1120,23 @@ impl Testbed {
             prefix: format!("vault-bootstrap/{tag}/"),
             kms_key_id: "alias/vault-escrow".into(),
             cluster: tag.into(),
+            generation: vault_bootstrap::escrow::generation::FIRST,
         }
     }
 
     /// Decrypts one escrow item through the library (as an operator with KMS access would).
     pub async fn escrowed(&self, tag: &str, item: &str) -> String {
+        self.escrowed_at(tag, vault_bootstrap::escrow::generation::FIRST, item)
+            .await
+    }
+
+    /// Item `item` of escrow generation `generation` (a rotation's), decrypted.
+    pub async fn escrowed_at(&self, tag: &str, generation: u32, item: &str) -> String {
         let sdk = self.sdk().await;
         let s = vault_bootstrap::escrow::decrypt_item(
             &vault_bootstrap::aws::s3::SdkS3::new(&sdk),
             &vault_bootstrap::aws::kms::SdkKms::new(&sdk),
-            &self.layout(tag),
+            &self.layout(tag).at(generation),
             item,
             Duration::from_secs(10),
         )
