@@ -66,19 +66,16 @@ pub const ROLE: approle::Role = approle::Role {
 /// (once), bound to `snapshot.bound_cidrs`, or else to the addresses of `local` and `peers`.
 pub async fn provision<S: ObjectStore, K: Kms>(
     cfg: &Config,
-    local: &VaultClient,
-    peers: &[VaultClient],
+    server: &VaultClient,
+    nodes: &[std::net::IpAddr],
     root: &Secret,
     s3: &S,
     kms: &K,
     layout: &Layout,
 ) -> Result<()> {
-    let cidrs = approle::bound_cidrs(
-        &cfg.snapshot.bound_cidrs,
-        std::iter::once(local.ip()).chain(peers.iter().map(VaultClient::ip)),
-    );
+    let cidrs = approle::bound_cidrs(&cfg.snapshot.bound_cidrs, nodes.iter().copied());
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    approle::provision(&ROLE, &cidrs, local, root, s3, kms, layout, aws).await
+    approle::provision(&ROLE, &cidrs, server, root, s3, kms, layout, aws).await
 }
 
 /// `<prefix>/<cluster>/`: where one cluster's snapshots live.

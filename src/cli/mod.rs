@@ -96,8 +96,8 @@ pub enum EscrowCommand {
     /// Check that every share and the marker are present and decrypt (prints counts only).
     Verify,
     /// Finish an escrow whose initializer is gone, from the copy of its init response in
-    /// S3, then post-init when this node is the active one (operator role; run it on the
-    /// active node).
+    /// S3, then post-init, through the active node when this one is a standby (operator
+    /// role).
     Finish {
         /// The initializer's instance id (default: the init lock's holder).
         #[arg(long, value_name = "INSTANCE_ID")]

@@ -29,7 +29,7 @@ pub async fn run(cfg: &Config) -> Result<i32> {
     ) {
         (_, Ok(Some(p))) => json!({"state": "done", "root_revoked": p.root_revoked}),
         (Some(m), Ok(None)) => {
-            json!({"state": "UNFINISHED", "initialized_by": m.instance_id, "why": "audit device, autopilot and root-token revocation are not recorded done; they resume when the initializer boots as the active node"})
+            json!({"state": "UNFINISHED", "initialized_by": m.instance_id, "why": "audit device, autopilot and root-token revocation are not recorded done; they resume at the initializer's next boot, whatever its role, or with `escrow finish` if it is gone"})
         }
         (None, Ok(None)) => json!({"state": "not initialized"}),
         (_, Err(e)) => json!({"state": format!("unknown: {e}")}),

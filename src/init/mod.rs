@@ -543,12 +543,10 @@ async fn finish<S: ObjectStore, K: Kms, E: Ec2Api>(
     )
     .await
     .map_err(not_escrowed)?;
-    let done = post_init(cfg, me, d, layout, &secrets.root_token, first_run).await?;
-    if done {
-        pending::remove(state_dir)?;
-        crash_point("pending-removed");
-    }
-    Ok(done)
+    post_init(cfg, me, d, layout, &secrets.root_token, first_run).await?;
+    pending::remove(state_dir)?;
+    crash_point("pending-removed");
+    Ok(true)
 }
 
 fn revoked_earlier() -> PostInit {
@@ -591,7 +589,7 @@ async fn resume_post_init<S: ObjectStore, K: Kms, E: Ec2Api>(
         // Only the initializer can finish it (it alone may read the root token back); every
         // other member says so, quietly while the initializer is plausibly still at it.
         if age > POST_INIT_GRACE_SECS {
-            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots as the active node; if that instance is gone, finish it by hand (docs/internals.md \"Init and escrow\")", marker.instance_id);
+            tracing::warn!(initializer = %marker.instance_id, age_secs = age, "POST-INIT UNFINISHED: the cluster was initialized {age} s ago and its post-init (audit device, autopilot, root token revocation) is not recorded done. It resumes when {} boots again; if that instance is gone, finish it with `vault-bootstrap escrow finish` (docs/operations.md \"An initialiser gone before its escrow finished\")", marker.instance_id);
         } else {
             tracing::info!(initializer = %marker.instance_id, "post-init is in progress on the initializer");
         }
@@ -650,10 +648,9 @@ async fn unescrowed<S: ObjectStore, K, E: Ec2Api>(
 }
 
 /// Audit device, autopilot, root token revocation (seed article, steps 4-7). Each step is
-/// idempotent, so a repeat after a crash is harmless.
-/// Returns false, with a warning, when it cannot run here now: a resumed run (`patient` is
-/// false) on a node that is a standby. The first run waits until its node is active (it
-/// just initialized a one-node cluster, so it will be).
+/// idempotent, so a repeat after a crash is harmless. The first run (`patient`) waits until
+/// its node is active (it just initialized a one-node cluster, so it will be); a resumed run
+/// on a standby goes through the active node.
 async fn post_init<S: ObjectStore, K: Kms, E>(
     cfg: &Config,
     me: &Me<'_>,
@@ -661,22 +658,67 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
     layout: &Layout,
     root: &Secret,
     patient: bool,
-) -> Result<bool> {
+) -> Result<()> {
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
-    // Post-init's API calls, and OpenBao's declared audit device, need the active node.
-    if patient {
+    // Post-init's API calls need the active node. A first run waits for this node to be it
+    // (it just initialized a one-node cluster). A resumed run on a standby goes through it:
+    // a standby forwards every call to the active node, so the root token is revoked within
+    // this boot rather than at some later boot as the active node.
+    let standby = if patient {
         wait_active(d.local, join).await?;
-    } else if d.local.health().await != Ok(Health::Active) {
-        tracing::warn!("POST-INIT UNFINISHED: this node initialized the cluster, but it is a standby now; the pending init file is kept, and post-init resumes when this node boots as the active node (or an operator finishes it by hand, docs/internals.md \"Init and escrow\")");
-        return Ok(false);
-    }
+        false
+    } else if d.local.health().await == Ok(Health::Active) {
+        false
+    } else {
+        wait_for_leader(d.local, join).await?;
+        tracing::info!("this node initialized the cluster and is a standby now: post-init goes through the active node");
+        true
+    };
+    // On a standby every call goes to the active node by its address: an OpenBao standby
+    // answers some writes itself, from its read-only storage, and fails them.
+    let leader;
+    let server: &VaultClient = if standby {
+        let ca = crate::api_clients::cluster_ca(cfg)?;
+        leader = crate::api_clients::leader_of(cfg, &ca, d.local.clone(), me.facts.local_ipv4)
+            .await?
+            .ok_or_else(|| Error::Init {
+                message: "this node's server names no active node (sys/leader) now".into(),
+                retriable: true,
+            })?;
+        &leader
+    } else {
+        d.local
+    };
     let api = |call: &str, status: u16, body: &serde_json::Value| Error::Init {
         message: format!("{call} answered HTTP {status}: {}", body["errors"]),
         retriable: false,
     };
 
-    // Audit: OpenBao takes its device from vault.hcl (rendered); Vault gets it by API.
-    if me.flavor == Flavor::Openbao {
+    // Audit: OpenBao takes its device from vault.hcl (rendered on every node, and loaded by
+    // the active node when it became active); Vault gets it by API.
+    if me.flavor == Flavor::Openbao && standby {
+        let (status, body) = server
+            .call(Method::GET, "sys/audit", Some(root), None)
+            .await?;
+        if status == 403 {
+            tracing::info!("root token already revoked: post-init was complete");
+            mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
+            return Ok(());
+        }
+        let listed = body["data"]
+            .as_object()
+            .or_else(|| body.as_object())
+            .is_some_and(|m| m.values().any(|v| v["type"] == "file"));
+        if status != 200 || !listed {
+            return Err(Error::Init {
+                message: format!(
+                    "the active node lists no file audit device (GET sys/audit answered HTTP {status}); it loads the one its vault.hcl declares when it becomes active or on SIGHUP: reload its server (`systemctl reload vault`), and this boot's retry finishes post-init"
+                ),
+                retriable: true,
+            });
+        }
+        tracing::info!("the active node serves the declared file audit device");
+    } else if me.flavor == Flavor::Openbao {
         // Declared devices are created on the active node at start and on SIGHUP; this
         // node became active after its start, so reload it once.
         d.reloader.reload().await?;
@@ -686,8 +728,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         if let Some(dir) = cfg.init.audit_file_path.parent() {
             fsutil::ensure_dir(dir, 0o750, me.vault_owner)?;
         }
-        let (status, body) = d
-            .local
+        let (status, body) = server
             .call(
                 Method::PUT,
                 "sys/audit/file",
@@ -704,7 +745,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
                 // Only a revoked root token answers 403 here, and revocation is the last step.
                 tracing::info!("root token already revoked: post-init was complete");
                 mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
-                return Ok(true);
+                return Ok(());
             }
             s => return Err(api("PUT sys/audit/file", s, &body)),
         }
@@ -712,8 +753,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
 
     let threshold =
         parse_duration_secs(&cfg.init.dead_server_last_contact_threshold).unwrap_or(600);
-    let (status, body) = d
-        .local
+    let (status, body) = server
         .call(
             Method::POST,
             "sys/storage/raft/autopilot/configuration",
@@ -728,7 +768,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
     if status == 403 {
         tracing::info!("root token already revoked: post-init was complete");
         mark_post_init_done(d.s3, layout, &revoked_earlier()).await?;
-        return Ok(true);
+        return Ok(());
     }
     if !(200..300).contains(&status) {
         return Err(api(
@@ -743,14 +783,18 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         dead_server_last_contact_threshold_secs = threshold,
         "autopilot configured"
     );
-    crate::snapshot::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
-    crate::lifecycle::provision(cfg, d.local, d.peers, root, d.s3, d.kms, layout).await?;
+    // The node credentials are bound to the cluster's addresses: this node's and its peers'.
+    let nodes: Vec<std::net::IpAddr> = std::iter::once(d.local.ip())
+        .chain(d.peers.iter().map(VaultClient::ip))
+        .collect();
+    crate::snapshot::provision(cfg, server, &nodes, root, d.s3, d.kms, layout).await?;
+    crate::lifecycle::provision(cfg, server, &nodes, root, d.s3, d.kms, layout).await?;
 
     // Never locked out: revoke root only once an operator login path reads back as written
     // and the recovery-key path to a new root token (break-glass) is open.
     let operator_ca = crate::access::operator_ca(cfg, d.s3).await?;
-    let paths = crate::access::configure(cfg, d.local, root, operator_ca.as_deref()).await?;
-    let glass = crate::access::break_glass_open(d.local).await;
+    let paths = crate::access::configure(cfg, server, root, operator_ca.as_deref()).await?;
+    let glass = crate::access::break_glass_open(server).await;
     let keep_reason = if !cfg.init.revoke_root_token {
         Some("init.revoke_root_token = false".to_string())
     } else if paths.is_empty() {
@@ -762,8 +806,7 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
     };
     match &keep_reason {
         None => {
-            let (status, body) = d
-                .local
+            let (status, body) = server
                 .call(Method::POST, "auth/token/revoke-self", Some(root), None)
                 .await?;
             if !(200..300).contains(&status) && status != 403 {
@@ -782,19 +825,18 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
         reason: keep_reason,
     };
     mark_post_init_done(d.s3, layout, &record).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Post-init by an operator who holds the root token (an escrow finished by hand, its
-/// initializer gone): the same steps, on this node when it is the active one; false, with
-/// a warning, on a standby.
+/// initializer gone): the same steps, through the active node when this one is a standby.
 pub async fn post_init_by_operator<S: ObjectStore, K: Kms, E>(
     cfg: &Config,
     me: &Me<'_>,
     d: &Deps<'_, S, K, E>,
     layout: &Layout,
     root: &Secret,
-) -> Result<bool> {
+) -> Result<()> {
     if post_init_record(
         d.s3,
         layout,
@@ -803,7 +845,7 @@ pub async fn post_init_by_operator<S: ObjectStore, K: Kms, E>(
     .await?
     .is_some()
     {
-        return Ok(true);
+        return Ok(());
     }
     post_init(cfg, me, d, layout, root, false).await
 }
@@ -870,6 +912,34 @@ async fn wait_cluster_id(local: &VaultClient, bound: Duration) -> Result<String>
         message: "this node is unsealed but its sys/health reports no cluster_id; the init response stays in the pending file".into(),
         retriable: true,
     })
+}
+
+/// Waits, bounded, until this node's server names an active node (`sys/leader`): a
+/// standby forwards calls only to a leader it knows.
+async fn wait_for_leader(local: &VaultClient, bound: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        let last = match local.call(Method::GET, "sys/leader", None, None).await {
+            Ok((200, b)) if b["is_self"] == true => return Ok(()),
+            Ok((200, b)) if b["leader_address"].as_str().is_some_and(|a| !a.is_empty()) => {
+                return Ok(())
+            }
+            Ok((s, b)) => format!("HTTP {s}: {b}"),
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff.next_delay();
+        if start.elapsed() + delay > bound {
+            return Err(Error::Init {
+                message: format!(
+                    "this node's server named no active node within {} s (last: {last})",
+                    bound.as_secs()
+                ),
+                retriable: true,
+            });
+        }
+        tokio::time::sleep(delay).await;
+    }
 }
 
 async fn wait_active(local: &VaultClient, bound: Duration) -> Result<Health> {

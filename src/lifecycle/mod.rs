@@ -83,8 +83,8 @@ pub const ROLE: approle::Role = approle::Role {
 /// addresses of `local` and `peers`.
 pub async fn provision<S: ObjectStore, K: Kms>(
     cfg: &Config,
-    local: &VaultClient,
-    peers: &[VaultClient],
+    server: &VaultClient,
+    nodes: &[std::net::IpAddr],
     root: &Secret,
     s3: &S,
     kms: &K,
@@ -95,12 +95,9 @@ pub async fn provision<S: ObjectStore, K: Kms>(
     } else {
         &cfg.lifecycle.bound_cidrs
     };
-    let cidrs = approle::bound_cidrs(
-        configured,
-        std::iter::once(local.ip()).chain(peers.iter().map(VaultClient::ip)),
-    );
+    let cidrs = approle::bound_cidrs(configured, nodes.iter().copied());
     let aws = Duration::from_secs(cfg.agent.aws_timeout_secs);
-    approle::provision(&ROLE, &cidrs, local, root, s3, kms, layout, aws).await
+    approle::provision(&ROLE, &cidrs, server, root, s3, kms, layout, aws).await
 }
 
 /// What `boot` does for the group once the node is settled (its node lock released):
