@@ -297,8 +297,8 @@ pub async fn login<S: ObjectStore, K: Kms>(
     layout: &Layout,
     aws: Duration,
 ) -> std::result::Result<Secret, LoginError> {
-    // After a rotation the credentials in force are the current generation's.
-    let current = escrow::generation::current_layout(s3, layout, aws)
+    // After a rotation the credentials in force are the newest generation's that has them.
+    let current = escrow::generation::layout_holding(s3, layout, role.item, aws)
         .await
         .map_err(LoginError::Item)?;
     let item = escrow::decrypt_item(s3, kms, &current, role.item, aws)

@@ -90,7 +90,8 @@ pub async fn run(cfg: &Config) -> Result<i32> {
         Some(_) => match escrow::generation::scan(&s3, &layout, deadline).await {
             Ok(g) => json!({
                 "current": g.current(),
-                "unfinished_rotation": g.open_attempt(),
+                // A rotation that stopped: before its key came into force, or after.
+                "unfinished_rotation": g.open_attempt().or(g.unfinished()),
                 "superseded": g.superseded,
                 "abandoned": g.abandoned,
             }),

@@ -4,9 +4,12 @@
 //! `cluster-initialized.json` marker as its record. A rotation ([`crate::rotation`]) makes
 //! generation n under `generations/<n>/`, every object write-once:
 //! - `claim.json`: the attempt at n began (one at a time; a second run resumes it);
-//! - the new recovery shares and node credentials, each read back after upload;
-//! - `rotated.json`: written only once n's recovery key is in force at the server; from then
-//!   on n is the current generation;
+//! - the new recovery shares, each read back after upload, before the server takes them;
+//! - `rotated.json`: written as soon as n's recovery key is in force at the server; from then
+//!   on n is the current generation (its shares are the ones that work);
+//! - the new node credentials, then `finished.json`: the rest of the rotation (keyring, root
+//!   key, credentials) is done. Until then the nodes keep using the newest credentials that
+//!   exist ([`layout_holding`]);
 //! - `abandoned.json`: an attempt whose key never came into force (a crash before all its
 //!   shares were escrowed, or before the server took them); it is never current;
 //! - `superseded.json`: on the generation that n replaced, once n is current.
@@ -26,6 +29,7 @@ pub const FIRST: u32 = 1;
 
 pub const CLAIM: &str = "claim.json";
 pub const RECORD: &str = "rotated.json";
+pub const FINISHED: &str = "finished.json";
 pub const ABANDONED: &str = "abandoned.json";
 pub const SUPERSEDED: &str = "superseded.json";
 
@@ -49,6 +53,13 @@ pub struct Record {
     pub recovery_shares: usize,
     pub recovery_threshold: u8,
     pub kms_key_id: String,
+}
+
+/// What `finished.json` says: the rest of the rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finished {
+    pub generation: u32,
+    pub finished_unix: u64,
     /// The keyring term after the rotation (`sys/key-status`), when the server said.
     pub keyring_term: Option<u64>,
     /// Whether the root key was rotated too; false where the server offers no way
@@ -68,6 +79,7 @@ pub struct Mark {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Generations {
     pub recorded: BTreeSet<u32>,
+    pub finished: BTreeSet<u32>,
     pub claimed: BTreeSet<u32>,
     pub abandoned: BTreeSet<u32>,
     pub superseded: BTreeSet<u32>,
@@ -86,6 +98,7 @@ impl Generations {
             let Ok(n) = n.parse::<u32>() else { continue };
             let set = match file {
                 RECORD if n > FIRST => &mut g.recorded,
+                FINISHED if n > FIRST => &mut g.finished,
                 CLAIM if n > FIRST => &mut g.claimed,
                 ABANDONED => &mut g.abandoned,
                 SUPERSEDED => &mut g.superseded,
@@ -112,10 +125,17 @@ impl Generations {
             .find(|n| *n > cur && !self.abandoned.contains(n) && !self.recorded.contains(n))
     }
 
+    /// The current generation when its rotation stopped after its key came into force,
+    /// before the keyring, root key and node credentials were done.
+    pub fn unfinished(&self) -> Option<u32> {
+        let cur = self.current();
+        (cur > FIRST && !self.finished.contains(&cur)).then_some(cur)
+    }
+
     /// The number of a new attempt: above everything ever claimed.
     pub fn next(&self) -> u32 {
         let claimed = self.claimed.iter().next_back().copied().unwrap_or(FIRST);
-        claimed.max(self.current()) + 1
+        claimed.max(self.current()).saturating_add(1)
     }
 
     /// Generations that were in force and are replaced but not yet marked so (a run that
@@ -152,14 +172,29 @@ pub async fn scan<S: ObjectStore>(
     Ok(Generations::parse(layout, &keys))
 }
 
-/// The layout of the generation in force: where a node finds its credentials and an
-/// operator the recovery keys.
-pub async fn current_layout<S: ObjectStore>(
+/// The layout of the newest generation in force, or replaced, that holds `item`: a node
+/// credential of a rotation that has not reached its credentials yet is the previous
+/// generation's, still valid until the rotation replaces it.
+pub async fn layout_holding<S: ObjectStore>(
     s3: &S,
     layout: &Layout,
+    item: &str,
     deadline: Duration,
 ) -> Result<Layout> {
-    Ok(layout.at(scan(s3, layout, deadline).await?.current()))
+    let gens = scan(s3, layout, deadline).await?;
+    for n in gens.recorded.iter().rev().copied() {
+        let at = layout.at(n);
+        let key = at.object(item);
+        if retry::retry("look for an escrow item", deadline, || {
+            s3.get_opt(&layout.bucket, &key)
+        })
+        .await?
+        .is_some()
+        {
+            return Ok(at);
+        }
+    }
+    Ok(layout.at(FIRST))
 }
 
 /// The generation in force and its key configuration.
@@ -313,6 +348,22 @@ mod tests {
         assert_eq!(g.current(), 2);
         assert_eq!(g.unmarked_replaced(), vec![1]);
         assert_eq!(g.open_attempt(), None);
+        assert_eq!(
+            g.unfinished(),
+            Some(2),
+            "its keyring and credentials are not done"
+        );
+        let g = Generations::parse(
+            &layout(),
+            &keys(&["2/claim.json", "2/rotated.json", "2/finished.json"]),
+        );
+        assert_eq!(g.unfinished(), None);
+    }
+
+    #[test]
+    fn the_next_attempt_never_overflows() {
+        let g = Generations::parse(&layout(), &keys(&[&format!("{}/claim.json", u32::MAX)]));
+        assert_eq!(g.next(), u32::MAX);
     }
 
     #[test]

@@ -3,18 +3,20 @@
 //! 1. rekeys the recovery key, so the old shares and the old `core/recovery-key` stop
 //!    working; the new shares are escrowed as a new generation ([`escrow::generation`])
 //!    write-once and read back before the server takes them (the rekey needs verification:
-//!    until the shares are given back, the old key stays in force);
+//!    until the shares are given back, the old key stays in force), and the generation is
+//!    recorded current the moment they are in force;
 //! 2. rotates the keyring, and the root key where the server offers that;
 //! 3. replaces the node credentials (snapshot and lifecycle AppRoles): new role_id, every
 //!    old secret_id destroyed, every token from an AppRole login revoked, new credentials
 //!    escrowed in the new generation;
-//! 4. records the new generation as current, then marks the old one superseded.
+//! 4. records the rotation finished.
 //!
-//! Every step is safe to repeat, and a run resumes whatever an earlier one left: an attempt
-//! whose shares are all escrowed is finished (verified, or found already in force by a
-//! probe rekey that is cancelled), one whose shares are not is abandoned and a new one
-//! begun. So after a crash anywhere and a second run, exactly one generation is current,
-//! and its shares are the ones in force.
+//! Every step is safe to repeat, and a run resumes whatever an earlier one left: a current
+//! generation not finished gets steps 2-4; an attempt whose shares are all escrowed is
+//! brought into force (verified, or found in force by a probe rekey that is cancelled); one
+//! whose shares are not all escrowed, or that a probe finds not in force, is abandoned and a
+//! new one begun. An attempt is abandoned only on the server's explicit word that its shares
+//! are not the key in force. Runs must not overlap (the operator runs one at a time).
 
 pub mod server;
 
@@ -22,7 +24,7 @@ use crate::aws::kms::Kms;
 use crate::aws::s3::{ObjectStore, PutOutcome};
 use crate::clock::now_unix;
 use crate::error::{exit, Error, Result};
-use crate::escrow::generation::{self, Claim, Generations, Mark, Record};
+use crate::escrow::generation::{self, Claim, Finished, Generations, Mark, Record};
 use crate::escrow::{self, crash_point, Layout};
 use crate::secret::Secret;
 use server::{KeyServer, Update};
@@ -68,9 +70,18 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
     c: &Ctx<'_, S, K>,
     from: Option<u32>,
 ) -> Result<Outcome> {
+    if crate::init::post_init_record(c.s3, c.layout, c.aws)
+        .await?
+        .is_none()
+    {
+        return Err(Error::Rotation {
+            message: "post-init of this cluster is not recorded done (the node credentials may not exist yet): let the initializer finish it, or `vault-bootstrap escrow finish`, first; nothing was changed".into(),
+            exit: exit::TEMPFAIL,
+        });
+    }
     let mut abandoned = Vec::new();
-    // An abandoned attempt is followed by a fresh one; a second abandonment in one run
-    // means something other than a crash is wrong.
+    // An abandoned attempt is followed by a fresh one; attempts abandoned again and again
+    // mean something other than a crash is wrong.
     for _ in 0..3 {
         let cur = generation::current(c.s3, c.layout, c.aws).await?;
         if cur.pgp {
@@ -80,16 +91,32 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
         }
         let gens = &cur.generations;
         finish_marks(c, gens).await?;
+        if let Some(n) = gens.unfinished() {
+            // Its key is in force: what is left is the keyring, root key and credentials.
+            let claim = read_claim(c, n).await?;
+            let done = finish(c, &claim).await?;
+            return Ok(Outcome {
+                resumed: true,
+                abandoned,
+                ..done
+            });
+        }
         let open = gens.open_attempt();
-        if let Some(f) = from {
-            if open.is_none() && cur.layout.generation > f {
+        let now = cur.layout.generation;
+        match from {
+            Some(f) if f > now => return Err(Error::Usage {
+                message: format!(
+                    "--from-generation {f}: the current generation is {now}; nothing was changed"
+                ),
+            }),
+            Some(f) if f < now && open.is_none() => {
                 tracing::info!(
-                    current = cur.layout.generation,
+                    current = now,
                     from = f,
                     "generation {f} is already replaced: nothing to do"
                 );
                 return Ok(Outcome {
-                    generation: cur.layout.generation,
+                    generation: now,
                     supersedes: f,
                     resumed: true,
                     abandoned,
@@ -98,6 +125,7 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
                     credentials: Vec::new(),
                 });
             }
+            _ => {}
         }
         let (claim, resumed) = match open {
             Some(n) => (read_claim(c, n).await?, true),
@@ -106,6 +134,7 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
         let n = claim.generation;
         match bring_into_force(c, &cur, &claim).await? {
             Force::InForce => {
+                record(c, &claim).await?;
                 let done = finish(c, &claim).await?;
                 return Ok(Outcome {
                     resumed,
@@ -135,6 +164,26 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
     Err(rotation_err(format!(
         "rotation attempts {abandoned:?} were each abandoned: the server does not take the shares this command escrows. Nothing is lost (the generation in force still works); look at the server's log"
     )))
+}
+
+/// Makes the claim's generation current (its key is in force), and marks what it replaced.
+async fn record<S: ObjectStore, K>(c: &Ctx<'_, S, K>, claim: &Claim) -> Result<()> {
+    let n = claim.generation;
+    let key = c.layout.generation_file(n, generation::RECORD);
+    let record = Record {
+        generation: n,
+        cluster: c.layout.cluster.clone(),
+        supersedes: claim.supersedes,
+        rotated_unix: now_unix(),
+        recovery_shares: claim.recovery_shares,
+        recovery_threshold: claim.recovery_threshold,
+        kms_key_id: c.layout.kms_key_id.clone(),
+    };
+    generation::write_json_once(c.s3, c.layout, &key, &record, c.aws).await?;
+    tracing::info!(generation = n, record = %c.layout.url(&key), "generation {n} is current: its shares are the ones in force");
+    crash_point("rotation-recorded");
+    let gens = generation::scan(c.s3, c.layout, c.aws).await?;
+    finish_marks(c, &gens).await
 }
 
 enum Force {
@@ -199,9 +248,11 @@ async fn bring_into_force<S: ObjectStore, K: Kms>(
     let staged = staged_shares(c, &new, claim.recovery_shares).await?;
     if staged == claim.recovery_shares {
         // An earlier run escrowed every share: they are in force, or about to be, or dead.
-        let shares = decrypt_shares(c, &new, claim.recovery_threshold).await?;
-        if let Some(nonce) = c.server.pending_verification().await? {
-            if c.server.verify(&nonce, &shares).await? {
+        // Every one must decrypt (a holder of one that does not would hold nothing).
+        let shares = decrypt_shares(c, &new, claim.recovery_shares).await?;
+        let shares = &shares[..usize::from(claim.recovery_threshold).min(shares.len())];
+        if let Some(nonce) = c.server.restart_verification().await? {
+            if c.server.verify(&nonce, shares).await? {
                 tracing::info!(
                     generation = claim.generation,
                     "the escrowed shares verified: the new recovery key is in force"
@@ -209,17 +260,7 @@ async fn bring_into_force<S: ObjectStore, K: Kms>(
                 return Ok(Force::InForce);
             }
         }
-        return if probe(c, &shares, claim).await? {
-            tracing::info!(
-                generation = claim.generation,
-                "the escrowed shares are the recovery key in force (an earlier run verified them)"
-            );
-            Ok(Force::InForce)
-        } else {
-            Ok(Force::Abandon(
-                "its shares are escrowed, but the server never took them (the rekey was lost before verification: a leader change or a restart)".into(),
-            ))
-        };
+        return settle_by_probe(c, shares, claim, "its shares are escrowed, but the server does not hold them (the rekey was lost before verification: a leader change or a restart)").await;
     }
     // Any rekey in progress now is one whose shares no escrow holds: it never came into
     // force (verification is required), and its shares must never.
@@ -230,7 +271,7 @@ async fn bring_into_force<S: ObjectStore, K: Kms>(
             claim.recovery_shares
         )));
     }
-    let old = decrypt_shares(c, &cur.layout, cur.threshold).await?;
+    let old = decrypt_shares(c, &cur.layout, usize::from(cur.threshold)).await?;
     let nonce = c
         .server
         .start(claim.recovery_shares, claim.recovery_threshold)
@@ -291,22 +332,52 @@ async fn bring_into_force<S: ObjectStore, K: Kms>(
         "the new shares are escrowed and read back"
     );
     crash_point("rotation-escrowed");
-    let threshold = claim.recovery_threshold as usize;
-    if !c
-        .server
-        .verify(&verification_nonce, &keys[..threshold.min(keys.len())])
+    let threshold = usize::from(claim.recovery_threshold).min(keys.len());
+    if c.server
+        .verify(&verification_nonce, &keys[..threshold])
         .await?
     {
-        return Ok(Force::Abandon(
-            "the server refused the new shares at verification".into(),
-        ));
+        tracing::info!(
+            generation = claim.generation,
+            "the new recovery key is in force; the old shares no longer work"
+        );
+        crash_point("rotation-verified");
+        return Ok(Force::InForce);
     }
-    tracing::info!(
-        generation = claim.generation,
-        "the new recovery key is in force; the old shares no longer work"
-    );
-    crash_point("rotation-verified");
-    Ok(Force::InForce)
+    settle_by_probe(
+        c,
+        &keys[..threshold],
+        claim,
+        "the server refused the new shares at verification",
+    )
+    .await
+}
+
+/// After a verification that did not say it completed: in force if a probe says so, dead
+/// only if the server says these shares are not the key in force, else an error (retry).
+async fn settle_by_probe<S, K>(
+    c: &Ctx<'_, S, K>,
+    shares: &[Secret],
+    claim: &Claim,
+    why_dead: &str,
+) -> Result<Force> {
+    match probe(c, shares, claim).await? {
+        Some(true) => {
+            tracing::info!(
+                generation = claim.generation,
+                "the escrowed shares are the recovery key in force"
+            );
+            Ok(Force::InForce)
+        }
+        Some(false) => Ok(Force::Abandon(why_dead.to_owned())),
+        None => Err(Error::Rotation {
+            message: format!(
+                "cannot tell whether generation {}'s shares are in force: the server's answers to a probe rekey said neither yes nor no",
+                claim.generation
+            ),
+            exit: exit::TEMPFAIL,
+        }),
+    }
 }
 
 /// How many of the generation's shares are in the escrow.
@@ -330,35 +401,40 @@ async fn staged_shares<S: ObjectStore, K>(
     Ok(n)
 }
 
+/// Shares 1..=`count` of generation `at`, decrypted.
 async fn decrypt_shares<S: ObjectStore, K: Kms>(
     c: &Ctx<'_, S, K>,
     at: &Layout,
-    threshold: u8,
+    count: usize,
 ) -> Result<Vec<Secret>> {
     let mut v = Vec::new();
-    for i in 1..=threshold as usize {
+    for i in 1..=count {
         v.push(escrow::decrypt_item(c.s3, c.kms, at, &Layout::share_item(i), c.aws).await?);
     }
     Ok(v)
 }
 
 /// Whether `shares` make the recovery key in force: a rekey is begun and given them, and
-/// cancelled whatever they answer (it needs verification, so nothing changes).
-async fn probe<S, K>(c: &Ctx<'_, S, K>, shares: &[Secret], claim: &Claim) -> Result<bool> {
+/// cancelled whatever they answer (it needs verification, so nothing changes). None when
+/// the answers say neither.
+async fn probe<S, K>(c: &Ctx<'_, S, K>, shares: &[Secret], claim: &Claim) -> Result<Option<bool>> {
     c.server.cancel().await?;
     let nonce = c
         .server
         .start(claim.recovery_shares, claim.recovery_threshold)
         .await?;
-    let mut in_force = false;
+    let mut verdict = None;
     for share in shares {
         match c.server.update(&nonce, share).await {
             Ok(Update::Progress) => continue,
             Ok(Update::Done { .. }) => {
-                in_force = true;
+                verdict = Some(true);
                 break;
             }
-            Ok(Update::WrongKey(_)) => break,
+            Ok(Update::WrongKey(_)) => {
+                verdict = Some(false);
+                break;
+            }
             Err(e) => {
                 let _ = c.server.cancel().await;
                 return Err(e);
@@ -366,15 +442,14 @@ async fn probe<S, K>(c: &Ctx<'_, S, K>, shares: &[Secret], claim: &Claim) -> Res
         }
     }
     c.server.cancel().await?;
-    Ok(in_force)
+    Ok(verdict)
 }
 
-/// With the new recovery key in force: keyring, root key, node credentials, then the
-/// record that makes the generation current, then the mark on the one it replaced.
+/// With the new recovery key in force and recorded: keyring, root key, node credentials,
+/// then the record that the rotation is finished.
 async fn finish<S: ObjectStore, K: Kms>(c: &Ctx<'_, S, K>, claim: &Claim) -> Result<Outcome> {
     let n = claim.generation;
     let new = c.layout.at(n);
-    let record_key = c.layout.generation_file(n, generation::RECORD);
     // Repeating a rotation of the keyring or the root key is harmless: one more term.
     let keyring_term = c.server.rotate_keyring().await?;
     tracing::info!(term = ?keyring_term, "keyring rotated");
@@ -421,22 +496,15 @@ async fn finish<S: ObjectStore, K: Kms>(c: &Ctx<'_, S, K>, claim: &Claim) -> Res
     // Tokens an old secret_id logged in with live at most their TTL; end them now.
     c.server.revoke_approle_tokens().await?;
     crash_point("rotation-credentials");
-    let record = Record {
+    let finished = Finished {
         generation: n,
-        cluster: c.layout.cluster.clone(),
-        supersedes: claim.supersedes,
-        rotated_unix: now_unix(),
-        recovery_shares: claim.recovery_shares,
-        recovery_threshold: claim.recovery_threshold,
-        kms_key_id: c.layout.kms_key_id.clone(),
+        finished_unix: now_unix(),
         keyring_term,
         root_key_rotated,
     };
-    generation::write_json_once(c.s3, c.layout, &record_key, &record, c.aws).await?;
-    tracing::info!(generation = n, record = %c.layout.url(&record_key), "generation {n} is current");
-    crash_point("rotation-recorded");
-    let gens = generation::scan(c.s3, c.layout, c.aws).await?;
-    finish_marks(c, &gens).await?;
+    let key = c.layout.generation_file(n, generation::FINISHED);
+    generation::write_json_once(c.s3, c.layout, &key, &finished, c.aws).await?;
+    tracing::info!(generation = n, "rotation to generation {n} finished");
     Ok(Outcome {
         generation: n,
         supersedes: claim.supersedes,

@@ -121,6 +121,15 @@ impl KeyServer<'_> {
         if s != 200 || nonce.is_empty() {
             return Err(Self::refused(&format!("{method} {path}"), s, &b));
         }
+        // Without verification the new key would be in force the moment the last old share
+        // is given, its shares only in this process: never go on without it.
+        if data(&b)["verification_required"].as_bool() != Some(true) {
+            let _ = self.cancel().await;
+            return Err(Error::Rotation {
+                message: format!("{method} {path} did not take require_verification (the answer says verification_required is not true); nothing was changed"),
+                exit: exit::UNAVAILABLE,
+            });
+        }
         Ok(nonce)
     }
 
@@ -172,15 +181,40 @@ impl KeyServer<'_> {
         })
     }
 
+    /// Starts the pending verification over (its progress from an interrupted run would
+    /// refuse a share given again); returns its new nonce, or None when none is pending.
+    pub async fn restart_verification(&self) -> Result<Option<String>> {
+        let path = self.rekey_path("verify");
+        let (s, b) = self.call(Method::DELETE, &path, None).await?;
+        if s == 400 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&s) {
+            return Err(Self::refused(&format!("DELETE {path}"), s, &b));
+        }
+        let (s, b) = self.call(Method::GET, &path, None).await?;
+        if s != 200 {
+            return Ok(None);
+        }
+        Ok(data(&b)["nonce"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned))
+    }
+
     /// Gives the new shares back to verification `nonce`: true once the new key is in
-    /// force, false when the server refused them (another rekey's verification).
+    /// force; false otherwise (refused, or an answer that does not say): then only a probe
+    /// tells whether it is.
     pub async fn verify(&self, nonce: &str, shares: &[Secret]) -> Result<bool> {
         let path = self.rekey_path("verify");
         let method = match self.flavor {
             Flavor::Vault => Method::PUT,
             _ => Method::POST,
         };
-        for share in shares {
+        for (i, share) in shares.iter().enumerate() {
+            if i == 1 {
+                crate::escrow::crash_point("rotation-verifying");
+            }
             let (s, b) = self
                 .call(
                     method.clone(),

@@ -144,6 +144,18 @@ const CASES = [
   ['node cannot read a pending init copy, even its own', NODE, 's3:GetObject', `${ESCROW}/pending-init/${ME}.json`, {}, EXPLICIT],
   ['operator reads a pending init copy', OPERATOR, 's3:GetObject', `${ESCROW}/pending-init/${OTHER}.json`, {}, ALLOWED],
   ['operator reads an escrow item', OPERATOR, 's3:GetObject', `${ESCROW}/recovery-key-1.enc`, {}, ALLOWED],
+  // A rotation's generations are the operator's alone: a node that could write one could
+  // plant shares of the key in force (it can split the key it unwraps) and make a rotation
+  // that changes nothing look done, or name a generation nobody can use.
+  ['node cannot write a rotation generation, even once under the escrow key', NODE, 's3:PutObject',
+    `${ESCROW}/generations/2/recovery-key-1.enc`, goodPut, EXPLICIT],
+  ['node cannot write a generation record', NODE, 's3:PutObject', `${ESCROW}/generations/2/rotated.json`, goodPut, EXPLICIT],
+  ['node reads a generation (its credentials live there after a rotation)', NODE, 's3:GetObject',
+    `${ESCROW}/generations/2/snapshot-approle.enc`, {}, ALLOWED],
+  ['operator writes a rotation generation once, under the escrow key', OPERATOR, 's3:PutObject',
+    `${ESCROW}/generations/2/recovery-key-1.enc`, goodPut, ALLOWED],
+  ['operator cannot overwrite a rotation generation', OPERATOR, 's3:PutObject', `${ESCROW}/generations/2/rotated.json`,
+    withoutKey('s3:if-none-match'), EXPLICIT],
 
   // --- S3, snapshots: a node writes and prunes them; only the operator reads them back
   // (restore is an operator action), so node credentials taken off an instance cannot
