@@ -5,8 +5,9 @@
 //! a random time, or the init lock's winner a random time after it won (the KMS data key,
 //! the attempt record, `sys/init` and the escrow are all in that window), or the first node
 //! to open a window named by a log line: a joiner's raft join before the leader's data
-//! reached it, a node's membership record before its check against the escrow marker, or
-//! the winner's `sys/init` call (its answer lost, perhaps after peers joined).
+//! reached it, a node's membership record before its check against the escrow marker, the
+//! winner's `sys/init` call (its answer lost, perhaps after peers joined), or the winner's
+//! escrow once its pending file's copy is in S3.
 //! Every agent that dies or exits non-zero is started again after a short random pause, as systemd's
 //! `Restart=` does. Each trial must end with:
 //! - every node an unsealed member reporting ready, all with one `cluster_id`, the one the
@@ -76,6 +77,10 @@ enum Window {
     /// The winner called `sys/init`: the server commits, peers may join, and the answer
     /// may not have reached the agent yet.
     InitCalled,
+    /// The winner's pending init file is copied to S3: the escrow of its keys (items, read
+    /// back, marker) and post-init are under way, and its disk holds the only plaintext-able
+    /// copy besides S3's.
+    Escrowing,
 }
 
 impl Window {
@@ -84,6 +89,7 @@ impl Window {
             Window::RaftJoined => "successfully joined the raft cluster",
             Window::Recorded => "membership recorded",
             Window::InitCalled => "calling sys/init",
+            Window::Escrowing => "is copied to S3",
         }
     }
 
@@ -94,13 +100,15 @@ impl Window {
             Window::RaftJoined => 10,
             Window::Recorded => 1000,
             Window::InitCalled => 3000,
+            // Items, read-backs and the marker take a second or two on the test-bed.
+            Window::Escrowing => 2000,
         }
     }
 }
 
 fn plan(rng: &mut fastrand::Rng, n: usize) -> Vec<Kill> {
     (0..rng.usize(1..=3))
-        .map(|_| match rng.usize(0..5) {
+        .map(|_| match rng.usize(0..6) {
             0 => Kill::LockWinner {
                 ms: rng.u64(0..3000),
             },
@@ -112,7 +120,8 @@ fn plan(rng: &mut fastrand::Rng, n: usize) -> Vec<Kill> {
                 let window = match w {
                     2 => Window::RaftJoined,
                     3 => Window::Recorded,
-                    _ => Window::InitCalled,
+                    4 => Window::InitCalled,
+                    _ => Window::Escrowing,
                 };
                 Kill::Window {
                     window,
