@@ -108,9 +108,60 @@ run_policy() {
         touch "$LOGS/.failed-policy"
     fi
 }
-# Name filters are for the Rust test binaries; a filtered run leaves the policy tier out.
+# The Terraform tier: the deploy module (deploy/terraform/) offline: fmt -check, validate
+# (module and example), and `terraform test` with a mocked AWS provider. The provider comes
+# from a filesystem mirror (VB_TF_MIRROR, default /opt/tf-plugins), never a registry. Without
+# terraform or the mirror it says SKIPPED (a failure under CI), never passed.
+run_terraform() {
+    local log="$LOGS/terraform.log" t0=$SECONDS rc=0
+    local mirror=${VB_TF_MIRROR:-/opt/tf-plugins}
+    if ! command -v terraform >/dev/null || [[ ! -d $mirror/registry.terraform.io/hashicorp/aws ]]; then
+        printf 'run-all: SKIPPED %-17s %4ss  SKIPPED: terraform on PATH and the hashicorp/aws provider mirror in %s are needed\n' terraform 0 "$mirror"
+        touch "$LOGS/.skipped-terraform"
+        return
+    fi
+    (
+        set -e
+        work=$(mktemp -d)
+        trap 'rm -rf "$work"' EXIT
+        cat >"$work/terraformrc" <<EOF_RC
+provider_installation {
+  filesystem_mirror {
+    path    = "$mirror"
+    include = ["registry.terraform.io/hashicorp/*"]
+  }
+  direct {
+    exclude = ["registry.terraform.io/*/*"]
+  }
+}
+EOF_RC
+        export TF_CLI_CONFIG_FILE=$work/terraformrc CHECKPOINT_DISABLE=1 TF_IN_AUTOMATION=1
+        export TF_DATA_DIR=$work/module TF_PLUGIN_CACHE_DIR=
+        cd deploy/terraform
+        terraform version
+        terraform fmt -check -recursive -diff .
+        terraform init -backend=false -input=false -no-color >/dev/null
+        terraform validate -no-color
+        terraform test -no-color
+        cd examples/complete
+        TF_DATA_DIR=$work/example terraform init -backend=false -input=false -no-color >/dev/null
+        TF_DATA_DIR=$work/example terraform validate -no-color
+    ) >"$log" 2>&1 || rc=$?
+    local summary
+    summary=$(grep -E '^(Success|Failure)!' "$log" | tr '\n' ' ' || true)
+    if [[ $rc -eq 0 ]]; then
+        printf 'run-all: ok     %-18s %4ss  %s\n' terraform "$((SECONDS - t0))" "$summary"
+    else
+        printf 'run-all: FAILED %-18s %4ss  exit %s; its output:\n' terraform "$((SECONDS - t0))" "$rc"
+        sed 's/^/    | /' "$log"
+        touch "$LOGS/.failed-terraform"
+    fi
+}
+# Name filters are for the Rust test binaries; a filtered run leaves the policy and
+# Terraform tiers out.
 if [[ $# -eq 0 ]]; then
     run_policy
+    run_terraform
 fi
 
 # Runs one binary, output to its log; prints a result line when it ends.
