@@ -104,11 +104,13 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
         let open = gens.open_attempt();
         let now = cur.layout.generation;
         match from {
-            Some(f) if f > now => return Err(Error::Usage {
-                message: format!(
+            Some(f) if f > now => {
+                return Err(Error::Usage {
+                    message: format!(
                     "--from-generation {f}: the current generation is {now}; nothing was changed"
                 ),
-            }),
+                })
+            }
             Some(f) if f < now && open.is_none() => {
                 tracing::info!(
                     current = now,
