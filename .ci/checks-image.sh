@@ -170,7 +170,8 @@ if ! "$PARLIAMENT_VENV/bin/parliament" --version 2>/dev/null | grep -qx "parliam
     "$PARLIAMENT_VENV/bin/pip" install -q --disable-pip-version-check "parliament==$PARLIAMENT_VERSION"
 fi
 POLICIES=(packer/examples/iam-policy.json packer/examples/iam-policy-operator.json
-    packer/examples/escrow-bucket-policy.json packer/examples/iam-policy-data-perimeter.json)
+    packer/examples/escrow-bucket-policy.json packer/examples/iam-policy-data-perimeter.json
+    packer/examples/kms-key-policy-seal.json packer/examples/kms-key-policy-escrow.json)
 for f in packer/examples/*.json; do
     # Not policies: API inputs (launch template data, lifecycle hooks, an instance refresh).
     case $f in */launch-template.json | */lifecycle-hooks.json | */instance-refresh.json) continue ;; esac

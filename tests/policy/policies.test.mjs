@@ -34,9 +34,20 @@ const OPERATOR = {
   context: { 'aws:SecureTransport': 'true' },
 };
 const BUCKET_POLICY = loadPolicy('packer/examples/escrow-bucket-policy.json');
-// No key policy ships yet; AWS's default one leaves every decision to IAM. A key policy of
-// the deploy module's may only narrow these results.
+// The deploy module's key policies (deploy/terraform renders them; its test keeps these
+// files equal): administration for the account, use only for the roles they name. A key
+// the module did not make gets AWS's default policy, which leaves every decision to IAM.
+const KEY_POLICIES = {
+  [SEAL_KEY]: loadPolicy('packer/examples/kms-key-policy-seal.json'),
+  [ESCROW_KEY]: loadPolicy('packer/examples/kms-key-policy-escrow.json'),
+};
 const DEFAULT_KEY_POLICY = defaultKeyPolicy(ACCOUNT);
+// An account administrator: every KMS action on every key by IAM.
+const ADMIN = {
+  principal: `arn:aws:sts::${ACCOUNT}:assumed-role/Administrator/bob`,
+  identity: [{ name: 'admin', policy: { Version: '2012-10-17', Statement: [{ Effect: 'Allow', Action: 'kms:*', Resource: '*' }] } }],
+  context: { 'aws:SecureTransport': 'true' },
+};
 
 const ec = (cls, extra = {}) => ({
   'kms:EncryptionContext:vault-bootstrap:cluster': CLUSTER,
@@ -53,7 +64,7 @@ async function decide(who, action, resource, context = {}) {
     account: ACCOUNT,
     context: { ...who.context, ...context },
     identity: who.identity,
-    resourcePolicy: isKms ? DEFAULT_KEY_POLICY : BUCKET_POLICY,
+    resourcePolicy: isKms ? (KEY_POLICIES[resource] ?? DEFAULT_KEY_POLICY) : BUCKET_POLICY,
   });
   assert.deepEqual(r.ignored, [], `${action} on ${resource}: the simulator ignored context keys`);
   return r.decision;
@@ -94,6 +105,12 @@ const CASES = [
   ['node cannot grant itself the escrow key', NODE, 'kms:CreateGrant', ESCROW_KEY, ec('recovery'), DENIED],
   // --- KMS, seal key: the server needs it, with no condition (a root shell uses it too).
   ['node uses the seal key to unseal', NODE, 'kms:Decrypt', SEAL_KEY, {}, ALLOWED],
+  // The key policies: use is for the roles they name, never delegated to the account's IAM.
+  ['an account administrator cannot decrypt a recovery item (the escrow key policy grants IAM no use)', ADMIN, 'kms:Decrypt', ESCROW_KEY, ec('recovery'), DENIED],
+  ['an account administrator cannot use the seal key', ADMIN, 'kms:Decrypt', SEAL_KEY, {}, DENIED],
+  ['an account administrator still administers the escrow key', ADMIN, 'kms:DescribeKey', ESCROW_KEY, {}, ALLOWED],
+  ['operator cannot use the seal key', OPERATOR, 'kms:Decrypt', SEAL_KEY, {}, DENIED],
+  ['a key the module did not make is left to IAM (positive control of the default policy)', ADMIN, 'kms:Decrypt', OTHER_KEY, {}, ALLOWED],
   ['node cannot decrypt under another key', NODE, 'kms:Decrypt', OTHER_KEY, ec('node-credential'), DENIED],
   // --- KMS, operator.
   ['operator decrypts a recovery item of its cluster', OPERATOR, 'kms:Decrypt', ESCROW_KEY, ec('recovery'), ALLOWED],

@@ -257,6 +257,23 @@ run "the_example_policy_files_are_what_the_module_renders" {
     }
   }
 
+  override_resource {
+    target = aws_iam_role.node
+    values = { arn = "arn:aws:iam::111122223333:role/prod-vault-node" }
+  }
+  override_resource {
+    target = aws_iam_role.operator
+    values = { arn = "arn:aws:iam::111122223333:role/prod-vault-operator" }
+  }
+
+  assert {
+    condition     = jsondecode(aws_kms_key.seal.policy) == jsondecode(file("../../packer/examples/kms-key-policy-seal.json"))
+    error_message = "packer/examples/kms-key-policy-seal.json differs from the seal key's policy the module renders."
+  }
+  assert {
+    condition     = jsondecode(aws_kms_key.escrow.policy) == jsondecode(file("../../packer/examples/kms-key-policy-escrow.json"))
+    error_message = "packer/examples/kms-key-policy-escrow.json differs from the escrow key's policy the module renders."
+  }
   assert {
     condition     = jsondecode(aws_iam_role_policy.node.policy) == jsondecode(file("../../packer/examples/iam-policy.json"))
     error_message = "packer/examples/iam-policy.json differs from the node policy the module renders."
