@@ -67,7 +67,7 @@ for line in sys.stdin:
             name = m["target"]["kind"][0] + ":" + name
         seen.append((name, m["executable"]))
 # Longest first, so the long ones overlap everything else (measured on the 2-core machine).
-order = ["fleet", "init_escrow", "day2", "rejoin", "faults", "crash", "rolling",
+order = ["fleet", "init_escrow", "day2", "rejoin", "faults", "crash", "deploy", "rolling",
          "static_stability", "snapshot", "hygiene", "boot_cluster", "refresh_tls"]
 rank = {n: i for i, n in enumerate(order)}
 seen.sort(key=lambda s: rank.get(s[0], len(order)))

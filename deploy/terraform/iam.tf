@@ -31,6 +31,8 @@ resource "aws_iam_role_policy" "node_perimeter" {
 
 # Operators reach nodes without SSH: SSM Run Command and Session Manager.
 resource "aws_iam_role_policy_attachment" "node_ssm" {
+  count = var.attach_ssm_policy ? 1 : 0
+
   role       = aws_iam_role.node.name
   policy_arn = "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }

@@ -247,6 +247,12 @@ variable "lifecycle_hook_timeout_secs" {
   }
 }
 
+variable "attach_ssm_policy" {
+  description = "Attach AWS's AmazonSSMManagedInstanceCore to the node role, so operators reach nodes through SSM. Set false where an organisation attaches its own SSM policy."
+  type        = bool
+  default     = true
+}
+
 variable "tags" {
   description = "Tags for every resource."
   type        = map(string)
