@@ -202,12 +202,13 @@ fn moto_drift(address: &str, (name, before, after): &Attr) -> Option<&'static st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_module_applies_to_moto_and_a_second_plan_shows_only_the_named_drift() {
+async fn the_module_applies_to_moto_its_user_data_boots_a_cluster_and_a_second_plan_shows_only_moto_drift(
+) {
     if let Some(why) = missing() {
         println!("SKIPPED: {why}: the deploy module's apply was not run");
         return;
     }
-    let tb = Testbed::start(104, 1);
+    let mut tb = Testbed::start(104, 1);
     let sdk = tb.sdk().await;
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let ami = ec2
@@ -228,7 +229,11 @@ async fn the_module_applies_to_moto_and_a_second_plan_shows_only_the_named_drift
         .replace("@MOTO@", &tb.moto_url)
         .replace("@MODULE@", MODULE)
         .replace("@CIDR@", &cidr)
-        .replace("@AMI@", &ami);
+        .replace("@AMI@", &ami)
+        .replace(
+            "@SERVER_NAME@",
+            tb.env["server_name"].as_str().unwrap_or("vault.internal"),
+        );
     std::fs::write(root.join("main.tf"), main).unwrap();
     let tf = Tf::new(&root);
     tf.ok(
@@ -426,4 +431,160 @@ async fn the_module_applies_to_moto_and_a_second_plan_shows_only_the_named_drift
         applied.as_secs_f64(),
         drift.len()
     );
+
+    // moto evaluates bucket policies but fills none of these statements' condition keys
+    // (aws:SecureTransport over the test-bed's plain HTTP, s3:if-none-match, the SSE-KMS
+    // keys): each Deny would refuse every request. The policy was read back above; its
+    // conditions are evaluated by tests/policy/. For the boot it goes.
+    s3.delete_bucket_policy()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("DeleteBucketPolicy");
+    // The TLS set goes into the module's bucket, as an operator uploads it after the apply.
+    for key in ["tls/server.pem", "tls/server.key", "tls/ca.pem"] {
+        let body = s3
+            .get_object()
+            .bucket("vault-resources")
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    // Each of the group's instances gets its IMDS, and an agent whose config is the
+    // module's user-data's, with only what a process on this host needs instead of an
+    // EC2 instance changed (local paths, the exec launcher, the server binary, the moto
+    // endpoint for the seal). Lifecycle hooks are left out: completing them is the
+    // test-bed's emulation's, not moto's (tests/rolling.rs).
+    let config = out("user_data")
+        .split("<<'CONFIG'\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nCONFIG\n").next())
+        .expect("the user-data writes config.toml from a heredoc")
+        .to_owned();
+    let first = tb.instances.len();
+    for i in reservations
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+    {
+        tb.instances.push(Instance {
+            id: i.instance_id().unwrap().to_owned(),
+            ip: i.private_ip_address().unwrap().to_owned(),
+        });
+    }
+    tb.start_imds();
+    let nodes: Vec<usize> = (first..tb.instances.len()).collect();
+    for &i in &nodes {
+        tb.write_config(i, &NodeOpts::default());
+        let local: toml::Table = std::fs::read_to_string(tb.config_path(i))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut merged: toml::Table = config.parse().expect("the module's config.toml parses");
+        merged.remove("lifecycle");
+        for (table, keys) in [
+            (
+                "vault",
+                &[
+                    "binary",
+                    "config_file",
+                    "data_dir",
+                    "tls_dir",
+                    "bind_address",
+                    "launcher",
+                    "user",
+                    "health_timeout_secs",
+                ][..],
+            ),
+            (
+                "agent",
+                &["state_dir", "imds_timeout_secs", "aws_timeout_secs"][..],
+            ),
+            ("seal", &["endpoint"][..]),
+            ("init", &["audit_file_path", "join_timeout_secs"][..]),
+        ] {
+            let t = merged
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+            for k in keys {
+                t.insert((*k).into(), local[table][*k].clone());
+            }
+        }
+        std::fs::write(tb.config_path(i), toml::to_string(&merged).unwrap()).unwrap();
+    }
+    let t = Instant::now();
+    let mut agents: Vec<Agent> = nodes
+        .iter()
+        .map(|&i| tb.spawn_agent(i, &["boot"]))
+        .collect();
+    for a in agents.iter_mut() {
+        a.wait_log("node ready", Duration::from_secs(240));
+    }
+    let formed = t.elapsed();
+    let inits: usize = agents
+        .iter()
+        .map(|a| a.stderr().matches("sys/init succeeded").count())
+        .sum();
+    assert_eq!(inits, 1, "exactly one node initializes the cluster");
+
+    // escrow verify with the module's operator role (AssumeRole; moto here enforces no
+    // IAM, so this shows the plumbing and the layout, not the grants: tests/policy/ does).
+    let assumed = Command::new(python())
+        .args([
+            "-c",
+            "import boto3, json, sys; c = boto3.client('sts', endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing').assume_role(RoleArn=sys.argv[2], RoleSessionName='operator')['Credentials']; print(json.dumps([c['AccessKeyId'], c['SecretAccessKey'], c['SessionToken']]))",
+            &tb.moto_url,
+            &out("operator_role_arn"),
+        ])
+        .output()
+        .expect("AssumeRole through boto3");
+    assert!(
+        assumed.status.success(),
+        "AssumeRole of the module's operator role: {}",
+        String::from_utf8_lossy(&assumed.stderr)
+    );
+    let creds: Vec<String> = serde_json::from_slice(&assumed.stdout).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", creds[0].clone()),
+        ("AWS_SECRET_ACCESS_KEY", creds[1].clone()),
+        ("AWS_SESSION_TOKEN", creds[2].clone()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (code, verified, err) = tb.run_agent_env(
+        nodes[0],
+        &["escrow", "verify"],
+        &env,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        code, 0,
+        "escrow verify with the operator role:\n{verified}\n{err}"
+    );
+    assert!(
+        verified.contains(&format!("s3://{bucket}/vault-bootstrap/deploy-vault/")),
+        "{verified}"
+    );
+    println!(
+        "deploy module: its user-data's config booted {} nodes into one cluster in {:.1} s; escrow verify passed with the operator role",
+        nodes.len(),
+        formed.as_secs_f64()
+    );
+    for a in agents.iter_mut() {
+        a.stop();
+    }
 }
