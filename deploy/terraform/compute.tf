@@ -3,7 +3,8 @@
 # so that the very first instances already wait for the launch hook.
 
 locals {
-  vpc_cidr = var.vpc_id == null ? var.vpc_cidr : data.aws_vpc.given[0].cidr_block
+  # Where nodes can be: the subnets' blocks (a subnet in a secondary VPC CIDR included).
+  node_cidrs = var.vpc_id == null ? aws_subnet.private[*].cidr_block : [for s in data.aws_subnet.given : s.cidr_block]
 
   user_data = templatefile("${path.module}/templates/user-data.sh.tftpl", {
     name               = var.name
@@ -21,18 +22,27 @@ locals {
     escrow_prefix      = local.escrow_prefix
     snapshot_prefix    = local.snapshot_prefix
     snapshot_keep      = var.snapshot.keep
-    pgp_keys           = join(", ", [for k in var.recovery_pgp_keys : "\"s3://${local.bucket_name}/${k}\""])
-    vpc_cidr           = local.vpc_cidr
+    pgp_keys           = [for k in var.recovery_pgp_keys : "s3://${local.bucket_name}/${k}"]
+    node_cidrs         = local.node_cidrs
     launch_hook        = local.launch_hook
     terminate_hook     = local.terminate_hook
     operator_ca_key    = var.operator_ca_key == null ? "" : var.operator_ca_key
-    common_names       = join(", ", [for n in var.operator_common_names : "\"${n}\""])
+    common_names       = var.operator_common_names
   })
 }
 
-data "aws_vpc" "given" {
-  count = var.vpc_id == null ? 0 : 1
-  id    = var.vpc_id
+# The AMI's own root device: Amazon Linux names it /dev/xvda, Ubuntu /dev/sda1; a mapping
+# under another name would add a second disk and leave raft data on the image's small root.
+data "aws_ami" "nodes" {
+  filter {
+    name   = "image-id"
+    values = [var.ami_id]
+  }
+}
+
+data "aws_subnet" "given" {
+  for_each = var.vpc_id == null ? toset([]) : toset(var.subnet_ids)
+  id       = each.value
 }
 
 resource "aws_launch_template" "nodes" {
@@ -56,7 +66,7 @@ resource "aws_launch_template" "nodes" {
   }
 
   block_device_mappings {
-    device_name = "/dev/xvda"
+    device_name = data.aws_ami.nodes.root_device_name
 
     ebs {
       volume_size           = var.root_volume_size
@@ -92,6 +102,10 @@ resource "aws_autoscaling_group" "nodes" {
   # the group terminate a member; the launch hook decides when a node counts.
   health_check_type         = "EC2"
   health_check_grace_period = 300
+  # New instances wait in their launch hook until they are healthy voters, which needs
+  # the TLS set uploaded after this apply: never wait for capacity here, or a first apply
+  # times out, taints the group and the next apply replaces every node.
+  wait_for_capacity_timeout = "0"
 
   launch_template {
     id      = aws_launch_template.nodes.id
@@ -126,6 +140,28 @@ resource "aws_autoscaling_group" "nodes" {
       auto_rollback          = true
       checkpoint_percentages = var.cluster_size == 3 ? [33, 66, 100] : [20, 40, 60, 80, 100]
       checkpoint_delay       = 120
+      # A protected or standby instance stops the refresh rather than being skipped.
+      scale_in_protected_instances = "Wait"
+      standby_instances            = "Wait"
+    }
+  }
+
+  lifecycle {
+    # A change to an initial_lifecycle_hook would replace the group (every node at once);
+    # aws_autoscaling_lifecycle_hook below keeps the hooks up to date instead.
+    ignore_changes = [initial_lifecycle_hook]
+
+    precondition {
+      condition     = var.recovery_threshold <= (length(var.recovery_pgp_keys) > 0 ? length(var.recovery_pgp_keys) : var.recovery_shares)
+      error_message = "recovery_threshold is above the number of recovery shares."
+    }
+    precondition {
+      condition     = var.operator_ca_key == null || length(var.operator_common_names) > 0
+      error_message = "operator_ca_key needs operator_common_names: without a list, no certificate logs in (the agent refuses such a config)."
+    }
+    precondition {
+      condition     = length(var.operator_common_names) == 0 || var.operator_ca_key != null
+      error_message = "operator_common_names without operator_ca_key configures nothing."
     }
   }
 
@@ -138,4 +174,22 @@ resource "aws_autoscaling_group" "nodes" {
       propagate_at_launch = true
     }
   }
+}
+
+# The same hooks, managed after creation: PutLifecycleHook updates a hook in place, so a
+# new timeout reaches the group without replacing it.
+resource "aws_autoscaling_lifecycle_hook" "launch" {
+  name                   = local.launch_hook
+  autoscaling_group_name = aws_autoscaling_group.nodes.name
+  lifecycle_transition   = "autoscaling:EC2_INSTANCE_LAUNCHING"
+  heartbeat_timeout      = var.lifecycle_hook_timeout_secs
+  default_result         = "ABANDON"
+}
+
+resource "aws_autoscaling_lifecycle_hook" "terminate" {
+  name                   = local.terminate_hook
+  autoscaling_group_name = aws_autoscaling_group.nodes.name
+  lifecycle_transition   = "autoscaling:EC2_INSTANCE_TERMINATING"
+  heartbeat_timeout      = var.lifecycle_hook_timeout_secs
+  default_result         = "CONTINUE"
 }

@@ -27,6 +27,13 @@ resource "aws_iam_role_policy" "node_perimeter" {
   name   = "vault-bootstrap-data-perimeter"
   role   = aws_iam_role.node.id
   policy = jsonencode(local.perimeter_policy)
+
+  lifecycle {
+    precondition {
+      condition     = var.vpc_endpoints
+      error_message = "data_perimeter needs vpc_endpoints: it denies the keys and the escrow except through the VPC's endpoints, so without them no node unseals."
+    }
+  }
 }
 
 # Operators reach nodes without SSH: SSM Run Command and Session Manager.
@@ -44,15 +51,17 @@ resource "aws_iam_instance_profile" "node" {
 }
 
 resource "aws_iam_role" "operator" {
-  name_prefix = "${var.name}-operator-"
+  name_prefix = "${var.name}-op-"
   description = "vault-bootstrap ${var.name}: operators (escrow, restore, rotation)"
   assume_role_policy = jsonencode({
     Version = "2012-10-17"
-    Statement = [{
+    Statement = [merge({
       Effect    = "Allow"
       Principal = { AWS = var.operator_principals }
       Action    = "sts:AssumeRole"
-    }]
+      }, var.operator_require_mfa ? {
+      Condition = { Bool = { "aws:MultiFactorAuthPresent" = "true" } }
+    } : {})]
   })
   max_session_duration = 3600
   tags                 = local.tags

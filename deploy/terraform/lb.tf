@@ -32,11 +32,17 @@ resource "aws_lb_target_group" "api" {
     path                = local.health_path
     matcher             = "200"
     interval            = 10
+    timeout             = 5
     healthy_threshold   = 2
     unhealthy_threshold = 2
   }
 
   tags = local.tags
+
+  lifecycle {
+    # name_prefix lets a replacement exist beside the old group while the listener moves.
+    create_before_destroy = true
+  }
 }
 
 resource "aws_lb_listener" "api" {

@@ -8,6 +8,13 @@ resource "aws_vpc" "this" {
   enable_dns_support   = true
   enable_dns_hostnames = true
   tags                 = merge(local.tags, { Name = var.name })
+
+  lifecycle {
+    precondition {
+      condition     = length(var.availability_zones) == 3
+      error_message = "A VPC made by the module (vpc_id null) needs availability_zones: exactly 3."
+    }
+  }
 }
 
 resource "aws_subnet" "private" {
@@ -182,4 +189,11 @@ resource "aws_vpc_endpoint" "s3" {
   vpc_endpoint_type = "Gateway"
   route_table_ids   = local.route_table_ids
   tags              = merge(local.tags, { Name = "${var.name}-s3" })
+
+  lifecycle {
+    precondition {
+      condition     = length(local.route_table_ids) > 0
+      error_message = "vpc_endpoints with an existing VPC needs route_table_ids: an S3 gateway endpoint without routes carries nothing."
+    }
+  }
 }

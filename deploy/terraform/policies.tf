@@ -241,8 +241,10 @@ locals {
 
   # Key administration stays with the account; no statement lets the account's IAM grant
   # itself use of the key: only the roles named below encrypt or decrypt.
+  # Not kms:Create*: it includes CreateGrant, with which an administrator would grant
+  # itself Decrypt past every condition below.
   key_admin_actions = [
-    "kms:Create*", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*",
+    "kms:CreateAlias", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*",
     "kms:Revoke*", "kms:Disable*", "kms:Get*", "kms:Delete*", "kms:TagResource",
     "kms:UntagResource", "kms:ScheduleKeyDeletion", "kms:CancelKeyDeletion",
   ]

@@ -51,7 +51,7 @@ resource "aws_ssm_document" "break_glass" {
     sessionType   = "InteractiveCommands"
     properties = {
       linux = {
-        commands      = "sudo /usr/local/bin/vault-bootstrap break-glass"
+        commands      = "/usr/local/bin/vault-bootstrap break-glass"
         runAsElevated = true
       }
     }

@@ -3,8 +3,8 @@ variable "name" {
   type        = string
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.name))
-    error_message = "name must be 3-32 characters of lower-case letters, digits and hyphens, starting with a letter."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,26}[a-z0-9]$", var.name)) && !startswith(var.name, "aws") && !startswith(var.name, "amazon")
+    error_message = "name must be 3-28 characters of lower-case letters, digits and hyphens, starting with a letter and not with aws or amazon (IAM name prefixes and SSM document names limit it)."
   }
 }
 
@@ -76,7 +76,7 @@ variable "cluster_size" {
 }
 
 variable "ami_id" {
-  description = "The AMI the Packer build made (packer/vault-bootstrap.pkr.hcl): the server, the agent and the units installed by `vault-bootstrap install`."
+  description = "The AMI the Packer build made (packer/vault.pkr.hcl): the server, the agent and the units installed by `vault-bootstrap install`."
   type        = string
 
   validation {
@@ -137,6 +137,11 @@ variable "operator_ca_key" {
   description = "Object key (under tls/) of the CA that signs operators' client certificates; null leaves operator login unconfigured, and the root token is then kept (escrowed)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.operator_ca_key == null || startswith(coalesce(var.operator_ca_key, "-"), "tls/")
+    error_message = "operator_ca_key must be under tls/: the node role reads only that prefix (and pgp/)."
+  }
 }
 
 variable "operator_common_names" {
@@ -160,6 +165,11 @@ variable "recovery_shares" {
   description = "Recovery key shares (equals the number of recovery_pgp_keys when those are set)."
   type        = number
   default     = 5
+
+  validation {
+    condition     = var.recovery_shares >= 1 && var.recovery_shares <= 10
+    error_message = "recovery_shares must be 1-10."
+  }
 }
 
 variable "recovery_threshold" {
@@ -168,8 +178,8 @@ variable "recovery_threshold" {
   default     = 3
 
   validation {
-    condition     = var.recovery_threshold >= 1
-    error_message = "recovery_threshold must be at least 1."
+    condition     = var.recovery_threshold >= 1 && var.recovery_threshold <= 10
+    error_message = "recovery_threshold must be 1-10 (and at most the number of shares: checked at plan)."
   }
 }
 
@@ -234,6 +244,11 @@ variable "snapshot" {
     noncurrent_version_days = optional(number, 30)
   })
   default = {}
+
+  validation {
+    condition     = var.snapshot.keep >= 1 && var.snapshot.noncurrent_version_days >= 1
+    error_message = "snapshot.keep and snapshot.noncurrent_version_days must be at least 1."
+  }
 }
 
 variable "lifecycle_hook_timeout_secs" {
@@ -249,6 +264,12 @@ variable "lifecycle_hook_timeout_secs" {
 
 variable "attach_ssm_policy" {
   description = "Attach AWS's AmazonSSMManagedInstanceCore to the node role, so operators reach nodes through SSM. Set false where an organisation attaches its own SSM policy."
+  type        = bool
+  default     = true
+}
+
+variable "operator_require_mfa" {
+  description = "The operator role's trust policy requires MFA (aws:MultiFactorAuthPresent). Set false for principals that cannot carry it (IAM Identity Center permission sets, role chains), and require MFA where those sign in."
   type        = bool
   default     = true
 }

@@ -109,6 +109,7 @@ const CASES = [
   ['an account administrator cannot decrypt a recovery item (the escrow key policy grants IAM no use)', ADMIN, 'kms:Decrypt', ESCROW_KEY, ec('recovery'), DENIED],
   ['an account administrator cannot use the seal key', ADMIN, 'kms:Decrypt', SEAL_KEY, {}, DENIED],
   ['an account administrator still administers the escrow key', ADMIN, 'kms:DescribeKey', ESCROW_KEY, {}, ALLOWED],
+  ['an account administrator cannot grant itself use of the escrow key', ADMIN, 'kms:CreateGrant', ESCROW_KEY, {}, DENIED],
   ['operator cannot use the seal key', OPERATOR, 'kms:Decrypt', SEAL_KEY, {}, DENIED],
   ['a key the module did not make is left to IAM (positive control of the default policy)', ADMIN, 'kms:Decrypt', OTHER_KEY, {}, ALLOWED],
   ['node cannot decrypt under another key', NODE, 'kms:Decrypt', OTHER_KEY, ec('node-credential'), DENIED],

@@ -17,9 +17,14 @@ mock_provider "aws" {
       partition = "aws"
     }
   }
-  mock_data "aws_vpc" {
+  mock_data "aws_subnet" {
     defaults = {
-      cidr_block = "10.0.0.0/16"
+      cidr_block = "10.0.1.0/24"
+    }
+  }
+  mock_data "aws_ami" {
+    defaults = {
+      root_device_name = "/dev/xvda"
     }
   }
   mock_resource "aws_iam_role" {
@@ -112,6 +117,18 @@ run "hooks_are_set_at_creation_with_the_documented_defaults" {
       "autoscaling:EC2_INSTANCE_TERMINATING/CONTINUE/1800",
     ])
     error_message = "Launch (ABANDON) and terminate (CONTINUE) hooks, 1800 s, must be set at creation."
+  }
+  assert {
+    condition     = aws_autoscaling_lifecycle_hook.launch.default_result == "ABANDON" && aws_autoscaling_lifecycle_hook.terminate.default_result == "CONTINUE" && aws_autoscaling_lifecycle_hook.launch.name == "prod-vault-launch"
+    error_message = "The hooks are also managed after creation (a change to an initial hook would replace the group)."
+  }
+  assert {
+    condition     = aws_autoscaling_group.nodes.wait_for_capacity_timeout == "0"
+    error_message = "The apply must not wait for capacity: new nodes wait in their launch hook for the TLS set uploaded after it."
+  }
+  assert {
+    condition     = strcontains(local.user_data, "bound_cidrs = [\"10.0.1.0/24\",\"10.0.1.0/24\",\"10.0.1.0/24\"]")
+    error_message = "The node credentials must be bound to the subnets' blocks."
   }
   assert {
     condition     = aws_autoscaling_group.nodes.health_check_type == "EC2"
@@ -215,7 +232,7 @@ run "the_bucket_is_versioned_private_and_encrypted" {
     error_message = "Public access must be blocked."
   }
   assert {
-    condition     = length(aws_s3_bucket_server_side_encryption_configuration.resources.rule) > 0
+    condition     = one(aws_s3_bucket_server_side_encryption_configuration.resources.rule).apply_server_side_encryption_by_default[0].sse_algorithm == "AES256"
     error_message = "The bucket must encrypt at rest."
   }
 }
@@ -230,6 +247,47 @@ run "bad_input_is_refused" {
   expect_failures = [var.cluster_size]
 }
 
+run "a_threshold_above_the_shares_is_refused" {
+  command = plan
+
+  variables {
+    recovery_shares    = 3
+    recovery_threshold = 4
+  }
+
+  expect_failures = [aws_autoscaling_group.nodes]
+}
+
+run "the_data_perimeter_without_endpoints_is_refused" {
+  command = plan
+
+  variables {
+    data_perimeter = true
+  }
+
+  expect_failures = [aws_iam_role_policy.node_perimeter]
+}
+
+run "a_module_made_vpc_needs_three_zones" {
+  command = plan
+
+  variables {
+    vpc_id     = null
+    subnet_ids = []
+  }
+
+  expect_failures = [aws_vpc.this]
+}
+
+run "operators_need_mfa_by_default" {
+  command = plan
+
+  assert {
+    condition     = jsondecode(aws_iam_role.operator.assume_role_policy).Statement[0].Condition.Bool["aws:MultiFactorAuthPresent"] == "true"
+    error_message = "The operator role must require MFA unless told otherwise."
+  }
+}
+
 # packer/examples/*.json are the module's policies for the example's values: one source of
 # truth, kept equal here (a change on either side alone fails).
 run "the_example_policy_files_are_what_the_module_renders" {
@@ -238,8 +296,10 @@ run "the_example_policy_files_are_what_the_module_renders" {
   state_key = "examples"
 
   variables {
-    bucket_name    = "acme-vault-resources"
-    data_perimeter = true
+    bucket_name     = "acme-vault-resources"
+    data_perimeter  = true
+    vpc_endpoints   = true
+    route_table_ids = ["rtb-a"]
   }
 
   override_resource {
