@@ -206,6 +206,16 @@ locals {
         Condition = { Bool = { "aws:SecureTransport" = "false" } }
       },
       {
+        # The server's private key: only the nodes read it, not any principal of the
+        # account that happens to hold s3:GetObject on the bucket.
+        Sid       = "TlsMaterialReadByTheNodesOnly"
+        Effect    = "Deny"
+        Principal = "*"
+        Action    = ["s3:GetObject", "s3:GetObjectVersion"]
+        Resource  = "${local.bucket_arn}/tls/*"
+        Condition = { ArnNotEquals = { "aws:PrincipalArn" = aws_iam_role.node.arn } }
+      },
+      {
         Sid       = "EscrowWriteOnceOnly"
         Effect    = "Deny"
         Principal = "*"

@@ -25,13 +25,18 @@ const instanceArn = (id) => `arn:aws:ec2:${REGION}:${ACCOUNT}:instance/${id}`;
 const NODE = {
   principal: `arn:aws:sts::${ACCOUNT}:assumed-role/${CLUSTER}-node/${ME}`,
   identity: [{ name: 'node', policy: loadPolicy('packer/examples/iam-policy.json') }],
-  // What AWS adds to a request signed with instance-profile credentials on that instance.
-  context: { 'aws:SecureTransport': 'true', 'ec2:SourceInstanceARN': instanceArn(ME) },
+  // What AWS adds to a request signed with instance-profile credentials on that instance
+  // (aws:PrincipalArn is the role's ARN for every session of it).
+  context: {
+    'aws:SecureTransport': 'true',
+    'ec2:SourceInstanceARN': instanceArn(ME),
+    'aws:PrincipalArn': `arn:aws:iam::${ACCOUNT}:role/${CLUSTER}-node`,
+  },
 };
 const OPERATOR = {
   principal: `arn:aws:sts::${ACCOUNT}:assumed-role/${CLUSTER}-operator/alice`,
   identity: [{ name: 'operator', policy: loadPolicy('packer/examples/iam-policy-operator.json') }],
-  context: { 'aws:SecureTransport': 'true' },
+  context: { 'aws:SecureTransport': 'true', 'aws:PrincipalArn': `arn:aws:iam::${ACCOUNT}:role/${CLUSTER}-operator` },
 };
 const BUCKET_POLICY = loadPolicy('packer/examples/escrow-bucket-policy.json');
 // The deploy module's key policies (deploy/terraform renders them; its test keeps these
@@ -42,11 +47,17 @@ const KEY_POLICIES = {
   [ESCROW_KEY]: loadPolicy('packer/examples/kms-key-policy-escrow.json'),
 };
 const DEFAULT_KEY_POLICY = defaultKeyPolicy(ACCOUNT);
+// An account principal with every S3 action by IAM.
+const S3_ADMIN = {
+  principal: `arn:aws:sts::${ACCOUNT}:assumed-role/StorageAdmin/carol`,
+  identity: [{ name: 's3admin', policy: { Version: '2012-10-17', Statement: [{ Effect: 'Allow', Action: 's3:*', Resource: '*' }] } }],
+  context: { 'aws:SecureTransport': 'true', 'aws:PrincipalArn': `arn:aws:iam::${ACCOUNT}:role/StorageAdmin` },
+};
 // An account administrator: every KMS action on every key by IAM.
 const ADMIN = {
   principal: `arn:aws:sts::${ACCOUNT}:assumed-role/Administrator/bob`,
   identity: [{ name: 'admin', policy: { Version: '2012-10-17', Statement: [{ Effect: 'Allow', Action: 'kms:*', Resource: '*' }] } }],
-  context: { 'aws:SecureTransport': 'true' },
+  context: { 'aws:SecureTransport': 'true', 'aws:PrincipalArn': `arn:aws:iam::${ACCOUNT}:role/Administrator` },
 };
 
 const ec = (cls, extra = {}) => ({
@@ -185,6 +196,9 @@ const CASES = [
 
   // --- S3, the rest of the node's reads.
   ['node reads the TLS material', NODE, 's3:GetObject', `arn:aws:s3:::${BUCKET}/tls/server.key`, {}, ALLOWED],
+  // The server's private key is the nodes' alone, whatever IAM grants elsewhere.
+  ['an S3 administrator cannot read the TLS private key', S3_ADMIN, 's3:GetObject', `arn:aws:s3:::${BUCKET}/tls/server.key`, {}, EXPLICIT],
+  ['an S3 administrator reads a PGP public key (positive control)', S3_ADMIN, 's3:GetObject', `arn:aws:s3:::${BUCKET}/pgp/alice.asc`, {}, ALLOWED],
   ["node cannot read another cluster's escrow", NODE, 's3:GetObject', `arn:aws:s3:::${BUCKET}/vault-bootstrap/other-vault/recovery-key-1.enc`, {}, DENIED],
   ['node lists its escrow prefix', NODE, 's3:ListBucket', `arn:aws:s3:::${BUCKET}`, { 's3:prefix': `vault-bootstrap/${CLUSTER}/` }, ALLOWED],
   ['node cannot list the whole bucket', NODE, 's3:ListBucket', `arn:aws:s3:::${BUCKET}`, { 's3:prefix': '' }, DENIED],

@@ -164,7 +164,7 @@ run "the_escrow_key_is_not_the_seal_key" {
     error_message = "The node may use the seal key unconditioned, and the escrow key only by the escrow statements."
   }
   assert {
-    condition     = jsondecode(aws_s3_bucket_policy.resources.policy).Statement[4].Condition.StringNotEquals["s3:x-amz-server-side-encryption-aws-kms-key-id"] == "arn:aws:kms:eu-west-1:111122223333:key/escrow"
+    condition     = one([for st in jsondecode(aws_s3_bucket_policy.resources.policy).Statement : st if st.Sid == "EscrowUnderTheEscrowKeyOnly"]).Condition.StringNotEquals["s3:x-amz-server-side-encryption-aws-kms-key-id"] == "arn:aws:kms:eu-west-1:111122223333:key/escrow"
     error_message = "The bucket policy must admit escrow writes under the escrow key only."
   }
   assert {
