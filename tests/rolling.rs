@@ -94,20 +94,6 @@ fn order(n: usize) -> (u64, Vec<usize>) {
     (seed, v)
 }
 
-/// A seed from `var`, else from the clock (printed by each test that uses one).
-fn seed_from(var: &str) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        })
-}
-
 // ----------------------------------------------------------------------------- load
 
 /// One look at autopilot's state.

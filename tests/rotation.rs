@@ -33,19 +33,6 @@ const POINTS: &[&str] = &[
     "rotation-credentials",
 ];
 
-fn seed_from(var: &str) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        })
-}
-
 async fn generations(tb: &Testbed) -> Generations {
     let sdk = tb.sdk().await;
     generation::scan(

@@ -45,6 +45,14 @@ fn data(body: &Value) -> &Value {
 }
 
 impl KeyServer<'_> {
+    /// The method of a rekey write: Vault's endpoints take PUT, OpenBao's POST.
+    fn write_method(&self) -> Method {
+        match self.flavor {
+            Flavor::Vault => Method::PUT,
+            _ => Method::POST,
+        }
+    }
+
     fn rekey_path(&self, step: &str) -> String {
         match self.flavor {
             Flavor::Vault => format!("sys/rekey-recovery-key/{step}"),
@@ -100,10 +108,7 @@ impl KeyServer<'_> {
     /// Starts a rekey to `shares`/`threshold` that needs verification; returns its nonce.
     pub async fn start(&self, shares: usize, threshold: u8) -> Result<String> {
         let path = self.rekey_path("init");
-        let method = match self.flavor {
-            Flavor::Vault => Method::PUT,
-            _ => Method::POST,
-        };
+        let method = self.write_method();
         let (s, b) = self
             .call(
                 method.clone(),
@@ -136,10 +141,7 @@ impl KeyServer<'_> {
     /// Gives one share of the key in force to the rekey `nonce`.
     pub async fn update(&self, nonce: &str, share: &Secret) -> Result<Update> {
         let path = self.rekey_path("update");
-        let method = match self.flavor {
-            Flavor::Vault => Method::PUT,
-            _ => Method::POST,
-        };
+        let method = self.write_method();
         let (s, b) = self
             .call(
                 method.clone(),
@@ -207,10 +209,7 @@ impl KeyServer<'_> {
     /// tells whether it is.
     pub async fn verify(&self, nonce: &str, shares: &[Secret]) -> Result<bool> {
         let path = self.rekey_path("verify");
-        let method = match self.flavor {
-            Flavor::Vault => Method::PUT,
-            _ => Method::POST,
-        };
+        let method = self.write_method();
         for (i, share) in shares.iter().enumerate() {
             if i == 1 {
                 crate::escrow::crash_point("rotation-verifying");

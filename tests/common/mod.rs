@@ -1958,3 +1958,18 @@ pub fn replace_terminate_first(
         old_servers_left: Vec::new(),
     }
 }
+
+/// A test's seed: `var` when set (to repeat a run), else one from the clock; the test
+/// prints it.
+pub fn seed_from(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000
+        })
+}
