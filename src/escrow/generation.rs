@@ -215,6 +215,16 @@ pub async fn current<S: ObjectStore>(
     deadline: Duration,
 ) -> Result<Current> {
     let marker = super::require_marker(s3, layout, deadline).await?;
+    current_of(s3, layout, &marker, deadline).await
+}
+
+/// [`current`] for a cluster whose init marker is already read.
+pub async fn current_of<S: ObjectStore>(
+    s3: &S,
+    layout: &Layout,
+    marker: &super::Marker,
+    deadline: Duration,
+) -> Result<Current> {
     let generations = scan(s3, layout, deadline).await?;
     let n = generations.current();
     if n == FIRST {

@@ -515,10 +515,9 @@ pub async fn verify<S: ObjectStore, K: Kms>(
     layout: &Layout,
     deadline: Duration,
 ) -> Result<Report> {
-    let current = match generation::current(s3, layout, deadline).await {
-        Ok(c) => Some(c),
-        Err(Error::Escrow { .. }) if read_marker(s3, layout, deadline).await?.is_none() => None,
-        Err(e) => return Err(e),
+    let current = match read_marker(s3, layout, deadline).await? {
+        Some(m) => Some(generation::current_of(s3, layout, &m, deadline).await?),
+        None => None,
     };
     let mut r = Report {
         marker: current.is_some(),
