@@ -661,34 +661,22 @@ async fn post_init<S: ObjectStore, K: Kms, E>(
 ) -> Result<()> {
     let join = Duration::from_secs(cfg.init.join_timeout_secs);
     // Post-init's API calls need the active node. A first run waits for this node to be it
-    // (it just initialized a one-node cluster). A resumed run on a standby goes through it:
-    // a standby forwards every call to the active node, so the root token is revoked within
-    // this boot rather than at some later boot as the active node.
-    let standby = if patient {
+    // (it just initialized a one-node cluster). A resumed run on a standby calls the active
+    // node by its address (an OpenBao standby answers some writes itself, from its
+    // read-only storage, and fails them), so the root token is revoked within this boot
+    // rather than at some later boot as the active node.
+    let leader = if patient {
         wait_active(d.local, join).await?;
-        false
+        None
     } else if d.local.health().await == Ok(Health::Active) {
-        false
+        None
     } else {
-        wait_for_leader(d.local, join).await?;
+        let leader = wait_for_leader(cfg, me, d.local, join).await?;
         tracing::info!("this node initialized the cluster and is a standby now: post-init goes through the active node");
-        true
+        Some(leader)
     };
-    // On a standby every call goes to the active node by its address: an OpenBao standby
-    // answers some writes itself, from its read-only storage, and fails them.
-    let leader;
-    let server: &VaultClient = if standby {
-        let ca = crate::api_clients::cluster_ca(cfg)?;
-        leader = crate::api_clients::leader_of(cfg, &ca, d.local.clone(), me.facts.local_ipv4)
-            .await?
-            .ok_or_else(|| Error::Init {
-                message: "this node's server names no active node (sys/leader) now".into(),
-                retriable: true,
-            })?;
-        &leader
-    } else {
-        d.local
-    };
+    let standby = leader.is_some();
+    let server: &VaultClient = leader.as_ref().unwrap_or(d.local);
     let api = |call: &str, status: u16, body: &serde_json::Value| Error::Init {
         message: format!("{call} answered HTTP {status}: {}", body["errors"]),
         retriable: false,
@@ -914,25 +902,28 @@ async fn wait_cluster_id(local: &VaultClient, bound: Duration) -> Result<String>
     })
 }
 
-/// Waits, bounded, until this node's server names an active node (`sys/leader`): a
-/// standby forwards calls only to a leader it knows.
-async fn wait_for_leader(local: &VaultClient, bound: Duration) -> Result<()> {
+/// The active node, as this node's server names it (`sys/leader`), waited for (bounded):
+/// right after a leader change there is none for a moment.
+async fn wait_for_leader(
+    cfg: &Config,
+    me: &Me<'_>,
+    local: &VaultClient,
+    bound: Duration,
+) -> Result<VaultClient> {
+    let ca = crate::api_clients::cluster_ca(cfg)?;
     let start = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
-        let last = match local.call(Method::GET, "sys/leader", None, None).await {
-            Ok((200, b)) if b["is_self"] == true => return Ok(()),
-            Ok((200, b)) if b["leader_address"].as_str().is_some_and(|a| !a.is_empty()) => {
-                return Ok(())
-            }
-            Ok((s, b)) => format!("HTTP {s}: {b}"),
-            Err(e) => e.to_string(),
-        };
+        if let Some(leader) =
+            crate::api_clients::leader_of(cfg, &ca, local.clone(), me.facts.local_ipv4).await?
+        {
+            return Ok(leader);
+        }
         let delay = backoff.next_delay();
         if start.elapsed() + delay > bound {
             return Err(Error::Init {
                 message: format!(
-                    "this node's server named no active node within {} s (last: {last})",
+                    "this node's server named no active node (sys/leader) within {} s",
                     bound.as_secs()
                 ),
                 retriable: true,
