@@ -126,6 +126,8 @@ async fn a_rotation_killed_at_any_step_and_run_again_leaves_one_generation_whose
     let op = tb.operator_env();
     let mut env: Vec<(&str, &str)> = op.to_vec();
     env.push(("VAULT_TOKEN", root.as_str()));
+    // Every level: no share or token may reach a log line at any of them.
+    env.push(("VAULT_BOOTSTRAP_LOG", "trace"));
     let threshold = 3;
 
     // A node may write escrow objects, but never a generation: only a rotation does.
@@ -162,7 +164,8 @@ async fn a_rotation_killed_at_any_step_and_run_again_leaves_one_generation_whose
         let (runner, resumer) = (rng.usize(0..n), rng.usize(0..n));
         let mut crash = env.clone();
         crash.push(("VAULT_BOOTSTRAP_CRASH_AT", point));
-        let (code, out, err) = tb.run_agent_env(runner, &["rotate", "--yes"], &crash, RUN);
+        let (code, out, crashed_log) = tb.run_agent_env(runner, &["rotate", "--yes"], &crash, RUN);
+        let err = crashed_log.clone();
         assert_eq!(
             code, -1,
             "seed {seed}: rotate on node {runner} was to be killed at {point}, it exited {code}:\n{out}\n{err}"
@@ -177,6 +180,7 @@ async fn a_rotation_killed_at_any_step_and_run_again_leaves_one_generation_whose
             "seed {seed}: rotate on node {resumer} after a kill at {point}:\n{out}\n{err}"
         );
         assert!(!err.contains(&root), "the token must not be logged");
+        let resumed_log = err.clone();
 
         // Exactly one current generation, newer than before; nothing left open.
         let g = generations(&tb).await;
@@ -222,6 +226,13 @@ async fn a_rotation_killed_at_any_step_and_run_again_leaves_one_generation_whose
         );
         let new = shares(&tb, now, threshold).await;
         assert_ne!(old, new);
+        // No share, old or new, reaches the logs of either run (at trace).
+        for share in old.iter().chain(&new) {
+            assert!(
+                !crashed_log.contains(share.as_str()) && !resumed_log.contains(share.as_str()),
+                "seed {seed}, {point}: a recovery share was logged"
+            );
+        }
         let token = root_from(&tb, runner, &new).await.unwrap_or_else(|e| {
             panic!("seed {seed}, {point}: the new shares of generation {now}: {e}")
         });
@@ -275,6 +286,7 @@ async fn a_rotation_killed_at_any_step_and_run_again_leaves_one_generation_whose
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(generations(&tb).await.current(), current, "{out}\n{err}");
+    assert!(out.contains("nothing to do"), "{out}");
 
     for a in agents.iter_mut() {
         a.stop();

@@ -67,6 +67,14 @@ pub async fn run(cfg: &Config, yes: bool, from: Option<u32>) -> Result<i32> {
     };
     let done = rotation::rotate(&ctx, from).await?;
     let mut out = std::io::stdout();
+    let Some(steps) = &done.finished else {
+        let _ = writeln!(
+            out,
+            "generation {} is current; generation {} is already replaced: nothing to do",
+            done.generation, done.supersedes
+        );
+        return Ok(exit::OK);
+    };
     let _ = writeln!(
         out,
         "generation {} is current (it supersedes {}){}",
@@ -84,20 +92,21 @@ pub async fn run(cfg: &Config, yes: bool, from: Option<u32>) -> Result<i32> {
     let _ = writeln!(
         out,
         "keyring: rotated{}",
-        done.keyring_term
+        steps
+            .keyring_term
             .map(|t| format!(" (term {t})"))
             .unwrap_or_default()
     );
     let _ = writeln!(
         out,
         "root key: {}",
-        if done.root_key_rotated {
+        if steps.root_key_rotated {
             "rotated"
         } else {
             "NOT rotated (this server offers no rotation without shares)"
         }
     );
-    for (role, destroyed) in &done.credentials {
+    for (role, destroyed) in &steps.credentials {
         let _ = writeln!(
             out,
             "node credential {role}: replaced ({destroyed} old secret_id(s) destroyed)"

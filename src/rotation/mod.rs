@@ -34,11 +34,20 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub generation: u32,
+    /// The generation it replaced; with nothing to do, the one `--from-generation` named.
     pub supersedes: u32,
     /// Whether an earlier, interrupted run's attempt was finished rather than a new one.
     pub resumed: bool,
     /// Attempts this run found dead and marked abandoned.
     pub abandoned: Vec<u32>,
+    /// The keyring, root key and credential steps this run took; None when it had nothing
+    /// to do (`--from-generation` of a generation already replaced).
+    pub finished: Option<Steps>,
+}
+
+/// The steps after the new recovery key is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steps {
     pub keyring_term: Option<u64>,
     pub root_key_rotated: bool,
     /// Old secret_ids destroyed, per node credential replaced in this run.
@@ -120,11 +129,9 @@ pub async fn rotate<S: ObjectStore, K: Kms>(
                 return Ok(Outcome {
                     generation: now,
                     supersedes: f,
-                    resumed: true,
+                    resumed: false,
                     abandoned,
-                    keyring_term: None,
-                    root_key_rotated: false,
-                    credentials: Vec::new(),
+                    finished: None,
                 });
             }
             _ => {}
@@ -512,9 +519,11 @@ async fn finish<S: ObjectStore, K: Kms>(c: &Ctx<'_, S, K>, claim: &Claim) -> Res
         supersedes: claim.supersedes,
         resumed: false,
         abandoned: Vec::new(),
-        keyring_term,
-        root_key_rotated,
-        credentials,
+        finished: Some(Steps {
+            keyring_term,
+            root_key_rotated,
+            credentials,
+        }),
     })
 }
 

@@ -53,6 +53,25 @@ impl KeyServer<'_> {
         }
     }
 
+    /// Gives one share to the rekey step `step` (`update` or `verify`) of `nonce`.
+    async fn give_share(
+        &self,
+        step: &str,
+        nonce: &str,
+        share: &Secret,
+    ) -> Result<(u16, Value, String)> {
+        let path = self.rekey_path(step);
+        let method = self.write_method();
+        let (s, b) = self
+            .call(
+                method.clone(),
+                &path,
+                Some(json!({"key": share.expose(), "nonce": nonce})),
+            )
+            .await?;
+        Ok((s, b, format!("{method} {path}")))
+    }
+
     fn rekey_path(&self, step: &str) -> String {
         match self.flavor {
             Flavor::Vault => format!("sys/rekey-recovery-key/{step}"),
@@ -140,20 +159,12 @@ impl KeyServer<'_> {
 
     /// Gives one share of the key in force to the rekey `nonce`.
     pub async fn update(&self, nonce: &str, share: &Secret) -> Result<Update> {
-        let path = self.rekey_path("update");
-        let method = self.write_method();
-        let (s, b) = self
-            .call(
-                method.clone(),
-                &path,
-                Some(json!({"key": share.expose(), "nonce": nonce})),
-            )
-            .await?;
+        let (s, b, call) = self.give_share("update", nonce, share).await?;
         if s == 400 && b["errors"].to_string().contains("verification failed") {
             return Ok(Update::WrongKey(b["errors"].to_string()));
         }
         if s != 200 {
-            return Err(Self::refused(&format!("{method} {path}"), s, &b));
+            return Err(Self::refused(&call, s, &b));
         }
         let d = data(&b);
         if d["complete"].as_bool() != Some(true) {
@@ -171,9 +182,7 @@ impl KeyServer<'_> {
         let verification_nonce = d["verification_nonce"].as_str().unwrap_or_default();
         if keys.is_empty() || verification_nonce.is_empty() {
             return Err(Error::Rotation {
-                message: format!(
-                    "{method} {path} completed without new shares or a verification nonce"
-                ),
+                message: format!("{call} completed without new shares or a verification nonce"),
                 exit: exit::UNAVAILABLE,
             });
         }
@@ -208,25 +217,17 @@ impl KeyServer<'_> {
     /// force; false otherwise (refused, or an answer that does not say): then only a probe
     /// tells whether it is.
     pub async fn verify(&self, nonce: &str, shares: &[Secret]) -> Result<bool> {
-        let path = self.rekey_path("verify");
-        let method = self.write_method();
         for (i, share) in shares.iter().enumerate() {
             if i == 1 {
                 crate::escrow::crash_point("rotation-verifying");
             }
-            let (s, b) = self
-                .call(
-                    method.clone(),
-                    &path,
-                    Some(json!({"key": share.expose(), "nonce": nonce})),
-                )
-                .await?;
+            let (s, b, call) = self.give_share("verify", nonce, share).await?;
             if s == 400 {
                 tracing::warn!(errors = %b["errors"], "the server refused these shares for verification");
                 return Ok(false);
             }
             if s != 200 {
-                return Err(Self::refused(&format!("{method} {path}"), s, &b));
+                return Err(Self::refused(&call, s, &b));
             }
             if data(&b)["complete"].as_bool() == Some(true) {
                 return Ok(true);
