@@ -453,22 +453,11 @@ async fn the_module_applies_to_moto_its_user_data_boots_a_cluster_and_a_second_p
         .expect("DeleteBucketPolicy");
     // The TLS set goes into the module's bucket, as an operator uploads it after the apply.
     for key in ["tls/server.pem", "tls/server.key", "tls/ca.pem"] {
-        let body = s3
-            .get_object()
-            .bucket("vault-resources")
-            .key(key)
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes();
+        let body = tb.get_object(key).await;
         s3.put_object()
             .bucket(&bucket)
             .key(key)
-            .body(body.to_vec().into())
+            .body(body.into())
             .send()
             .await
             .unwrap();

@@ -362,42 +362,41 @@ locals {
   perimeter_actions   = ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
   # The data-perimeter variant: the node's credentials use the keys and the escrow and
-  # snapshot objects only from the instance itself, through its VPC's endpoints.
+  # snapshot objects only from the instance itself, through its VPC's endpoints. Three
+  # denies, each on its own condition, for the same actions and resources.
+  perimeter_conditions = [
+    {
+      sid = "SealEscrowAndSnapshotsOnlyThroughVpcEndpoints"
+      condition = {
+        Null         = { "aws:SourceVpc" = "true", "ec2:SourceInstanceARN" = "false" }
+        BoolIfExists = { "aws:ViaAWSService" = "false" }
+      }
+    },
+    {
+      sid = "SealEscrowAndSnapshotsOnlyFromTheInstanceVpc"
+      condition = {
+        StringNotEquals = { "aws:Ec2InstanceSourceVpc" = "$${aws:SourceVpc}" }
+        Null            = { "ec2:SourceInstanceARN" = "false" }
+        BoolIfExists    = { "aws:ViaAWSService" = "false" }
+      }
+    },
+    {
+      sid = "SealEscrowAndSnapshotsOnlyFromTheInstanceAddress"
+      condition = {
+        StringNotEquals = { "aws:Ec2InstanceSourcePrivateIPv4" = "$${aws:VpcSourceIp}" }
+        Null            = { "ec2:SourceInstanceARN" = "false" }
+        BoolIfExists    = { "aws:ViaAWSService" = "false" }
+      }
+    },
+  ]
   perimeter_policy = {
     Version = "2012-10-17"
-    Statement = [
-      {
-        Sid      = "SealEscrowAndSnapshotsOnlyThroughVpcEndpoints"
-        Effect   = "Deny"
-        Action   = local.perimeter_actions
-        Resource = local.perimeter_resources
-        Condition = {
-          Null         = { "aws:SourceVpc" = "true", "ec2:SourceInstanceARN" = "false" }
-          BoolIfExists = { "aws:ViaAWSService" = "false" }
-        }
-      },
-      {
-        Sid      = "SealEscrowAndSnapshotsOnlyFromTheInstanceVpc"
-        Effect   = "Deny"
-        Action   = local.perimeter_actions
-        Resource = local.perimeter_resources
-        Condition = {
-          StringNotEquals = { "aws:Ec2InstanceSourceVpc" = "$${aws:SourceVpc}" }
-          Null            = { "ec2:SourceInstanceARN" = "false" }
-          BoolIfExists    = { "aws:ViaAWSService" = "false" }
-        }
-      },
-      {
-        Sid      = "SealEscrowAndSnapshotsOnlyFromTheInstanceAddress"
-        Effect   = "Deny"
-        Action   = local.perimeter_actions
-        Resource = local.perimeter_resources
-        Condition = {
-          StringNotEquals = { "aws:Ec2InstanceSourcePrivateIPv4" = "$${aws:VpcSourceIp}" }
-          Null            = { "ec2:SourceInstanceARN" = "false" }
-          BoolIfExists    = { "aws:ViaAWSService" = "false" }
-        }
-      },
-    ]
+    Statement = [for c in local.perimeter_conditions : {
+      Sid       = c.sid
+      Effect    = "Deny"
+      Action    = local.perimeter_actions
+      Resource  = local.perimeter_resources
+      Condition = c.condition
+    }]
   }
 }
